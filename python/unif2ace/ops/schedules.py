@@ -7,7 +7,7 @@ mask token). With the SEDD total noise ``σ(t)`` defined by ``e^{-σ} = 1 − γ
 * ``σ'(t) = γ'(t) / (1 − γ(t))``
 * ``a(t)  = (1 − γ)/γ = 1/(e^σ − 1)``  — the ratio the D3Diff score-entropy term uses.
 
-Schedules (``t`` is clipped to ``[eps, 1]`` so ``γ > 0`` and ``a`` stays finite):
+Schedules (``t`` is clipped to ``[eps, 1 − eps]`` so that ``a`` and ``σ`` stay finite):
 
 * ``"cosine"``     γ = cos(π/2 · (1 − t)) = sin(π/2 · t). Increasing in t (t = 0 clean, t = 1 all
   masked); with t ~ U(0, 1) the mask ratio has exactly the distribution of Show-o's / MaskGIT's
@@ -50,14 +50,13 @@ def schedule(t: torch.Tensor, name: str = "cosine", eps: float = 1e-3) -> Schedu
     t64 = t.to(torch.float64)
     if t.numel() and (not torch.isfinite(t64).all() or (t64 < 0).any() or (t64 > 1).any()):
         raise ValueError("schedule: t must be finite and in [0, 1]")
-    t64 = t64.clamp(min=eps, max=1.0)
+    # γ(0) = 0 would make a infinite and γ(1) = 1 would make σ infinite: clip t to [eps, 1 − eps].
+    t64 = t64.clamp(min=eps, max=1.0 - eps)
     if name == "cosine":
         gamma = torch.sin(0.5 * math.pi * t64)
         dgamma = 0.5 * math.pi * torch.cos(0.5 * math.pi * t64)
-        # γ(1) = 1 exactly would make σ infinite; keep the last step finite like SEDD does.
-        gamma = gamma.clamp(max=1.0 - eps)
     elif name == "linear":
-        gamma = t64.clamp(max=1.0 - eps)
+        gamma = t64
         dgamma = torch.ones_like(t64)
     else:  # loglinear
         gamma = (1.0 - eps) * t64

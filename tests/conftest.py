@@ -1,0 +1,62 @@
+"""Test setup. TRITON_INTERPRET must be set before any @triton.jit decorator runs, so it is set
+here, before the package (and its Triton kernels) is imported; on a CUDA machine the GPU tests
+run with the real compiler (UNIF2ACE_TEST_GPU=1 leaves the interpreter off)."""
+
+import os
+
+if os.environ.get("UNIF2ACE_TEST_GPU", "0") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import unif2ace  # noqa: E402,F401
+from unif2ace import _backend  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+GPU_RUN = os.environ.get("UNIF2ACE_TEST_GPU", "0") == "1"
+
+
+def device_for(backend: str) -> torch.device:
+    """cuda for the cuda backend, and for triton in a GPU run; CPU (triton: interpreter) otherwise."""
+    if backend == "cuda" or (backend == "triton" and GPU_RUN):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def backend_params():
+    """pytest params for every backend, skipped cleanly when it cannot run here. Backends that run
+    on a GPU carry the ``gpu`` marker (``pytest -m gpu`` in benchmarks/gpu_suite.sh)."""
+    params = []
+    for name in ("torch", "cpu", "triton", "cuda"):
+        dev = device_for(name)
+        marks = [pytest.mark.gpu] if dev.type == "cuda" else []
+        if dev.type == "cpu" and not _backend.available(name, dev):
+            marks.append(pytest.mark.skip(reason=f"backend {name} not available here"))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (0 when both are zero)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    den = ref.norm().item()
+    num = (out - ref).norm().item()
+    return num / den if den > 0 else num
