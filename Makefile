@@ -1,0 +1,60 @@
+# Everyday targets. Every target sets up what it needs itself (a .venv with the local CPU torch).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+# The local CPU wheel: a bare `pip install torch` would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+BUILD_DEPS := scikit-build-core pybind11 ninja cmake
+TEST_DEPS  := pytest pytest-benchmark expecttest ruff numpy
+OUT ?= bench_results
+
+.PHONY: setup build test test-slow test-gpu lint format bench bench-quick gpu-suite clean help
+
+help:
+	@echo "make bench      set up and run the main job (D3Diff loss benchmark, CPU)"
+	@echo "make test       set up and run the default test suite (CPU + Triton interpreter)"
+	@echo "make test-slow  the longer checks (marker: slow)"
+	@echo "make gpu-suite  on a CUDA machine: build _C_cuda, GPU tests, every benchmark -> $(OUT)/"
+	@echo "make lint       ruff"
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH_SPEC)
+	$(PIP) install $(BUILD_DEPS) $(TEST_DEPS) triton
+	touch $@
+
+# C++/CUDA changes need a rebuild: the stamp depends on every source the build reads.
+$(VENV)/.built: $(VENV)/.deps CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+	$(PIP) install --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.built
+build: setup
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+test-gpu: setup
+	UNIF2ACE_TEST_GPU=1 $(PY) -m pytest -q -m gpu
+
+lint: setup
+	$(VENV)/bin/ruff check python triton_kernels tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff format python triton_kernels tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/bench_d3diff_loss.py --out $(OUT)
+
+bench-quick: setup
+	$(PY) benchmarks/bench_d3diff_loss.py --quick --out $(OUT)
+
+gpu-suite:
+	bash benchmarks/gpu_suite.sh $(OUT)/gpu
+
+clean:
+	rm -rf build $(VENV)/.built
