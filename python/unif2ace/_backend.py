@@ -121,6 +121,9 @@ def available(backend: str, device: torch.device) -> bool:
     return False
 
 
+# Resolution imports extension modules, which torch.compile must not trace: its result is a
+# constant of the process (the build and the device do not change under a compiled function).
+@torch.compiler.assume_constant_result
 def resolve(backend: str | None, device: torch.device, op: str) -> str:
     """Turn ``backend`` (None = process default, "auto", or a name) into a concrete backend.
 

@@ -224,8 +224,8 @@ def _(logits, targets, ratio, w_ce, w_se, alpha, ignore_index, compute_grad, bac
 
 def _d3diff_loss_setup(ctx, inputs, output):
     ctx.compute_grad = inputs[7]
+    ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
-    ctx.used = False
 
 
 def _d3diff_loss_backward(ctx, grad_loss, grad_grad):
@@ -235,14 +235,13 @@ def _d3diff_loss_backward(ctx, grad_loss, grad_grad):
             "d3diff_loss: the gradient was not computed in the forward (logits did not require "
             "grad when the loss was called)"
         )
-    if ctx.used:
-        raise RuntimeError(
-            "d3diff_loss: backward ran twice through the same graph; the saved gradient is scaled "
-            "in place to save memory. Call the loss again instead of retain_graph=True."
-        )
-    ctx.used = True
     scale = grad_loss.to(grad.dtype)[:, None]
-    if torch.compiler.is_compiling():
+    # Eager: scale in place, so forward + backward hold one [N, K] buffer (the public function
+    # never hands `grad` to the user). A second backward through the same graph
+    # (retain_graph=True) is then refused by autograd's saved-tensor version check.
+    # Traced (torch.compile, AOT; tensors are Fake/Functional subclasses): out of place, since the
+    # graph may not mutate a forward output.
+    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
         return grad * scale, None, None, None, None, None, None, None, None
     return grad.mul_(scale), None, None, None, None, None, None, None, None
 
