@@ -147,19 +147,20 @@ def _rows_cpu(logits, targets, ratio, w_ce, w_se, alpha, ignore_index, loss, gra
 def _rows_cuda(logits, targets, ratio, w_ce, w_se, alpha, ignore_index, loss, grad, grad_scale):
     ext = _backend.cuda_ext()
     N, K = logits.shape
-    ws_bytes = ext.d3diff_loss_workspace_bytes(N, K)
-    workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=logits.device)
-    ext.d3diff_loss_fwd(
-        logits.data_ptr(), N, K, logits.stride(0), _backend.DTYPE_CODES[logits.dtype],
-        targets.data_ptr(), ratio.data_ptr(), w_ce.data_ptr(), w_se.data_ptr(),
-        float(alpha), int(ignore_index),
-        loss.data_ptr(),
-        0 if grad is None else grad.data_ptr(),
-        0 if grad is None else grad.stride(0),
-        0 if grad_scale is None else grad_scale.data_ptr(),
-        workspace.data_ptr(), ws_bytes,
-        torch.cuda.current_stream(logits.device).cuda_stream,
-    )  # fmt: skip
+    with torch.cuda.device(logits.device):  # the launcher sizes its grid for the current device
+        ws_bytes = ext.d3diff_loss_workspace_bytes(N, K)
+        workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=logits.device)
+        ext.d3diff_loss_fwd(
+            logits.data_ptr(), N, K, logits.stride(0), _backend.DTYPE_CODES[logits.dtype],
+            targets.data_ptr(), ratio.data_ptr(), w_ce.data_ptr(), w_se.data_ptr(),
+            float(alpha), int(ignore_index),
+            loss.data_ptr(),
+            0 if grad is None else grad.data_ptr(),
+            0 if grad is None else grad.stride(0),
+            0 if grad_scale is None else grad_scale.data_ptr(),
+            workspace.data_ptr(), ws_bytes,
+            torch.cuda.current_stream(logits.device).cuda_stream,
+        )  # fmt: skip
 
 
 def _rows_triton(logits, targets, ratio, w_ce, w_se, alpha, ignore_index, loss, grad, grad_scale):
