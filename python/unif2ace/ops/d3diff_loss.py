@@ -226,6 +226,9 @@ def _(logits, targets, ratio, w_ce, w_se, alpha, ignore_index, compute_grad, bac
 def _d3diff_loss_setup(ctx, inputs, output):
     ctx.compute_grad = inputs[7]
     ctx.mark_non_differentiable(output[1])
+    # Without this autograd would hand backward a zero-filled [N, K] tensor as the (unused)
+    # gradient of the `grad` output: measured +1 [N, K] buffer and +40 ms at 1024 x 8192.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 
