@@ -1,0 +1,302 @@
+"""Mask sampling: the fused decode step and training-time masking against plain PyTorch, speed and memory.
+
+Cases (sizes from the command line; ``--quick`` shrinks everything to seconds):
+
+* ``step``           maskgit_step with classifier-free guidance (two logits tensors [B, L, K]),
+                     every position masked (the first, heaviest decode step), mask_len = ⌊0.9·L⌋.
+                     Baseline ``torch-ref`` = :func:`maskgit_step_ref` — Show-o's step written
+                     plainly: guidance, softmax, ``torch.multinomial``, gather, log, Gumbel choice
+                     noise, sort. CPU: ``cpu``; CUDA: ``triton``, ``cuda``.
+* ``step-noguide``   the same without unconditional logits (one logits tensor).
+* ``step-strided``   guided, on Show-o's views ``full[:, -(L + 1):-1, lo:lo + K]`` of a wider
+                     vocabulary (row stride V, no copy).
+* ``mask_tokens``    "count" masking of [B_mask, L_mask] ids: torch (the reference, Philox in torch)
+                     against the kernels.
+
+The providers draw different random numbers (torch.Generator vs Philox), so their outputs are not
+compared row by row; instead, before timing, every provider runs once on the same supplied noise
+and must return the reference's ids and mask exactly (recorded in the notes).
+
+Byte model (step cases): a fused step must read each logits tensor once, ``n_logits·B·L·K·elt``
+bytes (+ 30 B per position for ids, outputs, confidence); GB/s is that over the median time and
+"% roofline" compares it with a device copy measured in the same run. Memory: peak extra memory
+above the inputs (CPU: torch allocator events; the CPU kernel's own scratch, threads·(4·K + 16·L)
+bytes, is allocated with ``new`` outside torch and added to the cpu row by this script).
+
+Run::
+
+    python benchmarks/bench_mask_sampling.py --threads 2            # CPU, full sizes
+    python benchmarks/bench_mask_sampling.py --quick --out /tmp/b   # seconds
+    python benchmarks/bench_mask_sampling.py --device cuda --dtypes fp32,bf16
+
+Exit status 0 unless a provider crashes (``--strict``: also when a target fails).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import unif2ace  # noqa: E402
+from unif2ace import _backend  # noqa: E402
+from unif2ace.ops import mask_sampling as ms  # noqa: E402
+from unif2ace.ops import mask_tokens, mask_tokens_ref, maskgit_step, maskgit_step_ref  # noqa: E402
+
+from benchmarks.harness import (  # noqa: E402
+    Case,
+    Provider,
+    Report,
+    Target,
+    check_targets,
+    common_parser,
+    dtype_name,
+    exit_code,
+    machine_info,
+    measure_ceilings,
+    pick_device,
+    run_case,
+)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SIZE_KEYS = ("B", "L", "K", "dtype", "layout")
+GUIDANCE, TEMPERATURE, CHOICE_T = 2.0, 1.0, 4.5
+FULL = {"b": 16, "l": 256, "k": 8192, "mask_b": 64, "mask_l": 1024}
+QUICK = {"b": 2, "l": 64, "k": 512, "mask_b": 8, "mask_l": 256}
+
+
+def backend_unavailable(backend: str, device: torch.device) -> str | None:
+    if not _backend.available(backend, device):
+        return f"backend {backend!r} not available for {device.type} tensors here"
+    if not ms.launcher_available(backend):
+        return f"no {backend} mask-sampling kernels in this build"
+    return None
+
+
+def exactness_note(logits, uncond, ids, mask_len, backends, device) -> str:
+    """Every available backend on the same supplied noise vs the reference (ids and mask equal)."""
+    B, L, K = logits.shape
+    gen = torch.Generator().manual_seed(0)
+    gn = ms.gumbel_from_bits(torch.randint(0, 2**32, (B, L, K), generator=gen)).to(device)
+    cn = torch.randn(B, L, generator=gen).to(device)
+    g = GUIDANCE if uncond is not None else 0.0
+    ref = maskgit_step_ref(logits, ids, K, mask_len, uncond, g, TEMPERATURE, CHOICE_T, gn, cn)
+    out = []
+    for b in backends:
+        if backend_unavailable(b, device):
+            continue
+        got = maskgit_step(logits, ids, K, mask_len, uncond_logits=uncond, guidance=g,
+                           temperature=TEMPERATURE, choice_temperature=CHOICE_T, gumbel_noise=gn,
+                           choice_noise=cn, backend=b)  # fmt: skip
+        n_ids = int((got[0] != ref[0]).sum())
+        n_mask = int((got[1] != ref[1]).sum())
+        out.append(f"{b}: {n_ids} ids / {n_mask} mask entries differ of {B * L}")
+    del gn, cn
+    return "; ".join(out) or "no kernel backend to check"
+
+
+def step_case(B, L, K, dtype, device, *, guided, strided, backends, seed=0) -> tuple[Case, str]:
+    gen = torch.Generator().manual_seed(seed)
+    if strided:  # Show-o: full [B, L + 2, V] logits, image positions -(L+1):-1, codebook lo:lo+K
+        V, lo = K + 2 * 128, 128
+        full = (3 * torch.randn(B, L + 2, V, generator=gen)).to(device=device, dtype=dtype)
+        logits = full[:, -(L + 1) : -1, lo : lo + K]
+        ufull = (3 * torch.randn(B, L + 2, V, generator=gen)).to(device=device, dtype=dtype)
+        uncond = ufull[:, -(L + 1) : -1, lo : lo + K] if guided else None
+    else:
+        logits = (3 * torch.randn(B, L, K, generator=gen)).to(device=device, dtype=dtype)
+        uncond = (
+            (3 * torch.randn(B, L, K, generator=gen)).to(device=device, dtype=dtype)
+            if guided
+            else None
+        )
+    ids = torch.full((B, L), K, device=device)  # all masked: mask_id = K
+    mask_len = torch.full((B,), int(0.9 * L), device=device)
+    g = GUIDANCE if guided else 0.0
+    note = exactness_note(logits, uncond, ids, mask_len, backends, device)
+    torch_gen = torch.Generator(device=device).manual_seed(1)
+
+    def ref():
+        return maskgit_step_ref(logits, ids, K, mask_len, uncond, g, TEMPERATURE, CHOICE_T,
+                                generator=torch_gen)[:2]  # fmt: skip
+
+    providers = [Provider("torch-ref", lambda: (ref(), None)[1])]
+    for b in backends:
+        fn = lambda b=b: (maskgit_step(logits, ids, K, mask_len, uncond_logits=uncond, guidance=g,  # noqa: E731
+                                       temperature=TEMPERATURE, choice_temperature=CHOICE_T,
+                                       seed=7, backend=b), None)[1]  # fmt: skip
+        providers.append(Provider(b, fn, skip=backend_unavailable(b, device)))
+    elt = torch.finfo(dtype).bits // 8
+    n_logits = 2 if guided else 1
+    name = "step-strided" if strided else ("step" if guided else "step-noguide")
+    case = Case(
+        name=name,
+        params={
+            "B": B,
+            "L": L,
+            "K": K,
+            "dtype": dtype_name(dtype),
+            "device": device.type,
+            "layout": f"view, row stride {logits.stride(1)}" if strided else "contiguous",
+            "guided": guided,
+            "logits_bytes": B * L * K * elt,
+        },  # fmt: skip
+        providers=providers,
+        baseline="torch-ref",
+        bytes=n_logits * B * L * K * elt + 30 * B * L,
+        tol=math.inf,  # different random streams: exactness is checked on supplied noise instead
+        notes=f"bytes = read {n_logits} logits tensor(s) + 30 B/position",
+    )
+    return case, f"{name} {dtype_name(dtype)}, exactness on supplied noise vs torch-ref — {note}"
+
+
+def mask_case(B, L, device, *, backends) -> Case:
+    ids = torch.randint(0, 8192, (B, L), device=device)
+    gamma = torch.rand(B, generator=torch.Generator().manual_seed(3)).to(device)
+    n_mask = (gamma.double() * L).round().clamp(1, L).long()
+    providers = [Provider("torch-ref", lambda: mask_tokens_ref(ids, gamma, n_mask, 8192, 5))]
+    for b in backends:
+        fn = lambda b=b: mask_tokens(ids, gamma, 8192, seed=5, backend=b)  # noqa: E731
+        providers.append(Provider(b, fn, skip=backend_unavailable(b, device)))
+    return Case(
+        name="mask_tokens",
+        params={
+            "B": B,
+            "L": L,
+            "K": None,
+            "dtype": "int64",
+            "device": device.type,
+            "layout": "count",
+        },  # fmt: skip
+        providers=providers,
+        baseline="torch-ref",
+        tol=0.0,  # integer-only decisions: bit-exact on every backend
+        notes="count mode; outputs compared exactly",
+    )
+
+
+def targets_for(device: torch.device) -> list[Target]:
+    if device.type == "cpu":
+        return [
+            Target("step", "cpu", "speedup", ">=", 4.0, "cpu step ≥ 4× faster than torch-ref"),
+            Target(
+                "step",
+                "cpu",
+                "mem_vs_logits",
+                "<=",
+                1.2,
+                "cpu step peak extra memory ≤ 1.2× one logits tensor",
+            ),  # fmt: skip
+        ]
+    out = []
+    for b in ("triton", "cuda"):
+        out += [
+            Target("step", b, "speedup", ">=", 5.0, f"{b} step ≥ 5× faster than torch-ref"),
+            Target(
+                "step", b, "bw_fraction", ">=", 0.8, f"{b} step reads logits at ≥ 80% of copy BW"
+            ),
+            Target(
+                "step",
+                b,
+                "mem_vs_logits",
+                "<=",
+                1.2,
+                f"{b} step peak extra memory ≤ 1.2× one logits tensor",
+            ),  # fmt: skip
+        ]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common_parser(__doc__.split("\n", 1)[0])
+    for key, default in FULL.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
+                       help=f"default {default} ({QUICK[key]} with --quick)")  # fmt: skip
+    p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default fp32)")
+    p.add_argument("--cases", default="step,step-noguide,step-strided,mask_tokens")
+    args = p.parse_args(argv)
+
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = {k: getattr(args, k) or (QUICK if args.quick else FULL)[k] for k in FULL}
+    dtypes = [DTYPES[d.strip()] for d in (args.dtypes or "fp32").split(",")]
+    cases = [c.strip() for c in args.cases.split(",")]
+    warmup = args.warmup if args.warmup is not None else 1
+    reps = (
+        args.reps
+        if args.reps is not None
+        else (3 if args.quick else (7 if device.type == "cpu" else 30))
+    )
+    # Value checks (ids range, mask_len bounds) read the data: a host sync on GPU the reference
+    # does not pay. Off on CUDA, on for CPU (they cost ~1 ms here).
+    unif2ace.set_checks(device.type == "cpu")
+    backends = ["cpu"] if device.type == "cpu" else ["triton", "cuda"]
+    n_cases = len(cases) * len(dtypes)
+    per_case_s = args.budget_s / n_cases if args.budget_s else None
+
+    meta = machine_info(device)
+    meta.update(sizes=sizes, guidance=GUIDANCE, temperature=TEMPERATURE,
+                choice_temperature=CHOICE_T, warmup=warmup, max_reps=reps)  # fmt: skip
+    print(f"# mask_sampling on {meta.get('gpu') or meta['cpu_model']} ({device}), torch "
+          f"{meta['torch']}, {meta['torch_threads']} threads")  # fmt: skip
+    ceilings = measure_ceilings(device, [], quick=args.quick)
+    report = Report("mask_sampling", args.out, meta, size_keys=SIZE_KEYS, ceilings=ceilings)
+    report.notes += [
+        "Speedup and memory against torch-ref (same inputs, interleaved repetitions, medians). "
+        "Peak extra memory = allocator peak above the memory live before the call; "
+        "mem_vs_logits = that over one logits tensor (B·L·K·elt).",
+        "Step bytes = each logits tensor read once + 30 B/position; % roofline against a device "
+        "copy measured in this run.",
+    ]
+    threads = torch.get_num_threads()
+    for dtype in dtypes:
+        for name in cases:
+            print(f"\n## {name} {dtype_name(dtype)}", flush=True)
+            if name.startswith("step"):
+                case, note = step_case(sizes["b"], sizes["l"], sizes["k"], dtype, device,
+                                       guided=name != "step-noguide", strided=name == "step-strided",
+                                       backends=backends)  # fmt: skip
+                report.notes.append(note)
+                print("  " + note)
+            elif name == "mask_tokens":
+                if dtype != dtypes[0]:
+                    continue
+                case = mask_case(sizes["mask_b"], sizes["mask_l"], device, backends=backends)
+            else:
+                raise SystemExit(f"unknown case {name!r}")
+            rows = run_case(case, device, warmup=warmup, reps=reps, max_time_s=per_case_s,
+                            memory=not args.no_memory, ceilings=ceilings)  # fmt: skip
+            for r in rows:
+                lb = r.get("logits_bytes")
+                if not lb or r.get("peak_mem_bytes") is None:
+                    continue
+                if (
+                    r.get("provider") == "cpu"
+                ):  # the kernel's scratch (new[], unseen by the profiler)
+                    r["peak_mem_bytes"] += threads * (4 * (sizes["k"] + 16) + 16 * sizes["l"])
+                    base = next((x for x in rows if x["provider"] == "torch-ref"), {})
+                    if base.get("peak_mem_bytes"):
+                        r["mem_ratio"] = r["peak_mem_bytes"] / base["peak_mem_bytes"]
+                        r["mem_reduction"] = base["peak_mem_bytes"] / r["peak_mem_bytes"]
+                r["mem_vs_logits"] = r["peak_mem_bytes"] / lb
+            report.add(rows)
+            del case, rows
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    first = dtype_name(dtypes[0])
+    report.targets = check_targets([r for r in report.rows if r.get("dtype") in (first, "int64")],
+                                   targets_for(device))  # fmt: skip
+    report.finish()
+    print()
+    print(report.markdown())
+    print(f"results: {args.out / 'mask_sampling.json'}, {args.out / 'mask_sampling.md'}")
+    return exit_code(report, args.strict)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
