@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 # The local CPU wheel: a bare `pip install torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 BUILD_DEPS := scikit-build-core pybind11 ninja cmake
-TEST_DEPS  := pytest pytest-benchmark expecttest ruff numpy
+TEST_DEPS  := pytest pytest-benchmark expecttest ruff numpy transformers onnx onnxruntime
 OUT ?= bench_results
 
 .PHONY: setup build test test-slow test-gpu lint format bench bench-quick gpu-suite clean help

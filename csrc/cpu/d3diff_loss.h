@@ -1,4 +1,4 @@
-// D3Diff score-matching loss, C++ CPU kernel: host launchers on raw pointers (no torch, no pybind11).
+// D3Diff score-matching loss, C++ CPU kernel: launchers on raw pointers (no torch, no pybind11).
 // The formula lives in unif2ace/d3diff_math.h; shared/DESIGN.md §4 has the derivation.
 #pragma once
 
@@ -8,8 +8,8 @@
 
 namespace unif2ace {
 
-// Per row i of logits z [n_rows, n_cols] (element row stride row_stride, column stride 1, dtype code
-// `dtype`: common.h DType), with x0 = targets[i], a = ratio[i]:
+// Per row i of logits z [n_rows, n_cols] (element row stride row_stride, column stride 1, dtype
+// code `dtype`: common.h DType), with x0 = targets[i], a = ratio[i]:
 //   loss[i] = w_ce[i]·CE + alpha·w_se[i]·SE          (0 when x0 == ignore_index)
 //   grad[i, y] = grad_scale[i] · dℓ/dz_y             (only when grad != nullptr; 0 on ignored rows)
 // targets int64 [n_rows]; ratio, w_ce, w_se, loss, grad_scale float32 [n_rows], all contiguous;
