@@ -1,0 +1,234 @@
+"""The benchmark harness itself: statistics, interleaving, memory measurement, failure handling,
+and a seconds-long smoke run of the D3Diff benchmark in --quick mode."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*`; appended, so
+# the repo root never shadows an installed package (e.g. Triton's own `triton_kernels`)
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import Case, Provider, Target  # noqa: E402
+
+CPU = torch.device("cpu")
+MiB = 1 << 20
+
+
+def test_summarize_median_quartiles():
+    s = harness.summarize([0.003, 0.001, 0.002, 0.004, 0.100])  # seconds → ms
+    assert s["median_ms"] == pytest.approx(3.0)
+    assert s["q1_ms"] == pytest.approx(2.0)
+    assert s["q3_ms"] == pytest.approx(4.0)
+    assert (s["min_ms"], s["max_ms"], s["reps"]) == (pytest.approx(1.0), pytest.approx(100.0), 5)
+    assert harness.summarize([0.001, 0.002])["median_ms"] == pytest.approx(1.5)
+    assert math.isnan(harness.summarize([])["median_ms"])
+
+
+def test_interleaved_order_rotates():
+    names = ["a", "b", "c"]
+    orders = [harness.interleaved_order(names, r) for r in range(6)]
+    assert all(sorted(o) == names for o in orders)
+    assert [o[0] for o in orders] == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_run_case_interleaves_and_resets():
+    calls = []
+
+    def make(name):
+        return Provider(
+            name, lambda: calls.append(name), reset=lambda: calls.append(f"reset-{name}")
+        )
+
+    case = Case("c", {"N": 1}, [make("a"), make("b"), make("c")], baseline="a")
+    rows = harness.run_case(case, CPU, warmup=1, reps=4, memory=False, log=lambda s: None)
+    timed = [c for c in calls if not c.startswith("reset")][3:]  # after one warm-up each
+    assert timed == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    # every call is preceded by its provider's reset
+    for i, c in enumerate(calls):
+        if not c.startswith("reset"):
+            assert calls[i - 1] == f"reset-{c}"
+    assert [r["reps"] for r in rows] == [4, 4, 4]
+    assert rows[0]["speedup"] == pytest.approx(1.0)
+
+
+def test_ratios_against_baseline():
+    import time
+
+    slow = Provider("slow", lambda: time.sleep(0.004))
+    fast = Provider("fast", lambda: time.sleep(0.001))
+    case = Case("c", {}, [slow, fast], baseline="slow", bytes=1e6)
+    rows = {r["provider"]: r for r in harness.run_case(case, CPU, warmup=1, reps=5, memory=False)}
+    assert rows["fast"]["speedup"] > 1.5
+    assert rows["fast"]["time_ratio"] == pytest.approx(1 / rows["fast"]["speedup"])
+    assert rows["fast"]["gbps"] > rows["slow"]["gbps"]
+
+
+def test_cpu_memory_sees_known_allocation():
+    def alloc_and_free():
+        x = torch.empty(8 * MiB, dtype=torch.uint8)
+        y = torch.empty(4 * MiB, dtype=torch.uint8)
+        del x, y
+
+    m = harness.measure_peak_memory(alloc_and_free, CPU)
+    assert 12 * MiB <= m["peak_mem_bytes"] < 12 * MiB + 64 * 1024
+    assert m["end_mem_bytes"] == 0
+
+    kept = []
+    m = harness.measure_peak_memory(
+        lambda: kept.append(torch.ones(3 * MiB, dtype=torch.uint8)), CPU
+    )
+    assert m["end_mem_bytes"] == pytest.approx(3 * MiB, abs=4096)
+
+
+def test_cpu_memory_sees_autograd_backward():
+    # (x.exp() * 2).sum().backward(): exp result + product live in forward, then the gradient
+    # (kept in x.grad) and exp's backward temporary: peak ≥ 3 tensors, x.grad survives.
+    x = torch.randn(MiB // 4, requires_grad=True)  # 1 MiB
+
+    def fwd_bwd():
+        (x.exp() * 2).sum().backward()
+
+    m = harness.measure_peak_memory(fwd_bwd, CPU, reset=lambda: setattr(x, "grad", None))
+    assert m["peak_mem_bytes"] >= 3 * MiB
+    assert m["end_mem_bytes"] == pytest.approx(MiB, abs=4096)
+
+
+def test_peak_of_events():
+    assert harness.peak_of_events([(0, 5), (1, 3), (2, -5), (3, 4), (4, -7)]) == (8, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_memory_sees_known_allocation():
+    dev = torch.device("cuda")
+
+    def alloc_and_free():
+        x = torch.empty(8 * MiB, dtype=torch.uint8, device=dev)
+        del x
+
+    m = harness.measure_peak_memory(alloc_and_free, dev)
+    assert 8 * MiB <= m["peak_mem_bytes"] < 10 * MiB
+
+
+def test_errors_skips_and_disagreement_are_rows():
+    def boom():
+        raise RuntimeError("kernel exploded")
+
+    x = torch.ones(4)
+    case = Case(
+        "c",
+        {},
+        [
+            Provider("ref", lambda: x * 2),
+            Provider("wrong", lambda: x * 3),
+            Provider("crash", boom),
+            Provider("absent", None, skip="not built"),
+        ],
+        baseline="ref",
+    )
+    rows = {
+        r["provider"]: r for r in harness.run_case(case, CPU, warmup=1, reps=2, log=lambda s: None)
+    }
+    assert rows["ref"]["status"] == "ok" and rows["ref"]["reps"] == 2
+    assert rows["wrong"]["status"] == "ok" and rows["wrong"]["note"].startswith("disagrees")
+    assert rows["wrong"]["rel_err"] == pytest.approx(0.5)
+    assert rows["crash"]["status"] == "error" and "kernel exploded" in rows["crash"]["note"]
+    assert rows["absent"]["status"] == "skipped" and rows["absent"]["note"] == "not built"
+
+    rep = harness.Report("t", Path("/nonexistent"), {}, rows=list(rows.values()))
+    assert harness.exit_code(rep, strict=False) == 1
+
+
+def test_check_targets():
+    rows = [{"case": "c", "provider": "k", "status": "ok", "speedup": 3.5, "mem_reduction": 2.0}]
+    res = harness.check_targets(
+        rows,
+        [
+            Target("c", "k", "speedup", ">=", 3.0),
+            Target("c", "k", "mem_reduction", ">=", 4.0),
+            Target("c", "missing", "speedup", ">=", 1.0),
+        ],
+    )
+    assert [r["passed"] for r in res] == [True, False, None]
+
+
+def test_bench_d3diff_loss_quick(tmp_path):
+    from benchmarks import bench_d3diff_loss as bench
+
+    rc = bench.main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--n",
+            "64",
+            "--k",
+            "96",
+            "--lin-n",
+            "64",
+            "--lin-d",
+            "16",
+            "--lin-k",
+            "96",
+            "--reps",
+            "2",
+        ]
+    )
+    assert rc == 0
+    doc = json.loads((tmp_path / "d3diff_loss.json").read_text())
+    assert doc["machine"]["torch"] == torch.__version__
+    rows = {(r["case"], r["provider"]): r for r in doc["rows"]}
+    for key in [
+        ("logits", "torch-ref"),
+        ("logits-strided", "torch-ref"),
+        ("linear", "torch-linear+ref"),
+        ("linear", "fused-torch"),
+    ]:
+        assert rows[key]["status"] == "ok", rows[key]
+        assert rows[key]["median_ms"] > 0 and rows[key]["peak_mem_bytes"] > 0
+    assert rows[("linear", "fused-torch")]["rel_err"] < 1e-4
+    assert "| logits |" in (tmp_path / "d3diff_loss.md").read_text()
+    assert doc["targets"]
+
+
+def test_report_summarises_a_suite_folder(tmp_path):
+    from benchmarks import report
+
+    (tmp_path / "steps.tsv").write_text(
+        "step\tstatus\trc\tseconds\tlog\n"
+        f"build\tfailed\t1\t3\t{tmp_path / 'build.log'}\n"
+        f"tests-gpu\tok\t0\t5\t{tmp_path / 'tests-gpu.log'}\n"
+    )
+    (tmp_path / "build.log").write_text("cmake ...\nnvcc fatal: unsupported arch\n")
+    (tmp_path / "junit-gpu.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
+        '<testcase classname="t" name="ok"/>'
+        '<testcase classname="t" name="bad"><failure message="assert 1 == 2">tb</failure></testcase>'
+        '<testcase classname="t" name="sk"><skipped message="needs CUDA"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    rep = harness.Report("fake", tmp_path, {"device": "cuda", "gpu": "H100"})
+    rep.add([{"case": "c", "provider": "p", "status": "ok", "median_ms": 1.0}])
+    assert report.main([str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "3 tests, 1 passed, 1 failed" in text
+    assert "FAILURE t::bad: assert 1 == 2" in text
+    assert "## fake" in text and "| c |" in text
+    assert "nvcc fatal: unsupported arch" in text  # the failed step's log tail
+
+
+def test_roofline_uses_the_best_ceiling():
+    a = {"copy_bytes_per_s": 10e9, "matmul_flops": {"fp32": 1e12}}
+    b = {"copy_bytes_per_s": 20e9, "matmul_flops": {"fp32": 0.5e12, "bf16": 2e12}}
+    c = harness.merge_ceilings(a, None, b)
+    assert c["copy_bytes_per_s"] == 20e9 and c["matmul_flops"] == {"fp32": 1e12, "bf16": 2e12}
+    rows = [{"gbps": 5.0}, {"tflops": 0.25, "flops_dtype": "fp32"}]
+    harness.apply_roofline(rows, c)
+    assert rows[0]["bw_fraction"] == pytest.approx(0.25)
+    assert rows[1]["flops_fraction"] == pytest.approx(0.25)
