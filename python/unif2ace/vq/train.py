@@ -1,0 +1,162 @@
+"""Training and evaluation of the image tokenizer.
+
+Training resumes after a kill: every ``ckpt_every`` steps the model, optimiser, step and RNG state
+go to ``<out>/train_state.pt`` (written atomically); a run started with the same ``out`` picks up
+from there. The finished tokenizer is ``<out>/model.safetensors`` + ``<out>/config.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unif2ace.data.io import atomic_torch_save, atomic_write_json
+from unif2ace.encoders.cnn import to_tensor
+from unif2ace.vq.model import VQAutoencoder, VQConfig
+
+
+def _lr_at(progress: float, lr: float, warmup: float = 0.06) -> float:
+    """Warm-up then cosine to 5 % of ``lr``; ``progress`` in [0, 1]."""
+    if progress < warmup:
+        return lr * (progress + 1e-3) / warmup
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup))))
+
+
+def train_vq(
+    images: np.ndarray,
+    config: VQConfig | None = None,
+    steps: int = 1200,
+    batch: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    out=None,
+    ckpt_every: int = 200,
+    max_minutes: float | None = None,
+    progress: bool = True,
+) -> tuple[VQAutoencoder, dict]:
+    """Train on ``uint8 [N, H, W, 3]`` images. Loss: MSE + L1 on pixels + the quantiser's own
+    loss (LFQ: entropy + commitment). ``max_minutes`` is a wall-clock budget: the learning-rate
+    schedule follows it when it is tighter than ``steps`` and training stops (reported) when it is
+    spent, so the budget holds on a machine slower or busier than planned; the state is saved so
+    a later run resumes. Process CPU time is reported next to wall time."""
+    from tqdm.auto import tqdm
+
+    config = config or VQConfig(size=images.shape[1])
+    torch.manual_seed(seed)
+    model = VQAutoencoder(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    start, elapsed_before = 0, 0.0
+    state_path = Path(out) / "train_state.pt" if out is not None else None
+    if state_path is not None and state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        if st["config"] == config.to_dict() and st["steps"] == steps:
+            model.load_state_dict(st["model"])
+            opt.load_state_dict(st["opt"])
+            g.set_state(st["rng"])
+            start, elapsed_before = st["step"], st["elapsed"]
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    n = len(images)
+    model.train()
+    budget = None if max_minutes is None else 60.0 * max_minutes
+
+    def _progress(step):
+        # the schedule follows whichever runs out first, steps or the time budget, so a run cut
+        # by the budget still ends with an annealed learning rate
+        p = step / steps
+        if budget:
+            p = max(p, (elapsed_before + time.perf_counter() - t0) / budget)
+        return min(p, 1.0)
+
+    bar = tqdm(range(start, steps), desc="vq", initial=start, total=steps, disable=not progress)
+    ema, stopped_early, step = None, False, start
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(_progress(step), lr)
+        idx = torch.randint(0, n, (batch,), generator=g).numpy()
+        x = to_tensor(images[idx])
+        if torch.rand((), generator=g) < 0.5:  # faces are left-right symmetric enough
+            x = x.flip(-1)
+        rec, _, aux = model(x)
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.97 * ema + 0.03 * loss.item()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{ema:.4f}")
+        done = step + 1
+        over = budget is not None and elapsed_before + time.perf_counter() - t0 >= budget
+        if state_path is not None and (done % ckpt_every == 0 or done == steps or over):
+            atomic_torch_save(
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "rng": g.get_state(),
+                    "step": done,
+                    "steps": steps,
+                    "config": config.to_dict(),
+                    "elapsed": elapsed_before + time.perf_counter() - t0,
+                },
+                state_path,
+            )
+        if over:
+            stopped_early = done < steps
+            break
+    bar.close()
+    model.eval()
+    info = {
+        "steps_done": step + 1 if steps > start else start,
+        "steps": steps,
+        "batch": batch,
+        "seconds": elapsed_before + time.perf_counter() - t0,
+        "cpu_seconds_this_run": time.process_time() - cpu0,
+        "final_loss": ema,
+        "stopped_early": stopped_early,
+        "threads": torch.get_num_threads(),
+    }
+    if out is not None:
+        model.save_pretrained(out)
+        atomic_write_json(Path(out) / "train_info.json", info)
+    return model, info
+
+
+@torch.no_grad()
+def reconstruct(model: VQAutoencoder, images: np.ndarray, batch: int = 128):
+    """-> (reconstructions ``uint8 [N, H, W, 3]``, ids ``int64 [N, h, w]``)."""
+    recs, ids = [], []
+    for i in range(0, len(images), batch):
+        x = to_tensor(images[i : i + batch])
+        t = model.encode(x)
+        r = model.decode(t)
+        ids.append(t)
+        recs.append(((r + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+    return torch.cat(recs).numpy(), torch.cat(ids).numpy()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over images of the PSNR (dB) between two ``uint8`` image stacks."""
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
+    return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
+
+
+def evaluate_vq(model: VQAutoencoder, images: np.ndarray) -> tuple[dict, np.ndarray]:
+    """PSNR and codebook usage (fraction of the entries used at least once) on ``images``.
+    Returns (metrics, reconstructions)."""
+    recs, ids = reconstruct(model, images)
+    used = np.unique(ids)
+    metrics = {
+        "psnr_db": psnr(images, recs),
+        "codebook_size": model.config.codebook_size,
+        "codes_used": int(len(used)),
+        "codebook_usage": len(used) / model.config.codebook_size,
+        "tokens_per_image": int(ids[0].size),
+        "images": int(len(images)),
+    }
+    return metrics, recs

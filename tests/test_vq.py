@@ -1,0 +1,97 @@
+"""Image tokenizer: shapes and id ranges, encode/decode consistency, save/load (safetensors +
+config.json), resume after a kill, metrics."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from unif2ace.data.synthface import draw_arrays
+from unif2ace.vq.model import VQAutoencoder, VQConfig
+from unif2ace.vq.train import evaluate_vq, psnr, reconstruct, train_vq
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # one torch thread: on a shared 2-core machine two OpenMP threads spin-wait on each other
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def faces():
+    return draw_arrays(24, seed=5, workers=1).images
+
+
+@pytest.mark.parametrize("quantizer,bits,side", [("lfq", 10, 8), ("fsq", 10, 8), ("lfq", 6, 16)])
+def test_shapes_and_ids(quantizer, bits, side):
+    ds = 64 // side
+    cfg = VQConfig(
+        quantizer=quantizer,
+        codebook_bits=bits,
+        downsample=ds,
+        channels=(16, 32, 64)[: int(np.log2(ds))],
+    )
+    m = VQAutoencoder(cfg).eval()
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    rec, ids, aux = m(x)
+    assert rec.shape == x.shape and ids.shape == (3, side, side)
+    assert torch.isfinite(aux)
+    t = m.encode(x)
+    assert t.dtype == torch.int64 and 0 <= t.min() and t.max() < cfg.codebook_size
+    # decode(encode(x)) is the forward reconstruction; flat [B, h*w] ids decode the same
+    torch.testing.assert_close(m.decode(t), rec.clamp(-1, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(m.decode(t.flatten(1)), m.decode(t))
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="channels"):
+        VQAutoencoder(VQConfig(downsample=8, channels=(32, 64)))
+    with pytest.raises(ValueError, match="quantizer"):
+        VQAutoencoder(VQConfig(quantizer="kmeans"))
+
+
+def test_save_load_roundtrip(tmp_path):
+    m = VQAutoencoder(VQConfig(quantizer="fsq")).eval()
+    m.save_pretrained(tmp_path / "vq")
+    cfg = json.loads((tmp_path / "vq" / "config.json").read_text())
+    assert cfg["quantizer"] == "fsq" and cfg["model_type"] == "unif2ace-vq"
+    assert (tmp_path / "vq" / "model.safetensors").is_file()
+    assert not list((tmp_path / "vq").glob("*.tmp*"))
+    m2 = VQAutoencoder.from_pretrained(tmp_path / "vq")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.equal(m.encode(x), m2.encode(x))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        VQAutoencoder.from_pretrained(tmp_path)
+
+
+def test_train_resumes_after_a_kill(faces, tmp_path):
+    cfg = VQConfig()
+    ref, info = train_vq(faces, cfg, steps=4, batch=4, seed=3, progress=False)
+    assert info["steps_done"] == 4 and np.isfinite(info["final_loss"])
+    # "killed" after the first step (the time limit writes the state and stops) ...
+    _, part = train_vq(
+        faces, cfg, steps=4, batch=4, seed=3, out=tmp_path, max_minutes=0.0, progress=False
+    )
+    assert part["stopped_early"] and part["steps_done"] == 1
+    state = torch.load(tmp_path / "train_state.pt", weights_only=False)
+    assert state["step"] == 1
+    # ... and resumed: same weights as the uninterrupted run
+    resumed, info2 = train_vq(faces, cfg, steps=4, batch=4, seed=3, out=tmp_path, progress=False)
+    assert info2["steps_done"] == 4 and not info2["stopped_early"]
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "train_info.json").is_file()
+
+
+def test_metrics(faces):
+    m = VQAutoencoder(VQConfig()).eval()
+    metrics, recs = evaluate_vq(m, faces[:8])
+    assert recs.shape == faces[:8].shape and recs.dtype == np.uint8
+    assert 0 < metrics["codebook_usage"] <= 1 and metrics["tokens_per_image"] == 256
+    assert np.isfinite(metrics["psnr_db"])
+    assert psnr(faces[:2], faces[:2]) > 90
+    r2, ids = reconstruct(m, faces[:3])
+    assert ids.shape == (3, 16, 16)
