@@ -49,15 +49,6 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*`; appended, so
 # the repo root never shadows an installed package (e.g. Triton's own `triton_kernels`)
 import unif2ace  # noqa: E402
-from unif2ace import _backend  # noqa: E402
-from unif2ace.ops import (  # noqa: E402
-    d3diff_linear_loss,
-    d3diff_linear_loss_ref,
-    d3diff_loss,
-    d3diff_loss_ref,
-    d3diff_weights,
-)
-
 from benchmarks.harness import (  # noqa: E402
     Case,
     Provider,
@@ -72,6 +63,14 @@ from benchmarks.harness import (  # noqa: E402
     merge_ceilings,
     pick_device,
     run_case,
+)
+from unif2ace import _backend  # noqa: E402
+from unif2ace.ops import (  # noqa: E402
+    d3diff_linear_loss,
+    d3diff_linear_loss_ref,
+    d3diff_loss,
+    d3diff_loss_ref,
+    d3diff_weights,
 )
 
 ALPHA = 0.01

@@ -42,10 +42,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import unif2ace  # noqa: E402
-from unif2ace import _backend  # noqa: E402
-from unif2ace.ops import mask_sampling as ms  # noqa: E402
-from unif2ace.ops import mask_tokens, mask_tokens_ref, maskgit_step, maskgit_step_ref  # noqa: E402
-
 from benchmarks.harness import (  # noqa: E402
     Case,
     Provider,
@@ -60,6 +56,9 @@ from benchmarks.harness import (  # noqa: E402
     pick_device,
     run_case,
 )
+from unif2ace import _backend  # noqa: E402
+from unif2ace.ops import mask_sampling as ms  # noqa: E402
+from unif2ace.ops import mask_tokens, mask_tokens_ref, maskgit_step, maskgit_step_ref  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZE_KEYS = ("B", "L", "K", "dtype", "layout")

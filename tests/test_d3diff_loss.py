@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import backend_params, device_for, rel_err
 
+from conftest import backend_params, device_for, rel_err
 from unif2ace import _backend
 from unif2ace.ops import (
     d3diff_linear_loss,

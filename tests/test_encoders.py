@@ -4,6 +4,7 @@ the adapters for real encoders (a tiny CLIP vision model and a tiny ONNX face mo
 import numpy as np
 import pytest
 import torch
+
 from unif2ace.data.io import load_pretrained_state, save_pretrained
 from unif2ace.data.synthface import draw_arrays
 from unif2ace.data.taxonomy import CATEGORIES, NUM_VALUES

@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+
 import unif2ace
 from conftest import GPU_RUN, backend_params, device_for
 from unif2ace import _backend

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+
 from unif2ace.data.readers import (
     FieldMap,
     RecordError,

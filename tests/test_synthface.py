@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from unif2ace.data.readers import dataset_stats, iter_rows, load_split
 from unif2ace.data.synthface import (
     SynthFaceConfig,

@@ -1,6 +1,7 @@
 """Text tokenizer: special tokens at fixed ids, round trip, save/load, a foreign tokenizer.json."""
 
 import pytest
+
 from unif2ace.data import special_tokens as st
 from unif2ace.data.synthface import make_caption, make_vqa, sample_image
 from unif2ace.data.text_tokenizer import TextTokenizer

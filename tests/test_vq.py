@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from unif2ace.data.synthface import draw_arrays
 from unif2ace.vq.model import VQAutoencoder, VQConfig
 from unif2ace.vq.train import evaluate_vq, psnr, reconstruct, train_vq
