@@ -28,7 +28,11 @@ from unif2ace.triton_kernels import d3diff_loss as d3  # noqa: E402
 
 ARCHS = (80, 90)
 REPORT_DIR = Path(__file__).resolve().parents[1] / "build" / "aot"
-MODULES = ["unif2ace.triton_kernels.d3diff_loss", "unif2ace.triton_kernels.mask_sampling"]
+MODULES = [
+    "unif2ace.triton_kernels.d3diff_loss",
+    "unif2ace.triton_kernels.mask_sampling",
+    "unif2ace.triton_kernels.moe",
+]
 
 
 def _ptxas_available() -> bool:

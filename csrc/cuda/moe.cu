@@ -1,0 +1,413 @@
+// Grouped MoE dispatch: CUDA kernels and launchers (shared/DESIGN.md §6; the contract is the
+// comment block at the top of python/unif2ace/ops/moe.py, §3-§6).
+//
+// Plan (§3) is a stable counting sort in three kernels, no argsort, no host synchronisation:
+//   plan_hist_kernel     grid B: block b counts the ids of its contiguous chunk of slots into a
+//                        shared histogram and writes it to workspace row b ([B, E] int32).
+//   plan_scan_kernel     one block: per-expert totals (counts), the exclusive scan (offsets, one
+//                        serial pass over E by thread 0: E <= 8192), the tile map, and turns the
+//                        workspace into each block's first position per expert (a scan over b).
+//   plan_scatter_kernel  grid B, one warp each: walks its chunk 32 slots at a time in slot order;
+//                        lanes with equal experts find each other with __match_any_sync, a lane's
+//                        position is the expert's running cursor (shared) + its rank among the
+//                        equal lanes below it. Chunks in block order × slot order inside a chunk
+//                        = the stable order. Integer-only: deterministic.
+// Permute (§4) copies one row per block as raw bytes with the widest vector (16/8/4/2 bytes) the
+// row length, row stride and base pointers allow. Combine (§5) and its backward (§6): one block
+// per token, fp32 accumulation in j order; the backward's Σ_d reduction is a fixed tree
+// (deterministic, no atomics). Ids / positions out of range are skipped, never dereferenced.
+//
+// None of this has run on a GPU yet (written on a machine without one): the launch constants
+// below are first guesses.
+
+#include "moe.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "unif2ace/common.h"
+
+namespace unif2ace {
+namespace {
+
+// ---- launch configuration ----------------------------------------------------------------------
+constexpr int kHistThreads = 256;
+constexpr int kScanThreads = 1024;
+constexpr int64_t kMinChunk = 1024;  // slots per plan block at least
+constexpr int64_t kMaxPlanBlocks = 512;
+constexpr int64_t kMaxExperts = 8192;  // one int32 per expert in shared memory (32 KiB)
+constexpr int kRowThreads = 128;        // permute / combine: threads per row
+
+int64_t plan_chunk(int64_t n) {
+  int64_t c = (n + kMaxPlanBlocks - 1) / kMaxPlanBlocks;
+  c = (c + 31) / 32 * 32;
+  return c < kMinChunk ? kMinChunk : c;
+}
+
+int64_t plan_blocks(int64_t n) {
+  const int64_t c = plan_chunk(n);
+  const int64_t b = (n + c - 1) / c;
+  return b < 1 ? 1 : b;
+}
+
+thread_local cudaError_t t_last_cuda_error = cudaSuccess;
+
+int check_launch() {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    t_last_cuda_error = err;
+    return kCudaError;
+  }
+  return kOk;
+}
+
+__device__ __forceinline__ int64_t load_id(const void* ids, int is64, int64_t s) {
+  return is64 ? static_cast<const int64_t*>(ids)[s]
+              : static_cast<int64_t>(static_cast<const int32_t*>(ids)[s]);
+}
+
+// ---- plan ---------------------------------------------------------------------------------------
+
+__global__ void plan_hist_kernel(const void* __restrict__ ids, int is64, int64_t n, int E,
+                                 int64_t chunk, int32_t* __restrict__ hist) {
+  extern __shared__ int32_t sh_hist[];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) sh_hist[e] = 0;
+  __syncthreads();
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
+  const int64_t end = begin + chunk < n ? begin + chunk : n;
+  for (int64_t s = begin + threadIdx.x; s < end; s += blockDim.x) {
+    const int64_t e = load_id(ids, is64, s);
+    if (e >= 0 && e < E) atomicAdd(&sh_hist[e], 1);
+  }
+  __syncthreads();
+  int32_t* row = hist + static_cast<int64_t>(blockIdx.x) * E;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) row[e] = sh_hist[e];
+}
+
+__global__ void plan_scan_kernel(int32_t* __restrict__ hist, int nblocks, int E, int64_t n,
+                                 int64_t block_m, int32_t* __restrict__ counts,
+                                 int32_t* __restrict__ offsets, int32_t* __restrict__ sorted_slot,
+                                 int32_t* __restrict__ tile_expert, int32_t* __restrict__ tile_row,
+                                 int64_t max_tiles) {
+  extern __shared__ int32_t sh[];
+  int32_t* tot = sh;        // [E]
+  int32_t* tfirst = sh + E; // [E]
+  __shared__ int64_t sh_total, sh_tiles;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int32_t c = 0;
+    for (int b = 0; b < nblocks; ++b) c += hist[static_cast<int64_t>(b) * E + e];
+    tot[e] = c;
+    counts[e] = c;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t run = 0, trun = 0;
+    for (int e = 0; e < E; ++e) {
+      offsets[e] = static_cast<int32_t>(run);
+      tfirst[e] = static_cast<int32_t>(trun);
+      run += tot[e];
+      if (block_m > 0) trun += (tot[e] + block_m - 1) / block_m;
+    }
+    offsets[E] = static_cast<int32_t>(run);
+    sh_total = run;
+    sh_tiles = trun;
+  }
+  __syncthreads();
+  const int64_t total = sh_total;
+  const int64_t tiles = sh_tiles < max_tiles ? sh_tiles : max_tiles;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    const int32_t first = offsets[e];  // written by thread 0 before the barrier
+    int32_t base = first;
+    for (int b = 0; b < nblocks; ++b) {
+      const int64_t i = static_cast<int64_t>(b) * E + e;
+      const int32_t v = hist[i];
+      hist[i] = base;
+      base += v;
+    }
+    if (block_m > 0) {
+      const int64_t nt = (tot[e] + block_m - 1) / block_m;
+      for (int64_t i = 0; i < nt; ++i) {
+        const int64_t slot = tfirst[e] + i;
+        if (slot >= max_tiles) break;
+        tile_expert[slot] = e;
+        tile_row[slot] = static_cast<int32_t>(first + i * block_m);
+      }
+    }
+  }
+  for (int64_t i = tiles + threadIdx.x; i < max_tiles; i += blockDim.x) {
+    tile_expert[i] = -1;
+    tile_row[i] = static_cast<int32_t>(n);
+  }
+  for (int64_t p = total + threadIdx.x; p < n; p += blockDim.x) sorted_slot[p] = -1;  // dropped
+}
+
+// One warp per block.
+__global__ void plan_scatter_kernel(const void* __restrict__ ids, int is64, int64_t n, int E,
+                                    int64_t chunk, const int32_t* __restrict__ bases,
+                                    int32_t* __restrict__ sorted_slot,
+                                    int32_t* __restrict__ slot_pos) {
+  extern __shared__ int32_t cursor[];
+  const int lane = threadIdx.x;
+  const int32_t* row = bases + static_cast<int64_t>(blockIdx.x) * E;
+  for (int e = lane; e < E; e += 32) cursor[e] = row[e];
+  __syncwarp();
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * chunk;
+  const int64_t end = begin + chunk < n ? begin + chunk : n;
+  const unsigned below = (1u << lane) - 1u;
+  for (int64_t base = begin; base < end; base += 32) {  // uniform trip count across the warp
+    const int64_t s = base + lane;
+    int key = -1;
+    if (s < end) {
+      const int64_t e = load_id(ids, is64, s);
+      if (e >= 0 && e < E) {
+        key = static_cast<int>(e);
+      } else {
+        slot_pos[s] = -1;  // dropped slot
+      }
+    }
+    const unsigned peers = __match_any_sync(0xffffffffu, key);
+    if (key >= 0) {
+      const int32_t pos = cursor[key] + __popc(peers & below);
+      sorted_slot[pos] = static_cast<int32_t>(s);
+      slot_pos[s] = pos;
+    }
+    __syncwarp();
+    if (key >= 0 && (peers >> lane) == 1u) cursor[key] += __popc(peers);  // highest equal lane
+    __syncwarp();
+  }
+}
+
+// ---- permute ------------------------------------------------------------------------------------
+
+template <typename V>
+__global__ void permute_kernel(const char* __restrict__ x, int64_t T, int64_t row_bytes,
+                               int64_t x_row_bytes, const int32_t* __restrict__ sorted_slot,
+                               int64_t n, int64_t top_k, char* __restrict__ xs) {
+  const int64_t p = blockIdx.x;
+  const int64_t s = sorted_slot[p];
+  const int64_t nv = row_bytes / static_cast<int64_t>(sizeof(V));
+  V* dst = reinterpret_cast<V*>(xs + p * row_bytes);
+  if (s < 0 || s >= n || s / top_k >= T) {
+    V zero;
+    memset(&zero, 0, sizeof(V));
+    for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) dst[i] = zero;
+    return;
+  }
+  const V* src = reinterpret_cast<const V*>(x + (s / top_k) * x_row_bytes);
+  for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) dst[i] = src[i];
+}
+
+// ---- combine ------------------------------------------------------------------------------------
+
+template <typename T> struct Cvt;
+template <> struct Cvt<float> {
+  __device__ __forceinline__ static float to(float v) { return v; }
+  __device__ __forceinline__ static float from(float v) { return v; }
+};
+template <> struct Cvt<__nv_bfloat16> {
+  __device__ __forceinline__ static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ __forceinline__ static __nv_bfloat16 from(float v) { return __float2bfloat16(v); }
+};
+template <> struct Cvt<__half> {
+  __device__ __forceinline__ static float to(__half v) { return __half2float(v); }
+  __device__ __forceinline__ static __half from(float v) { return __float2half(v); }
+};
+
+template <typename T>
+__global__ void combine_kernel(const T* __restrict__ src, int64_t n, int64_t D, int64_t src_stride,
+                               const int32_t* __restrict__ slot_pos, int64_t top_k,
+                               const float* __restrict__ weights, T* __restrict__ out) {
+  const int64_t t = blockIdx.x;
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < top_k; ++j) {
+      const int64_t pos = slot_pos[t * top_k + j];
+      if (pos < 0 || pos >= n) continue;
+      const float w = weights ? weights[t * top_k + j] : 1.f;
+      acc += w * Cvt<T>::to(src[pos * src_stride + d]);
+    }
+    out[t * D + d] = Cvt<T>::from(acc);
+  }
+}
+
+template <typename T>
+__global__ void combine_bwd_kernel(const T* __restrict__ grad_out, int64_t go_stride,
+                                   const T* src, int64_t n, int64_t D, int64_t src_stride,
+                                   const int32_t* __restrict__ slot_pos, int64_t top_k,
+                                   const float* __restrict__ weights, T* grad_src,
+                                   float* __restrict__ grad_weights) {
+  // src and grad_src may alias: no __restrict__ on them; each thread reads src[pos, d] before it
+  // writes grad_src[pos, d], and rows of different tokens are different positions.
+  __shared__ float warp_sums[kRowThreads / 32];
+  const int64_t t = blockIdx.x;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t j = 0; j < top_k; ++j) {
+    const int64_t pos = slot_pos[t * top_k + j];
+    const bool ok = pos >= 0 && pos < n;
+    const float w = weights ? weights[t * top_k + j] : 1.f;
+    float part = 0.f;
+    if (ok) {
+      for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+        const float g = Cvt<T>::to(grad_out[t * go_stride + d]);
+        if (grad_weights) part += g * Cvt<T>::to(src[pos * src_stride + d]);
+        grad_src[pos * D + d] = Cvt<T>::from(w * g);
+      }
+    }
+    if (grad_weights) {  // uniform across the block
+      for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+      if (lane == 0) warp_sums[warp] = part;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        float sum = 0.f;
+        for (int i = 0; i < kRowThreads / 32; ++i) sum += warp_sums[i];
+        grad_weights[t * top_k + j] = sum;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+template <typename T>
+int launch_combine(const void* src, int64_t n, int64_t D, int64_t ss, const int32_t* slot_pos,
+                   int64_t T_, int64_t k, const float* w, void* out, cudaStream_t st) {
+  combine_kernel<T><<<static_cast<unsigned>(T_), kRowThreads, 0, st>>>(
+      static_cast<const T*>(src), n, D, ss, slot_pos, k, w, static_cast<T*>(out));
+  return check_launch();
+}
+
+template <typename T>
+int launch_combine_bwd(const void* go, int64_t gs, const void* src, int64_t n, int64_t D,
+                       int64_t ss, const int32_t* slot_pos, int64_t T_, int64_t k, const float* w,
+                       void* grad_src, float* gw, cudaStream_t st) {
+  combine_bwd_kernel<T><<<static_cast<unsigned>(T_), kRowThreads, 0, st>>>(
+      static_cast<const T*>(go), gs, static_cast<const T*>(src), n, D, ss, slot_pos, k, w,
+      static_cast<T*>(grad_src), gw);
+  return check_launch();
+}
+
+bool aligned(const void* p, int64_t a) { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
+
+}  // namespace
+
+int64_t moe_plan_workspace_bytes_cuda(int64_t n, int64_t num_experts) {
+  if (n < 0 || num_experts < 1) return 0;
+  return plan_blocks(n) * num_experts * static_cast<int64_t>(sizeof(int32_t));
+}
+
+int moe_plan_cuda(const void* ids, int ids_is_int64, int64_t n, int64_t num_experts,
+                  int64_t block_m, int32_t* counts, int32_t* offsets, int32_t* sorted_slot,
+                  int32_t* slot_pos, int32_t* tile_expert, int32_t* tile_row, int64_t max_tiles,
+                  void* workspace, int64_t workspace_bytes, void* stream) {
+  if (n < 0 || n >= (int64_t{1} << 31) || num_experts < 1 || num_experts > kMaxExperts ||
+      block_m < 0 || max_tiles < 0)
+    return kBadShape;
+  if (!counts || !offsets || (n > 0 && (!ids || !sorted_slot || !slot_pos))) return kBadArgument;
+  if (block_m > 0 && max_tiles > 0 && (!tile_expert || !tile_row)) return kBadArgument;
+  if (block_m == 0) max_tiles = 0;
+  const int E = static_cast<int>(num_experts);
+  const int64_t chunk = plan_chunk(n);
+  const int64_t B = plan_blocks(n);
+  if (workspace_bytes < moe_plan_workspace_bytes_cuda(n, num_experts) || !workspace)
+    return kBadArgument;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  int32_t* hist = static_cast<int32_t*>(workspace);
+  const size_t sh = static_cast<size_t>(E) * sizeof(int32_t);
+  if (2 * sh > 48 * 1024) {
+    // above the default dynamic shared memory limit: opt in (host call, no synchronisation)
+    cudaFuncSetAttribute(plan_scan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(2 * sh));
+  }
+  plan_hist_kernel<<<static_cast<unsigned>(B), kHistThreads, sh, st>>>(ids, ids_is_int64, n, E,
+                                                                       chunk, hist);
+  plan_scan_kernel<<<1, kScanThreads, 2 * sh, st>>>(hist, static_cast<int>(B), E, n, block_m,
+                                                    counts, offsets, sorted_slot, tile_expert,
+                                                    tile_row, max_tiles);
+  if (n > 0)
+    plan_scatter_kernel<<<static_cast<unsigned>(B), 32, sh, st>>>(ids, ids_is_int64, n, E, chunk,
+                                                                  hist, sorted_slot, slot_pos);
+  return check_launch();
+}
+
+int moe_permute_cuda(const void* x, int64_t T, int64_t D, int64_t x_row_stride, int elem_bytes,
+                     const int32_t* sorted_slot, int64_t n, int64_t top_k, void* xs, void* stream) {
+  if (T < 0 || D < 0 || n < 0 || top_k < 1 || n >= (int64_t{1} << 31)) return kBadShape;
+  if (elem_bytes != 2 && elem_bytes != 4) return kBadDtype;
+  if (n == 0 || D == 0) return kOk;
+  if (!x || !sorted_slot || !xs) return kBadArgument;
+  const int64_t row = D * elem_bytes, xrow = x_row_stride * elem_bytes;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const unsigned grid = static_cast<unsigned>(n);
+  const char* xp = static_cast<const char*>(x);
+  char* op = static_cast<char*>(xs);
+  auto fits = [&](int64_t a) {
+    return row % a == 0 && xrow % a == 0 && aligned(x, a) && aligned(xs, a);
+  };
+  if (fits(16))
+    permute_kernel<uint4><<<grid, kRowThreads, 0, st>>>(xp, T, row, xrow, sorted_slot, n, top_k, op);
+  else if (fits(8))
+    permute_kernel<uint2><<<grid, kRowThreads, 0, st>>>(xp, T, row, xrow, sorted_slot, n, top_k, op);
+  else if (fits(4))
+    permute_kernel<uint32_t><<<grid, kRowThreads, 0, st>>>(xp, T, row, xrow, sorted_slot, n, top_k,
+                                                           op);
+  else
+    permute_kernel<uint16_t><<<grid, kRowThreads, 0, st>>>(xp, T, row, xrow, sorted_slot, n, top_k,
+                                                           op);
+  return check_launch();
+}
+
+int moe_combine_cuda(const void* src, int64_t n, int64_t D, int64_t src_row_stride, int dtype,
+                     const int32_t* slot_pos, int64_t T, int64_t top_k, const float* weights,
+                     void* out, void* stream) {
+  if (n < 0 || D < 0 || T < 0 || top_k < 1 || T * top_k != n || T >= (int64_t{1} << 31))
+    return kBadShape;
+  if (T == 0 || D == 0) return kOk;
+  if (!src || !slot_pos || !out) return kBadArgument;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat32:
+      return launch_combine<float>(src, n, D, src_row_stride, slot_pos, T, top_k, weights, out, st);
+    case kBFloat16:
+      return launch_combine<__nv_bfloat16>(src, n, D, src_row_stride, slot_pos, T, top_k, weights,
+                                           out, st);
+    case kFloat16:
+      return launch_combine<__half>(src, n, D, src_row_stride, slot_pos, T, top_k, weights, out, st);
+    default:
+      return kBadDtype;
+  }
+}
+
+int moe_combine_bwd_cuda(const void* grad_out, int64_t grad_out_row_stride, const void* src,
+                         int64_t n, int64_t D, int64_t src_row_stride, int dtype,
+                         const int32_t* slot_pos, int64_t T, int64_t top_k, const float* weights,
+                         void* grad_src, float* grad_weights, void* stream) {
+  if (n < 0 || D < 0 || T < 0 || top_k < 1 || T * top_k != n || T >= (int64_t{1} << 31))
+    return kBadShape;
+  if (T == 0) return kOk;
+  if (D == 0) {
+    if (grad_weights) cudaMemsetAsync(grad_weights, 0, n * sizeof(float), static_cast<cudaStream_t>(stream));
+    return check_launch();
+  }
+  if (!grad_out || !src || !slot_pos || !grad_src) return kBadArgument;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case kFloat32:
+      return launch_combine_bwd<float>(grad_out, grad_out_row_stride, src, n, D, src_row_stride,
+                                       slot_pos, T, top_k, weights, grad_src, grad_weights, st);
+    case kBFloat16:
+      return launch_combine_bwd<__nv_bfloat16>(grad_out, grad_out_row_stride, src, n, D,
+                                               src_row_stride, slot_pos, T, top_k, weights,
+                                               grad_src, grad_weights, st);
+    case kFloat16:
+      return launch_combine_bwd<__half>(grad_out, grad_out_row_stride, src, n, D, src_row_stride,
+                                        slot_pos, T, top_k, weights, grad_src, grad_weights, st);
+    default:
+      return kBadDtype;
+  }
+}
+
+const char* moe_last_cuda_error() { return cudaGetErrorString(t_last_cuda_error); }
+
+}  // namespace unif2ace

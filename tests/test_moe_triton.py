@@ -1,0 +1,102 @@
+"""Triton MoE kernels (triton_kernels/moe.py) against the torch launchers of unif2ace.ops.moe,
+beyond what tests/test_moe.py covers through the public ops: every output element written
+(NaN-poisoned buffers), combine backward in place (grad_src = src), the saved pre-activation h of
+the gathered grouped GEMM, and plans with a block_m other than the default 64. Under the
+interpreter on CPU (tests/conftest.py), on the GPU with UNIF2ACE_TEST_GPU=1."""
+
+import pytest
+import torch
+
+from conftest import device_for, rel_err
+from unif2ace import _backend
+from unif2ace.ops import moe
+
+pytestmark = pytest.mark.skipif(
+    not _backend.available("triton", device_for("triton")), reason="triton not available here"
+)
+tk = pytest.importorskip("unif2ace.triton_kernels.moe")
+DEV = device_for("triton")
+
+
+@pytest.mark.parametrize("T,k,E,D", [(1, 1, 2, 5), (37, 2, 9, 123), (300, 4, 16, 512)])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_permute_combine_kernels_match_torch(T, k, E, D, weighted):
+    ids = torch.randint(0, E, (T, k), device=DEV)
+    p = moe.moe_plan(ids, E, block_m=64, backend="torch")
+    x = torch.randn(T, D, device=DEV)
+    xs = torch.full((T * k, D), float("nan"), device=DEV)
+    tk.permute(x, p.sorted_slot, k, xs)
+    assert torch.equal(xs, x[p.sorted_slot.long() // k])
+    src = torch.randn(T * k, D, device=DEV)
+    w = torch.rand(T, k, device=DEV) if weighted else None
+    y = torch.full((T, D), float("nan"), device=DEV)
+    tk.combine(src, p.slot_pos, w, y)
+    yr = torch.empty(T, D, device=DEV)
+    moe._combine_torch(src, p.slot_pos, w, yr)
+    assert rel_err(y, yr) < 1e-5
+    go = torch.randn(T, D, device=DEV)
+    gs_ref, gw_ref = torch.empty_like(src), torch.empty(T, k, device=DEV)
+    moe._combine_bwd_torch(go, src, p.slot_pos, w, gs_ref, gw_ref)
+    gs, gw = torch.full_like(src, float("nan")), torch.full((T, k), float("nan"), device=DEV)
+    tk.combine_bwd(go, src, p.slot_pos, w, gs, gw)
+    assert torch.equal(gs, gs_ref) and rel_err(gw, gw_ref) < 2e-5
+    inplace, gw2 = src.clone(), torch.empty(T, k, device=DEV)
+    tk.combine_bwd(go, inplace, p.slot_pos, w, inplace, gw2)  # grad_src may be src (contract §6)
+    assert torch.equal(inplace, gs_ref) and rel_err(gw2, gw_ref) < 2e-5
+
+
+@pytest.mark.parametrize("activation", ["silu_glu", "gelu", "gelu_tanh"])
+def test_gathered_grouped_gemm_saves_h(activation):
+    T, D, Fh, E, k = 37, 123, 77, 9, 2
+    Fu = 2 * Fh if activation == "silu_glu" else Fh
+    x = torch.randn(T, D, device=DEV)
+    wu = torch.randn(E, Fu, D, device=DEV) / D**0.5
+    wd = torch.randn(E, D, Fh, device=DEV) / Fh**0.5
+    ids = torch.rand(T, E, device=DEV).argsort(1)[:, :k]
+    w = torch.rand(T, k, device=DEV)
+    p = moe.moe_plan(ids, E, backend="triton")
+    N = T * k
+    y = torch.full((T, D), float("nan"), device=DEV)
+    h = torch.full((N, Fu), float("nan"), device=DEV)
+    out = torch.full((N, D), float("nan"), device=DEV)
+    tk.experts_fwd(x, wu, wd, w, p, activation, y, h, out, x.new_empty(0, D))
+    xs = x[p.sorted_slot.long() // k]
+    hr, outr = torch.empty(N, Fu, device=DEV), torch.empty(N, D, device=DEV)
+    for e in range(E):
+        lo, hi = int(p.offsets[e]), int(p.offsets[e + 1])
+        hr[lo:hi] = xs[lo:hi].double().matmul(wu[e].double().T).float()
+        a = moe._activate(hr[lo:hi].double(), activation)
+        outr[lo:hi] = a.matmul(wd[e].double().T).float()
+    assert rel_err(h, hr) < 2e-6 and rel_err(out, outr) < 2e-6
+    yr = moe.moe_mlp_ref(x.double(), wu.double(), wd.double(), ids, w.double(), activation)
+    assert rel_err(y, yr) < 2e-6
+
+
+@pytest.mark.parametrize("block_m", [16, 48])
+def test_mlp_with_other_block_m(block_m):
+    T, D, Fh, E, k = 37, 64, 40, 5, 2
+    x = torch.randn(T, D, device=DEV)
+    wu = torch.randn(E, 2 * Fh, D, device=DEV) / 8
+    wd = torch.randn(E, D, Fh, device=DEV) / 6
+    ids = torch.rand(T, E, device=DEV).argsort(1)[:, :k]
+    w = torch.rand(T, k, device=DEV)
+    p = moe.moe_plan(ids, E, block_m=block_m, backend="triton")
+    y = moe.moe_mlp(x, wu, wd, ids, w, plan=p, backend="triton")
+    yr = moe.moe_mlp_ref(x.double(), wu.double(), wd.double(), ids, w.double())
+    assert rel_err(y, yr) < 2e-5
+
+
+def test_plan_without_tile_map_is_a_clear_error():
+    ids = torch.randint(0, 4, (8, 2), device=DEV)
+    p = moe.moe_plan(ids, 4, block_m=0, backend="triton")
+    x = torch.randn(8, 16, device=DEV)
+    with pytest.raises(ValueError, match="no tile map"):
+        moe.moe_mlp(x, torch.randn(4, 32, 16, device=DEV), torch.randn(4, 16, 16, device=DEV),
+                    ids, None, plan=p, backend="triton")  # fmt: skip
+
+
+def test_pick_config_stays_within_aot_configs():
+    covered = {(cfg, dtype) for kind, cfg, dtype in tk.aot_configs() if kind != "row"}
+    for dtype in tk.AOT_DTYPES:
+        assert (tk._pick_gemm_config(dtype), dtype) in covered
+    assert tk._pick_row_config(False) == tk._ROW
