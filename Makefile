@@ -9,7 +9,7 @@ BUILD_DEPS := scikit-build-core pybind11 ninja cmake
 TEST_DEPS  := pytest pytest-benchmark expecttest ruff numpy transformers onnx onnxruntime
 OUT ?= bench_results
 
-.PHONY: setup build test test-slow test-gpu lint format bench bench-quick gpu-suite clean help
+.PHONY: setup build test test-slow test-gpu lint format bench bench-quick bench-all gpu-suite clean help
 
 help:
 	@echo "make bench      set up and run the main job (D3Diff loss benchmark, CPU)"
@@ -52,6 +52,9 @@ bench: setup
 
 bench-quick: setup
 	$(PY) benchmarks/bench_d3diff_loss.py --quick --out $(OUT)
+
+bench-all: setup
+	for b in benchmarks/bench_*.py; do $(PY) $$b --out $(OUT) || exit 1; done
 
 gpu-suite:
 	bash benchmarks/gpu_suite.sh $(OUT)/gpu
