@@ -251,7 +251,7 @@ def test_opcheck(backend):
     logits = make_logits(N, K, torch.float32, dev).requires_grad_(True)
     rows = make_rows(N, K, dev)
     torch.library.opcheck(
-        torch.ops.unif2ace.d3diff_loss_fwd.default, (logits, *rows, 0.3, IGNORE, backend)
+        torch.ops.unif2ace.d3diff_loss_fwd.default, (logits, *rows, 0.3, IGNORE, backend, False)
     )
     torch.library.opcheck(
         torch.ops.unif2ace.d3diff_loss_bwd.default,
@@ -306,6 +306,24 @@ def test_backward_twice_with_retain_graph():
     (g1,) = torch.autograd.grad(loss, logits, retain_graph=True)
     (g2,) = torch.autograd.grad(loss, logits)
     torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.id in ("cpu", "triton")])
+def test_inplace_backward(backend):
+    """inplace_backward=True: same gradient, written over the logits of an intermediate."""
+    dev = device_for(backend)
+    N, K, D = 37, 1013, 16
+    rows = make_rows(N, K, dev)
+    h = torch.randn(N, D, device=dev, requires_grad=True)
+    W = torch.randn(K, D, device=dev) / 4
+    grads = []
+    for inplace in (False, True):
+        logits = h @ W.t()  # an intermediate: nothing else reads it after the loss
+        loss = d3diff_loss(logits, *rows, 0.3, reduction="none", inplace_backward=inplace,
+                           backend=backend)  # fmt: skip
+        (g,) = torch.autograd.grad(loss, h, torch.linspace(0.5, 1.5, N, device=dev))
+        grads.append(g)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
 
 
 def test_no_grad_path_matches():

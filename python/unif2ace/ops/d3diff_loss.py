@@ -207,6 +207,7 @@ def _d3diff_loss_fwd(
     alpha: float,
     ignore_index: int,
     backend: str,
+    inplace_backward: bool,
 ) -> torch.Tensor:
     _check_values(logits, targets, ratio, w_ce, w_se, ignore_index, "d3diff_loss")
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
@@ -215,7 +216,7 @@ def _d3diff_loss_fwd(
 
 
 @_d3diff_loss_fwd.register_fake
-def _(logits, targets, ratio, w_ce, w_se, alpha, ignore_index, backend):
+def _(logits, targets, ratio, w_ce, w_se, alpha, ignore_index, backend, inplace_backward):
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
@@ -245,15 +246,26 @@ def _(logits, targets, ratio, w_ce, w_se, alpha, ignore_index, backend, grad_row
 
 
 def _d3diff_loss_setup(ctx, inputs, output):
-    logits, targets, ratio, w_ce, w_se, alpha, ignore_index, backend = inputs
+    logits, targets, ratio, w_ce, w_se, alpha, ignore_index, backend, inplace_backward = inputs
     ctx.args = (alpha, ignore_index, backend)
+    ctx.inplace_backward = inplace_backward
     ctx.save_for_backward(logits, targets, ratio, w_ce, w_se)
 
 
 def _d3diff_loss_backward(ctx, grad_loss):
     logits, targets, ratio, w_ce, w_se = ctx.saved_tensors
-    grad = _d3diff_loss_bwd(logits, targets, ratio, w_ce, w_se, *ctx.args, grad_loss)
-    return grad, None, None, None, None, None, None, None
+    traced = torch.compiler.is_compiling() or type(logits) is not torch.Tensor
+    if ctx.inplace_backward and not traced:
+        # Opt-in (Liger-style): the gradient overwrites the logits' storage, so backward allocates
+        # nothing [N, K]. Traced graphs take the out-of-place op below (same values).
+        alpha, ignore_index, backend = ctx.args
+        loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        scale = grad_loss.to(torch.float32).contiguous()
+        _ROWS[backend](logits, targets, ratio, w_ce, w_se, alpha, ignore_index, loss, logits, scale)
+        grad = logits
+    else:
+        grad = _d3diff_loss_bwd(logits, targets, ratio, w_ce, w_se, *ctx.args, grad_loss)
+    return grad, None, None, None, None, None, None, None, None
 
 
 _d3diff_loss_fwd.register_autograd(_d3diff_loss_backward, setup_context=_d3diff_loss_setup)
@@ -289,6 +301,7 @@ def d3diff_loss(
     *,
     ignore_index: int = -100,
     reduction: str = "sum",
+    inplace_backward: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """D3Diff loss (masked CE + α · SEDD absorbing score entropy) on logits, fused forward + grad.
@@ -309,6 +322,12 @@ def d3diff_loss(
         gives SEDD's absorbing score entropy exactly (see :func:`schedules.d3diff_weights`).
     reduction : "sum" | "none"
         ``Σ_rows ℓ`` (scalar) or ``ℓ`` per row ([N], float32).
+    inplace_backward : bool
+        Fused backends only. The backward writes the gradient over the logits' own storage and
+        returns it (as Liger's cross-entropy does), so the loss allocates no [N, K] buffer at all.
+        Use it when the logits are an intermediate nothing else reads after the loss (e.g. the
+        output of an LM head); the logits' values are gone after backward, and a second backward
+        through the same graph is refused by autograd's version check.
     backend : "torch" | "cpu" | "triton" | "cuda" | "auto" | None
 
     Returns
@@ -339,8 +358,9 @@ def d3diff_loss(
     if K > 1 and logits.stride(1) != 1 or N > 1 and logits.stride(0) < K:
         logits = logits.contiguous()  # kernels take column stride 1 and non-overlapping rows
     loss = _d3diff_loss_fwd(
-        logits, targets, ratio, w_ce, w_se, float(alpha), int(ignore_index), name
-    )
+        logits, targets, ratio, w_ce, w_se, float(alpha), int(ignore_index), name,
+        bool(inplace_backward),
+    )  # fmt: skip
     return loss.sum() if reduction == "sum" else loss
 
 
