@@ -57,7 +57,7 @@ def _check_experts(experts: torch.nn.Module) -> None:
     if act not in _SILU_ACTS:
         why.append(f"hidden_act={act!r} (only silu gating)")
     if why:
-        raise NotImplementedError(
+        raise ValueError(
             f"unif2ace experts: {type(experts).__name__} has " + ", ".join(why) + "; use another "
             "experts_implementation for this model"
         )
@@ -106,7 +106,7 @@ def _block_parts(block: torch.nn.Module):
     """(router weight [E, D], top_k, renormalize, experts, shared expert or None, its gate)."""
     gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
     if gate is None or experts is None or not hasattr(gate, "weight"):
-        raise NotImplementedError(
+        raise ValueError(
             f"moe_block_forward: {type(block).__name__} is not a Mixtral / Qwen2-MoE sparse block "
             "(expects .gate with .weight and .experts)"
         )
