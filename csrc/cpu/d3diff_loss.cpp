@@ -29,32 +29,13 @@
 #include <memory>
 #include <new>
 
+#include "unif2ace/cpu_simd.h"
 #include "unif2ace/d3diff_math.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#define U2A_X86 1
-#else
-#define U2A_X86 0
-#endif
-
-#define U2A_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace unif2ace {
 namespace {
 
-// ---- SIMD-friendly scalar helpers (branch-free: `#pragma omp simd` loops vectorise them) -------
-
-U2A_ALWAYS_INLINE float bits_as_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-U2A_ALWAYS_INLINE uint32_t float_as_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
+using namespace cpu;  // NOLINT: the shared SIMD helpers
 
 // exp(x) in fp32 (Cephes expf): x = n·ln2 + r with n = round(x·log2 e), |r| <= ln2/2;
 // e^r = 1 + r + r²·P(r), P of degree 5; 2^n assembled in the exponent bits. Under 1 ulp over the
@@ -100,57 +81,6 @@ U2A_ALWAYS_INLINE float exp_simd(float x, ExpRange b) {
   // 2^n: n + 127 shifted into the exponent field (the bits above it fall off the top).
   return p * bits_as_float(float_as_bits(t) << 23);
 }
-
-// fp16 <-> fp32 in straight-line code. Bit-for-bit the same as common.h's fp16_bits_to_float and
-// float_to_fp16_bits (checked over all 2^16 halves and all 2^32 floats), which normalise subnormals
-// in a loop or branch on the range and so do not vectorise. The float multiplies do the rebiasing
-// and the subnormal cases in hardware, so the only selects left have a constant arm (nothing for
-// gcc to move into a branch; see exp_simd). With denormals-are-zero set (not the default), fp16
-// subnormal logits read as 0.
-U2A_ALWAYS_INLINE float fp16_to_float_simd(uint16_t h) {
-  // F. Giesen's half_to_float_fast3: the 15 magnitude bits in place, then times 2^112 rebiases the
-  // exponent (and turns a half subnormal, here an fp32 subnormal, into the right normal value).
-  const float mag = bits_as_float(static_cast<uint32_t>(h & 0x7fffu) << 13) * 0x1.0p+112f;
-  uint32_t o = float_as_bits(mag);
-  o |= mag >= 65536.f ? 0x7f800000u : 0u;  // half inf/NaN (exponent 31): exponent 255, payload kept
-  return bits_as_float(o | (static_cast<uint32_t>(h & 0x8000u) << 16));
-}
-
-U2A_ALWAYS_INLINE uint16_t float_to_fp16_simd(float f) {
-  // M. Dukhan's fp16_ieee_from_fp32_value (the FP16 library): scaling by 2^112 then 2^-110 makes
-  // values that overflow fp16 inf; adding a power of two at the right exponent rounds the mantissa
-  // to 10 bits (round to nearest even, subnormals included) in the fp32 adder.
-  const uint32_t w = float_as_bits(f);
-  const uint32_t shl1_w = w + w;  // without the sign
-  const uint32_t sign = w & 0x80000000u;
-  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-  uint32_t bias = shl1_w & 0xff000000u;
-  bias = bias < 0x71000000u ? 0x71000000u : bias;
-  base = bits_as_float((bias >> 1) + 0x07800000u) + base;
-  const uint32_t bits = float_as_bits(base);
-  const uint32_t nonsign = ((bits >> 13) & 0x00007c00u) + (bits & 0x00000fffu);
-  // NaN -> 0x7e00 with a mask, not a select: gcc would move nonsign's fp ops into a branch.
-  const uint32_t nan_mask = 0u - static_cast<uint32_t>(shl1_w > 0xff000000u);
-  return static_cast<uint16_t>((sign >> 16) | (nonsign & ~nan_mask) | (0x7e00u & nan_mask));
-}
-
-// ---- element types: storage and conversions ----------------------------------------------------
-
-struct ElemF32 {
-  using T = float;
-  static U2A_ALWAYS_INLINE float load(T v) { return v; }
-  static U2A_ALWAYS_INLINE T store(float f) { return f; }
-};
-struct ElemBF16 {
-  using T = uint16_t;
-  static U2A_ALWAYS_INLINE float load(T v) { return bf16_bits_to_float(v); }
-  static U2A_ALWAYS_INLINE T store(float f) { return float_to_bf16_bits(f); }  // nearest even
-};
-struct ElemF16 {
-  using T = uint16_t;
-  static U2A_ALWAYS_INLINE float load(T v) { return fp16_to_float_simd(v); }
-  static U2A_ALWAYS_INLINE T store(float f) { return float_to_fp16_simd(f); }  // nearest even
-};
 
 struct Args {
   const void* logits;

@@ -36,32 +36,16 @@
 #include <utility>
 #include <vector>
 
+#include "unif2ace/cpu_simd.h"
 #include "unif2ace/philox.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#define U2A_X86 1
-#else
-#define U2A_X86 0
-#endif
-
-#define U2A_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace unif2ace {
 namespace {
 
+using namespace cpu;  // NOLINT: the shared SIMD helpers
+
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-U2A_ALWAYS_INLINE float bits_as_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-U2A_ALWAYS_INLINE uint32_t float_as_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
 
 // exp(x) in fp32, Cephes expf (as d3diff_loss.cpp): x = n·ln2 + r, |r| <= ln2/2, degree-5
 // polynomial, 2^n in the exponent bits. Relative error ~1.2e-7. Here x = y − m <= 0 always; below
@@ -125,27 +109,6 @@ U2A_ALWAYS_INLINE float exponential_simd(uint32_t x) {
   const float corr = hi ? (u - 1.f) + t : 0.f;
   return corr - log_simd(u);
 }
-
-// fp16 -> fp32 straight-line (F. Giesen's half_to_float_fast3; as d3diff_loss.cpp).
-U2A_ALWAYS_INLINE float fp16_to_float_simd(uint16_t h) {
-  const float mag = bits_as_float(static_cast<uint32_t>(h & 0x7fffu) << 13) * 0x1.0p+112f;
-  uint32_t o = float_as_bits(mag);
-  o |= mag >= 65536.f ? 0x7f800000u : 0u;
-  return bits_as_float(o | (static_cast<uint32_t>(h & 0x8000u) << 16));
-}
-
-struct ElemF32 {
-  using T = float;
-  static U2A_ALWAYS_INLINE float load(T v) { return v; }
-};
-struct ElemBF16 {
-  using T = uint16_t;
-  static U2A_ALWAYS_INLINE float load(T v) { return bf16_bits_to_float(v); }
-};
-struct ElemF16 {
-  using T = uint16_t;
-  static U2A_ALWAYS_INLINE float load(T v) { return fp16_to_float_simd(v); }
-};
 
 struct StepArgs {
   const void* logits;
