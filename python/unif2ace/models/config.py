@@ -1,0 +1,161 @@
+"""Model configs: one dataclass, a registry of named sizes (``tiny``, ``small``, ``full``).
+
+One vocabulary (Show-o): ``[0, text_vocab)`` text tokens with the special tokens first
+(:mod:`unif2ace.data.special_tokens`), then ``codebook_size`` image codes, then the mask token::
+
+    image code c  ->  token id text_vocab + c
+    mask token    ->  text_vocab + codebook_size
+
+``full`` has Phi-1.5's dense sizes (24 layers, d 2048, 32 heads, rotary on half of each head) with
+each block's MLP replaced by the two-group token MoE; :func:`parameter_count` prints its size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # vocabulary and layout
+    text_vocab: int = 4096  # text tokenizer size, special tokens included
+    codebook_size: int = 1000  # image tokenizer entries
+    image_tokens: int = 256  # tokens per image (16×16)
+    max_text_len: int = 64  # prompt / answer tokens (longer ones are cut)
+    # Phi-1.5-style decoder
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    rotary_frac: float = 0.5  # Phi-1.5: rotary on the first half of each head
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    d_ff: int = 512  # dense MLP width (token MoE off)
+    activation: str = "gelu_tanh"  # Phi's gelu_new
+    # token-level grouped MoE: group 0 understanding, group 1 generation
+    token_moe: bool = True
+    routed_experts: int = 4  # per group
+    shared_experts: int = 1  # per group
+    top_k: int = 2
+    expert_ffn: int = 256
+    balance_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    # sequence-level MoE: understanding (copy, copy, clip, face), generation (copy, copy, zero, noise)
+    seq_moe: bool = True
+    seq_top_k: int = 2
+    semantic_dim: int = 256  # CLIP stand-in embedding size (SemanticEncoder dim)
+    identity_dim: int = 128  # face-recognition stand-in embedding size (IdentityEncoder dim)
+    noise_std: float = 0.1  # the generation group's noise expert (training only)
+    seq_balance_coef: float = 0.01
+    # training-time details the model owns
+    alpha: float = 0.01  # D3Diff score-entropy weight (0: mask-only, Show-o)
+    w_ce: float = 1.0  # D3Diff mask-CE weight (0 with alpha=1: score-only, SEDD)
+    schedule: str = "cosine"
+    cond_drop: float = 0.1  # prompt dropped for classifier-free guidance
+    extra: dict = field(default_factory=dict)  # free-form notes kept in config.json
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_vocab + self.codebook_size + 1
+
+    @property
+    def image_offset(self) -> int:
+        return self.text_vocab
+
+    @property
+    def mask_id(self) -> int:
+        return self.text_vocab + self.codebook_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def max_seq_len(self) -> int:
+        # mmu: <mmu> <soi> image <eoi> <user> question <assistant> answer <eot>
+        return self.image_tokens + 2 * self.max_text_len + 8
+
+    def validate(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not a multiple of n_heads={self.n_heads}")
+        rot = int(self.head_dim * self.rotary_frac)
+        if rot % 2:
+            raise ValueError(f"rotary dims {rot} (head_dim·rotary_frac) must be even")
+        if self.token_moe and not 1 <= self.top_k <= self.routed_experts:
+            raise ValueError(f"top_k={self.top_k} must be in [1, routed_experts={self.routed_experts}]")
+        if self.seq_moe and not 1 <= self.seq_top_k <= 4:
+            raise ValueError(f"seq_top_k={self.seq_top_k} must be in [1, 4]")
+        if self.activation not in ("gelu", "gelu_tanh", "silu_glu"):
+            raise ValueError(f"activation must be gelu, gelu_tanh or silu_glu, got {self.activation!r}")
+        if self.schedule not in ("cosine", "linear", "loglinear"):
+            raise ValueError(f"schedule must be cosine, linear or loglinear, got {self.schedule!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "model config") -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            k = unknown[0]
+            close = difflib.get_close_matches(k, sorted(names), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(f"{where}: unknown key {k!r}{hint}")
+        return cls(**d).validate()
+
+
+CONFIGS: dict[str, dict] = {
+    # trains on a 2-core CPU in minutes (the demo and the CPU tests)
+    "tiny": dict(name="tiny"),
+    # a laptop GPU / a long CPU run
+    "small": dict(
+        name="small", d_model=384, n_layers=8, n_heads=6, d_ff=1536, routed_experts=8,
+        expert_ffn=768, top_k=2, max_text_len=96,
+    ),
+    # Phi-1.5 sizes (24 layers, d 2048, 32 heads, head 64, rotary 32, MLP 8192); MAGVIT-v2 codebook
+    "full": dict(
+        name="full", text_vocab=51200, codebook_size=8192, image_tokens=256, max_text_len=128,
+        d_model=2048, n_layers=24, n_heads=32, d_ff=8192, routed_experts=4, shared_experts=1,
+        top_k=2, expert_ffn=1024, semantic_dim=768, identity_dim=512,
+    ),
+}  # fmt: skip
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A registered config with ``overrides`` applied (unknown keys raise)."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model config {name!r}; choose one of {sorted(CONFIGS)}")
+    return ModelConfig.from_dict({**CONFIGS[name], **overrides}, where=f"config {name!r}")
+
+
+def parameter_count(cfg: ModelConfig) -> dict:
+    """Parameters by part, and those active per token (top-k of the routed experts), from the
+    config alone (no model is built, so ``full`` is cheap to count)."""
+    D, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
+    attn = 4 * D * D + 4 * D
+    norm = 2 * D
+    fu = 2 if cfg.activation == "silu_glu" else 1
+    if cfg.token_moe:
+        G = 2
+        per_expert = (fu + 1) * cfg.expert_ffn * D
+        routed = G * cfg.routed_experts * per_expert
+        shared = G * cfg.shared_experts * per_expert
+        router = D * G * cfg.routed_experts
+        mlp = routed + shared + router
+        mlp_active = (cfg.top_k + cfg.shared_experts) * per_expert + router
+    else:
+        mlp = mlp_active = (fu + 1) * cfg.d_ff * D + (fu * cfg.d_ff + D)
+    seq = 0
+    if cfg.seq_moe:
+        seq = 2 * 4 * D + (cfg.semantic_dim + cfg.identity_dim) * D + 2 * (D * D + D) + 2 * D + 2
+    blocks = L * (attn + norm + mlp + seq)
+    embed = V * D
+    head = V * D + V + norm
+    total = blocks + embed + head
+    active = L * (attn + norm + mlp_active + seq) + embed + head
+    return {"total": total, "active_per_token": active, "embedding": embed, "head": head,
+            "blocks": blocks}  # fmt: skip

@@ -1,0 +1,122 @@
+"""Sampling from a :class:`~unif2ace.models.UniF2ace`, in token space (the pipeline turns text and
+images into tokens and back).
+
+* :func:`generate_images` — text → image codes: MaskGIT / Show-o iterative decoding from an all-mask
+  image through :func:`unif2ace.ops.maskgit_decode` (the fused decode step), with classifier-free
+  guidance from the same prompts made empty (the model is trained with ``cond_drop``).
+* :func:`generate_text` — image (+ question) → answer tokens, greedy, batched, stopping at
+  ``<|endoftext|>``. The sequence MoE pools over the context only (image + question), so the
+  answer's own tokens never change an earlier position's routing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unif2ace import ops
+from unif2ace.data import special_tokens as st
+from unif2ace.models.layout import TASK_MMU, TASK_T2I, Example, collate
+
+
+@torch.no_grad()
+def generate_images(
+    model,
+    prompts: list[list[int]],
+    *,
+    steps: int = 12,
+    guidance: float = 2.0,
+    temperature: float = 1.0,
+    choice_temperature: float = 4.5,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Image codes ``int64 [B, image_tokens]`` in ``[0, K)`` for a batch of tokenised prompts."""
+    cfg = model.config
+    K, B = cfg.codebook_size, len(prompts)
+    if B == 0:
+        return torch.zeros(0, cfg.image_tokens, dtype=torch.long)
+    exs = [Example(TASK_T2I, None, list(p)) for p in prompts]
+    if guidance > 0:
+        exs += [Example(TASK_T2I, None, []) for _ in prompts]
+    batch = collate(cfg, exs)
+    dev = next(model.parameters()).device
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+    img = batch["is_image"]
+    was_training = model.training
+    model.eval()
+
+    def logits_fn(codes: torch.Tensor):
+        ids = batch["input_ids"].clone()
+        full = torch.cat([codes, codes]) if guidance > 0 else codes
+        ids[img] = (full + cfg.image_offset).reshape(-1)
+        lg = model.image_logits(ids, batch).float()
+        return (lg[:B], lg[B:]) if guidance > 0 else lg
+
+    init = torch.full((B, cfg.image_tokens), K, dtype=torch.long, device=dev)
+    try:
+        return ops.maskgit_decode(
+            logits_fn, init, steps, mask_id=K, guidance=guidance, temperature=temperature,
+            choice_temperature=choice_temperature, seed=seed,
+        )  # fmt: skip
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def generate_text(
+    model,
+    codes: torch.Tensor,
+    questions: list[list[int]],
+    *,
+    semantic: torch.Tensor | None = None,
+    identity: torch.Tensor | None = None,
+    max_new_tokens: int = 48,
+) -> list[list[int]]:
+    """Greedy answers (token lists, without ``<|endoftext|>``) to ``questions`` about images given
+    by their codes ``[B, image_tokens]`` (and their encoder embeddings for the sequence MoE)."""
+    cfg = model.config
+    B = codes.shape[0]
+    if len(questions) != B:
+        raise ValueError(f"{len(questions)} questions for {B} images")
+    exs = [
+        Example(TASK_MMU, codes[b], list(q),
+                semantic=None if semantic is None else semantic[b],
+                identity=None if identity is None else identity[b])
+        for b, q in enumerate(questions)
+    ]  # fmt: skip
+    batch = collate(cfg, exs)
+    dev = next(model.parameters()).device
+    n = max_new_tokens
+    grow = {"input_ids": st.PAD_ID, "is_image": False, "valid": False, "pool": False,
+            "prompt": False, "targets": -100}  # fmt: skip
+    for key, fill in grow.items():
+        t = batch[key]
+        batch[key] = torch.cat([t, torch.full((B, n), fill, dtype=t.dtype)], 1)
+    batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+    lengths = batch["valid"].sum(1)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    out: list[list[int]] = [[] for _ in range(B)]
+    w, bias = model.head_rows("text")
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(n):
+            L = int(lengths.max())
+            view = {k: (v[:, :L] if k in grow else v) for k, v in batch.items()}
+            h, _ = model.hidden_states(view["input_ids"], view)
+            last = h[torch.arange(B, device=dev), lengths - 1]  # [B, D]
+            nxt = (last @ w.T + bias).argmax(-1)
+            for b in (~done).nonzero().flatten().tolist():
+                tok = int(nxt[b])
+                if tok == st.EOT_ID:
+                    done[b] = True
+                    continue
+                out[b].append(tok)
+                pos = int(lengths[b])
+                batch["input_ids"][b, pos] = tok
+                batch["valid"][b, pos] = True
+                lengths[b] += 1
+            if bool(done.all()):
+                break
+    finally:
+        model.train(was_training)
+    return out

@@ -1,0 +1,230 @@
+"""UniF²ace: a Show-o-style unified transformer with token-level and sequence-level MoE.
+
+Block (Phi-1.5, parallel): ``x + Attn(LN x) + SeqMoE(TokenMoE(LN x))`` — one LayerNorm feeds both
+branches; omni-attention (:mod:`unif2ace.models.attention`); the MLP branch is the token MoE of the
+token's task group followed by the sequence MoE (:mod:`unif2ace.models.moe`).
+
+Losses (:meth:`UniF2ace.loss`): ``L = L_mmu + L_D3Diff + balance``
+
+* ``L_D3Diff`` on the t2i rows: per row a time ``t ~ U(0, 1)``, mask ratio ``γ = schedule(t)``,
+  image tokens masked by :func:`~unif2ace.ops.mask_tokens`, and the fused
+  :func:`~unif2ace.ops.d3diff_linear_loss` over the image rows of the LM head on the masked
+  positions (the logits are never materialised). ``alpha = 0`` is Show-o's mask-only loss;
+  ``w_ce = 0, alpha = 1`` is SEDD's score entropy alone.
+* ``L_mmu``: next-token cross-entropy on the answer / caption tokens through the same fused op
+  (``w_se = 0``: plain CE) over the text rows of the head.
+* the balance losses of both MoE levels.
+
+All randomness of a training step (time, mask, prompt drop) is drawn per sample from
+``(seed, step, sample index)``, so a batch gives the same loss whichever rank or micro-batch
+holds each sample and whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from unif2ace import ops
+from unif2ace.data import special_tokens as st
+from unif2ace.models.attention import Attention
+from unif2ace.models.config import ModelConfig
+from unif2ace.models.layout import TASK_T2I, positions_of
+from unif2ace.models.moe import DenseMLP, SequenceMoE, TokenMoE
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.mlp = TokenMoE(cfg) if cfg.token_moe else DenseMLP(cfg)
+        self.seq_moe = SequenceMoE(cfg) if cfg.seq_moe else None
+
+    def forward(self, x, ctx: dict):
+        B, L, D = x.shape
+        h = self.input_layernorm(x)
+        a = self.self_attn(h, ctx["positions"], ctx["is_image"], ctx["key_valid"])
+        # the MLP branch runs on the valid tokens only (padding is neither computed nor routed)
+        sel = ctx["valid_flat"]
+        m_valid, aux = self.mlp(h.reshape(B * L, D)[sel], ctx["group_flat"])
+        m = h.new_zeros(B * L, D).index_copy(0, sel, m_valid).view(B, L, D)
+        if self.seq_moe is not None:
+            m, aux_seq = self.seq_moe(m, ctx["pool"], ctx["task"], ctx["semantic"], ctx["identity"])
+            aux = aux + aux_seq
+        return x + a + m, aux
+
+
+def _sample_seed(seed: int, step: int, index: int) -> int:
+    # splitmix-style mix of the three into a 62-bit seed
+    z = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (
+        (1 << 64) - 1
+    )
+    z ^= z >> 31
+    return z & ((1 << 62) - 1)
+
+
+class UniF2ace(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg.validate()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.normal_(mod.weight, std=0.02)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, std=0.02)
+            elif isinstance(mod, TokenMoE):
+                mod.reset_parameters()
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one (each block)."""
+        return list(self.layers)
+
+    # --- forward -----------------------------------------------------------------------------
+    def _context(self, batch: dict, valid: torch.Tensor) -> dict:
+        task = batch["task"]
+        valid_flat = valid.reshape(-1).nonzero().flatten()
+        group = (task == TASK_T2I).long()[:, None].expand_as(valid).reshape(-1)[valid_flat]
+        return {
+            "positions": positions_of(valid),
+            "is_image": batch["is_image"],
+            "key_valid": None if bool(valid.all()) else valid,
+            "valid_flat": valid_flat,
+            "group_flat": group,  # token MoE group: 0 understanding, 1 generation
+            "pool": batch["pool"] & valid,
+            "task": (task == TASK_T2I).long(),
+            "semantic": batch.get("semantic"),
+            "identity": batch.get("identity"),
+        }
+
+    def hidden_states(self, input_ids: torch.Tensor, batch: dict, valid: torch.Tensor | None = None):
+        """Final-LayerNorm hidden states ``[B, L, D]`` and the summed balance loss."""
+        valid = batch["valid"] if valid is None else valid
+        ctx = self._context(batch, valid)
+        x = self.embed_tokens(input_ids)
+        aux = x.new_zeros(())
+        for layer in self.layers:
+            x, a = layer(x, ctx)
+            aux = aux + a
+        return self.final_layernorm(x), aux
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Full-vocabulary logits ``[B, L, V]`` (for tests and small inputs; training and
+        sampling use :meth:`loss` and :meth:`image_logits`, which never build them)."""
+        h, _ = self.hidden_states(batch["input_ids"], batch)
+        return self.lm_head(h)
+
+    def head_rows(self, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of the LM head rows scoring ``"text"`` or ``"image"`` tokens."""
+        cfg = self.config
+        lo, hi = (0, cfg.text_vocab) if part == "text" else (cfg.image_offset, cfg.mask_id)
+        return self.lm_head.weight[lo:hi], self.lm_head.bias[lo:hi]
+
+    # --- training ----------------------------------------------------------------------------
+    def loss(self, batch: dict, step: int = 0, seed: int = 0) -> tuple[torch.Tensor, dict]:
+        """The training loss of a collated batch (see the module docstring) and its parts."""
+        cfg = self.config
+        ids = batch["input_ids"].clone()
+        valid = batch["valid"].clone()
+        is_img, task = batch["is_image"], batch["task"]
+        t2i_rows = (task == TASK_T2I).nonzero().flatten().tolist()
+        n_img = cfg.image_tokens
+        times, masks = [], []
+        for b in t2i_rows:
+            g = torch.Generator().manual_seed(_sample_seed(seed, step, int(batch["index"][b])))
+            t = torch.rand(1, generator=g)
+            gamma = ops.schedule(t, cfg.schedule).gamma
+            codes = ids[b][is_img[b]] - cfg.image_offset  # [N]
+            mseed = int(torch.randint(0, 2**62, (1,), generator=g))
+            masked, mask = ops.mask_tokens(codes[None], gamma, cfg.codebook_size, seed=mseed)
+            ids[b, is_img[b]] = masked[0] + cfg.image_offset
+            if float(torch.rand(1, generator=g)) < cfg.cond_drop:  # unconditional for CFG
+                drop = batch["prompt"][b]
+                ids[b, drop] = st.PAD_ID
+                valid[b, drop] = False
+            times.append(t)
+            masks.append(mask[0])
+        h, aux = self.hidden_states(ids, batch, valid)
+        D = h.shape[-1]
+        zero = h.new_zeros(())
+        parts = {"balance": float(aux.detach())}
+        loss_t2i = zero
+        if t2i_rows:
+            rows = torch.tensor(t2i_rows, device=h.device)
+            img_h = h[rows][is_img[rows]].view(len(t2i_rows), n_img, D)
+            mask = torch.stack(masks)  # [R, N]
+            clean = batch["input_ids"][rows][is_img[rows]].view(len(t2i_rows), n_img)
+            t = torch.cat(times)
+            ratio, w_ce, w_se = ops.d3diff_weights(t, mask.sum(1), cfg.schedule)
+            row_of = mask.nonzero()[:, 0]
+            w, bias = self.head_rows("image")
+            loss_t2i = ops.d3diff_linear_loss(
+                img_h[mask], w, clean[mask] - cfg.image_offset, ratio[row_of],
+                (w_ce * cfg.w_ce)[row_of], w_se[row_of], cfg.alpha, bias=bias,
+            )  # fmt: skip
+            parts["loss_t2i"] = float(loss_t2i.detach())
+            parts["mask_ce"] = float(loss_t2i.detach()) if cfg.alpha == 0 else float("nan")
+        loss_mmu = zero
+        tgt = batch["targets"]
+        sel = tgt != -100
+        n = int(sel.sum())
+        if n:
+            w, bias = self.head_rows("text")
+            ones = h.new_ones(n, dtype=torch.float32)
+            loss_mmu = ops.d3diff_linear_loss(
+                h[sel], w, tgt[sel], ones, ones / n, ones * 0, 0.0, bias=bias
+            )
+            parts["loss_mmu"] = float(loss_mmu.detach())
+        loss = loss_t2i + loss_mmu + aux
+        parts["loss"] = float(loss.detach())
+        return loss, parts
+
+    # --- sampling ------------------------------------------------------------------------------
+    def image_logits(self, input_ids: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Logits over the codebook at the image positions, ``[B, image_tokens, K]``."""
+        h, _ = self.hidden_states(input_ids, batch)
+        B, _, D = h.shape
+        img_h = h[batch["is_image"]].view(B, self.config.image_tokens, D)
+        w, bias = self.head_rows("image")
+        return img_h @ w.T + bias
+
+    # --- save / load ---------------------------------------------------------------------------
+    def save_pretrained(self, folder) -> None:
+        from unif2ace.data.io import save_pretrained
+
+        save_pretrained(folder, self, {"model_type": "unif2ace", **self.config.to_dict()})
+
+    @classmethod
+    def from_pretrained(cls, folder, expect: ModelConfig | None = None) -> UniF2ace:
+        """Load a folder written by :meth:`save_pretrained`. ``expect``: the config the caller
+        requires; a checkpoint of another config raises instead of loading partially."""
+        from unif2ace.data.io import load_pretrained_state
+
+        state, conf = load_pretrained_state(folder)
+        if conf.pop("model_type", None) != "unif2ace":
+            raise ValueError(f"{folder}: config.json is not a unif2ace model config")
+        cfg = ModelConfig.from_dict(conf, where=f"{Path(folder) / 'config.json'}")
+        if expect is not None and expect.to_dict() != cfg.to_dict():
+            diff = [k for k, v in expect.to_dict().items() if cfg.to_dict().get(k) != v]
+            raise ValueError(
+                f"{folder} holds a model of another config ({', '.join(diff)} differ: "
+                f"{json.dumps({k: cfg.to_dict()[k] for k in diff})})"
+            )
+        model = cls(cfg)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{folder}: weights do not fit the config (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]})")  # fmt: skip
+        return model

@@ -1,0 +1,231 @@
+"""The model layer: omni-attention against its masked reference, the MoE levels, the loss on every
+backend, causality, save/load, sampling and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unif2ace import use_backend
+from unif2ace.models import Example, ModelConfig, UniF2ace, collate, get_config, parameter_count
+from unif2ace.models.attention import omni_attention, omni_attention_ref, uniform_image_span
+from unif2ace.models.layout import TASK_MMU, TASK_T2I
+from unif2ace.models.sampling import generate_images, generate_text
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(text_vocab=50, codebook_size=37, image_tokens=16, max_text_len=9, d_model=32,
+                n_layers=2, n_heads=4, d_ff=48, expert_ffn=24, routed_experts=3, top_k=2,
+                semantic_dim=8, identity_dim=6)  # fmt: skip
+    base.update(kw)
+    return ModelConfig(**base).validate()
+
+
+def examples(cfg, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        codes = torch.randint(0, cfg.codebook_size, (cfg.image_tokens,), generator=g)
+        text = torch.randint(9, cfg.text_vocab, (3 + i % 5,), generator=g).tolist()
+        if i % 2:
+            out.append(Example(TASK_T2I, codes, text, index=i))
+        else:
+            ans = torch.randint(9, cfg.text_vocab, (2 + i % 3,), generator=g).tolist()
+            out.append(Example(TASK_MMU, codes, text, ans, torch.randn(cfg.semantic_dim, generator=g),
+                               torch.randn(cfg.identity_dim, generator=g), index=i))  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# omni-attention
+
+
+def _qkv(B, H, L, Dh, dtype=torch.float64):
+    return (torch.randn(B, H, L, Dh, dtype=dtype) for _ in range(3))
+
+
+@pytest.mark.parametrize("L,s,e", [(1, 0, 0), (37, 5, 21), (64, 0, 64), (19, 18, 19), (40, 3, 3)])
+@pytest.mark.parametrize("impl", ["auto", "split", "masked"])
+def test_omni_attention_uniform_span(L, s, e, impl):
+    q, k, v = _qkv(3, 2, L, 16)
+    is_img = torch.zeros(3, L, dtype=torch.bool)
+    is_img[:, s:e] = True
+    ref = omni_attention_ref(q, k, v, is_img)
+    out = omni_attention(q, k, v, is_img, impl=impl)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert uniform_image_span(is_img) == ((s, e) if e > s else (0, 0))
+
+
+def test_omni_attention_mixed_layouts_and_padding():
+    B, L = 4, 29
+    q, k, v = _qkv(B, 3, L, 8)
+    is_img = torch.zeros(B, L, dtype=torch.bool)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    is_img[0, 2:12] = True  # mmu
+    valid[0, 20:] = False  # right padding
+    is_img[1, 15:27] = True  # t2i, left padding
+    valid[1, :4] = False
+    valid[3, 10:] = False  # text only, padded
+    assert uniform_image_span(is_img) is None
+    ref = omni_attention_ref(q, k, v, is_img, valid)
+    out = omni_attention(q, k, v, is_img, valid)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="split"):
+        omni_attention(q, k, v, is_img, valid, impl="split")
+
+
+def test_omni_attention_rule():
+    """Image tokens see their whole image; text sees only the past."""
+    L = 10
+    q, k, v = _qkv(1, 1, L, 4)
+    is_img = torch.zeros(1, L, dtype=torch.bool)
+    is_img[0, 2:6] = True
+    base = omni_attention(q, k, v, is_img)
+    v2 = v.clone()
+    v2[0, 0, 5] += 1.0  # the last image token
+    out = omni_attention(q, k, v2, is_img)
+    changed = (out - base).abs().sum(-1)[0, 0] > 0
+    assert changed.tolist() == [False, False, True, True, True, True, True, True, True, True]
+
+
+@pytest.mark.gpu
+def test_omni_attention_flash_split():
+    pytest.importorskip("flash_attn")
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA needed")
+    q, k, v = (x.cuda().to(torch.bfloat16) for x in _qkv(2, 4, 300, 64, torch.float32))
+    is_img = torch.zeros(2, 300, dtype=torch.bool, device="cuda")
+    is_img[:, 40:296] = True
+    ref = omni_attention_ref(q.double(), k.double(), v.double(), is_img)
+    out = omni_attention(q, k, v, is_img)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# the model
+
+
+def test_configs_and_parameter_count():
+    tiny = UniF2ace(get_config("tiny"))
+    assert sum(p.numel() for p in tiny.parameters()) == parameter_count(tiny.config)["total"]
+    for kw in ({"token_moe": False}, {"seq_moe": False}, {"token_moe": False, "seq_moe": False}):
+        cfg = small_cfg(**kw)
+        assert sum(p.numel() for p in UniF2ace(cfg).parameters()) == parameter_count(cfg)["total"]
+    full = parameter_count(get_config("full"))
+    assert 1.6e9 < full["total"] < 2.0e9, full  # the paper's ~1.8B with experts
+
+
+def test_unknown_config_key():
+    with pytest.raises(ValueError, match="n_layer.*did you mean n_layers"):
+        get_config("tiny", n_layer=3)
+    with pytest.raises(ValueError, match="unknown model config"):
+        get_config("huge")
+
+
+@pytest.mark.parametrize("moe", [(True, True), (False, True), (True, False), (False, False)])
+def test_loss_finite_and_every_parameter_gets_a_gradient(moe):
+    cfg = small_cfg(token_moe=moe[0], seq_moe=moe[1], cond_drop=0.0, noise_std=0.0)
+    model = UniF2ace(cfg)
+    loss, parts = model.loss(collate(cfg, examples(cfg, 8)), step=3, seed=1)
+    assert torch.isfinite(loss) and parts["loss_t2i"] > 0 and parts["loss_mmu"] > 0
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    # the mask-token embedding row is never a target; all parameters get a gradient tensor
+    assert not no_grad, no_grad
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_loss_and_gradients_match_the_torch_backend(backend):
+    """The whole model with the engine's kernels equals the same model on plain PyTorch ops."""
+    cfg = small_cfg(noise_std=0.0)
+    model = UniF2ace(cfg)
+    batch = collate(cfg, examples(cfg, 8))
+    grads = {}
+    for name in ("torch", backend):
+        model.zero_grad()
+        with use_backend(name):
+            loss, parts = model.loss(batch, step=5, seed=2)
+            loss.backward()
+        grads[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (l0, g0), (l1, g1) = grads["torch"], grads[backend]
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for n in g0:
+        err = (g1[n] - g0[n]).norm() / g0[n].norm().clamp(min=1e-12)
+        assert err < 1e-4, (n, float(err))
+
+
+def test_answer_tokens_never_change_earlier_positions():
+    """Causality of understanding sequences: omni mask + sequence MoE pooled over the context."""
+    cfg = small_cfg()
+    model = UniF2ace(cfg).eval()
+    ex = examples(cfg, 1)[0]
+    b1 = collate(cfg, [ex])
+    ex2 = Example(ex.task, ex.codes, ex.prompt, [a + 1 for a in ex.answer], ex.semantic, ex.identity)
+    b2 = collate(cfg, [ex2])
+    with torch.no_grad():
+        l1, l2 = model(b1), model(b2)
+    first_answer = b1["targets"][0].ne(-100).nonzero()[0, 0] + 1  # position of answer token 0
+    torch.testing.assert_close(l1[0, :first_answer], l2[0, :first_answer])
+    assert not torch.allclose(l1[0, first_answer:], l2[0, first_answer:])
+
+
+def test_image_tokens_are_bidirectional_in_the_model():
+    cfg = small_cfg()
+    model = UniF2ace(cfg).eval()
+    ex = examples(cfg, 2)[1]  # t2i
+    codes = ex.codes.clone()
+    codes[-1] = (codes[-1] + 1) % cfg.codebook_size
+    b1 = collate(cfg, [ex])
+    b2 = collate(cfg, [Example(TASK_T2I, codes, ex.prompt)])
+    with torch.no_grad():
+        d = (model(b1) - model(b2)).abs().sum(-1)[0]
+    img = b1["is_image"][0].nonzero().flatten()
+    assert (d[img[0]] > 0) and (d[: img[0]] == 0).all()
+
+
+def test_padding_does_not_change_a_sequence():
+    cfg = small_cfg()
+    model = UniF2ace(cfg).eval()
+    exs = examples(cfg, 4)
+    with torch.no_grad():
+        alone = model(collate(cfg, [exs[0]]))
+        padded = model(collate(cfg, exs))  # exs[0] gets right padding next to longer rows
+    n = alone.shape[1]
+    torch.testing.assert_close(padded[0, :n], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_roundtrip_and_wrong_config(tmp_path):
+    cfg = small_cfg()
+    model = UniF2ace(cfg)
+    model.save_pretrained(tmp_path / "m")
+    back = UniF2ace.from_pretrained(tmp_path / "m", expect=cfg)
+    batch = collate(cfg, examples(cfg, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(batch), model.eval()(batch))
+    with pytest.raises(ValueError, match="another config.*d_model"):
+        UniF2ace.from_pretrained(tmp_path / "m", expect=small_cfg(d_model=64))
+
+
+def test_generate_images_and_text():
+    cfg = small_cfg()
+    model = UniF2ace(cfg)
+    codes = generate_images(model, [[10, 11, 12], [13]], steps=4, guidance=1.5, seed=3)
+    assert codes.shape == (2, cfg.image_tokens)
+    assert int(codes.min()) >= 0 and int(codes.max()) < cfg.codebook_size
+    again = generate_images(model, [[10, 11, 12], [13]], steps=4, guidance=1.5, seed=3)
+    assert torch.equal(codes, again)
+    ans = generate_text(model, codes, [[20, 21], [22]], max_new_tokens=5)
+    assert len(ans) == 2 and all(len(a) <= 5 for a in ans)
+    # greedy decoding agrees with the argmax of a full forward pass over the answer so far
+    ex = Example(TASK_MMU, codes[0], [20, 21], ans[0][:-1] if ans[0] else [])
+    b = collate(cfg, [ex])
+    with torch.no_grad():
+        logits = model.eval()(b)
+    if ans[0]:
+        pos = int(b["valid"][0].sum()) - 2  # the token before <|endoftext|> predicts the last
+        assert int(logits[0, pos, : cfg.text_vocab].argmax()) == ans[0][-1]
