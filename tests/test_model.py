@@ -221,11 +221,14 @@ def test_generate_images_and_text():
     assert torch.equal(codes, again)
     ans = generate_text(model, codes, [[20, 21], [22]], max_new_tokens=5)
     assert len(ans) == 2 and all(len(a) <= 5 for a in ans)
-    # greedy decoding agrees with the argmax of a full forward pass over the answer so far
-    ex = Example(TASK_MMU, codes[0], [20, 21], ans[0][:-1] if ans[0] else [])
-    b = collate(cfg, [ex])
-    with torch.no_grad():
-        logits = model.eval()(b)
-    if ans[0]:
-        pos = int(b["valid"][0].sum()) - 2  # the token before <|endoftext|> predicts the last
-        assert int(logits[0, pos, : cfg.text_vocab].argmax()) == ans[0][-1]
+    # the cached greedy decoder agrees with argmax over full forward passes, token by token
+    ans = generate_text(model, codes, [[20, 21], [22, 23, 24]], max_new_tokens=6)
+    model.eval()
+    for b, q in enumerate([[20, 21], [22, 23, 24]]):
+        batch = collate(cfg, [Example(TASK_MMU, codes[b], q, ans[b])])
+        with torch.no_grad():
+            logits = model(batch)
+        n = int(batch["valid"][0].sum())
+        head = n - len(ans[b]) - 1  # positions before the answer
+        pred = logits[0, head - 1 : n - 2, : cfg.text_vocab].argmax(-1).tolist()
+        assert pred == ans[b]

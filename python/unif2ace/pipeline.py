@@ -132,6 +132,7 @@ class SplitData:
     labels: np.ndarray  # int64 [N, C]
     captions: list[str]
     caption_attributes: list[list[str]]
+    attributes: list[dict]
     vqa: list[tuple[int, str, str, str, str]]
 
 
@@ -159,15 +160,19 @@ def prepare_split(assets: Assets, split: str, progress: bool = True) -> SplitDat
     index = {iid: i for i, iid in enumerate(arr.ids)}
     caps, _ = read_records(find_split_file(data, "captions", split), "caption",
                            check_images=False, image_root=data)  # fmt: skip
+    if len(caps) != len(arr.ids):
+        raise ValueError(f"{data}: {len(caps)} captions for {len(arr.ids)} images in {split}")
     captions = [""] * len(arr.ids)
     for r in caps:
         if r.id in index:
             captions[index[r.id]] = r.texts[0]
     stats = ReadStats()
     cap_attrs: list[list[str]] = [[] for _ in arr.ids]
+    attributes: list[dict] = [{} for _ in arr.ids]
     for _, row in iter_rows(find_split_file(data, "attributes", split), "auto", "raise", stats):
         if str(row.get("id")) in index:
             cap_attrs[index[str(row["id"])]] = list(row.get("caption_attributes") or [])
+            attributes[index[str(row["id"])]] = dict(row.get("attributes") or {})
     vqa = []
     for _, row in iter_rows(find_split_file(data, "vqa", split), "auto", "raise", stats):
         i = index.get(Path(str(row["image"])).stem)
@@ -175,7 +180,7 @@ def prepare_split(assets: Assets, split: str, progress: bool = True) -> SplitDat
             vqa.append((i, row["question"], str(row["answer"]), row.get("type", "open"),
                         row.get("attribute", "")))  # fmt: skip
     sd = SplitData(list(arr.ids), codes.to(torch.int16), sem, ide, arr.labels, captions,
-                   cap_attrs, vqa)  # fmt: skip
+                   cap_attrs, attributes, vqa)  # fmt: skip
     atomic_torch_save({"key": key, "data": sd}, cache)
     if progress:
         print(f"prepared {split}: {len(arr.ids)} images, {len(vqa)} VQA in "

@@ -143,10 +143,25 @@ class Attention(nn.Module):
         self.rotary = Rotary(int(cfg.head_dim * cfg.rotary_frac), cfg.rope_theta)
         self.impl = "auto"
 
-    def forward(self, x, positions, is_image, key_valid):
+    def forward(self, x, positions, is_image, key_valid, cache: dict | None = None):
+        """``cache``: a dict that receives this layer's rotated keys and values (prefill)."""
         B, L, D = x.shape
         shape = (B, L, self.n_heads, self.head_dim)
         q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = self.rotary(q, positions), self.rotary(k, positions)  # [B, H, L, Dh]
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
         o = omni_attention(q, k, v, is_image, key_valid, impl=self.impl)
         return self.dense(o.transpose(1, 2).reshape(B, L, D))
+
+    def decode(self, x, positions, cache: dict, key_valid):
+        """One new text token per row: x ``[B, 1, D]`` at ``positions [B, 1]``, attending to the
+        cached keys (``key_valid [B, Lc]``) and itself; appends its key and value to ``cache``."""
+        B, _, D = x.shape
+        shape = (B, 1, self.n_heads, self.head_dim)
+        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        cache["k"] = torch.cat([cache["k"], k], 2)
+        cache["v"] = torch.cat([cache["v"], v], 2)
+        o = F.scaled_dot_product_attention(q, cache["k"], cache["v"], attn_mask=key_valid[:, None, None, :])
+        return self.dense(o.transpose(1, 2).reshape(B, 1, D))

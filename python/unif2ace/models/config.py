@@ -24,7 +24,7 @@ class ModelConfig:
     text_vocab: int = 4096  # text tokenizer size, special tokens included
     codebook_size: int = 1000  # image tokenizer entries
     image_tokens: int = 256  # tokens per image (16×16)
-    max_text_len: int = 64  # prompt / answer tokens (longer ones are cut)
+    max_text_len: int = 96  # prompt / answer tokens (longer ones are cut)
     # Phi-1.5-style decoder
     d_model: int = 128
     n_layers: int = 4

@@ -128,7 +128,9 @@ class SequenceMoE(nn.Module):
         self.face = Resampler(cfg.identity_dim, D)
         self.mix = nn.Parameter(torch.zeros(2))  # logit of w for the CLIP and Face experts
 
-    def forward(self, m, valid, task, semantic=None, identity=None):
+    def mixture(self, m, valid, task, semantic=None, identity=None):
+        """Per sequence ``(a [B], c [B, D], noise gate [B], balance loss)`` with
+        ``y = a·m + c (+ noise gate·σ·ε)``; cached by the decoder for the tokens it appends."""
         cfg = self.cfg
         B, L, D = m.shape
         vf = valid.to(m.dtype)[..., None]
@@ -147,9 +149,13 @@ class SequenceMoE(nn.Module):
         a = copy + gate[:, CLIP_SLOT] * w[0] + gate[:, FACE_SLOT] * w[1]  # [B]
         c = (gate[:, CLIP_SLOT, None] * (1 - w[0]) * self.clip(semantic.to(m.dtype))
              + gate[:, FACE_SLOT, None] * (1 - w[1]) * self.face(identity.to(m.dtype)))  # [B, D]  # fmt: skip
-        y = a[:, None, None] * m + c[:, None, :]
-        if self.training and cfg.noise_std > 0:
-            y = y + (gate[:, NOISE_SLOT] * cfg.noise_std)[:, None, None] * torch.randn_like(m)
         aux = ops.moe_balance_loss(r.expert_counts, r.prob_sums, cfg.seq_top_k,
                                    experts_per_group=SEQ_EXPERTS, coef=cfg.seq_balance_coef)  # fmt: skip
+        return a, c, gate[:, NOISE_SLOT], aux
+
+    def forward(self, m, valid, task, semantic=None, identity=None):
+        a, c, noise_gate, aux = self.mixture(m, valid, task, semantic, identity)
+        y = a[:, None, None] * m + c[:, None, :]
+        if self.training and self.cfg.noise_std > 0:
+            y = y + (noise_gate * self.cfg.noise_std)[:, None, None] * torch.randn_like(m)
         return y, aux

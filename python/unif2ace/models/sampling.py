@@ -5,8 +5,8 @@ images into tokens and back).
   image through :func:`unif2ace.ops.maskgit_decode` (the fused decode step), with classifier-free
   guidance from the same prompts made empty (the model is trained with ``cond_drop``).
 * :func:`generate_text` — image (+ question) → answer tokens, greedy, batched, stopping at
-  ``<|endoftext|>``. The sequence MoE pools over the context only (image + question), so the
-  answer's own tokens never change an earlier position's routing.
+  ``<|endoftext|>``, with a key/value cache. The sequence MoE pools over the context only (image +
+  question), so its mixture is computed once and the answer never changes earlier positions.
 """
 
 from __future__ import annotations
@@ -85,38 +85,27 @@ def generate_text(
     ]  # fmt: skip
     batch = collate(cfg, exs)
     dev = next(model.parameters()).device
-    n = max_new_tokens
-    grow = {"input_ids": st.PAD_ID, "is_image": False, "valid": False, "pool": False,
-            "prompt": False, "targets": -100}  # fmt: skip
-    for key, fill in grow.items():
-        t = batch[key]
-        batch[key] = torch.cat([t, torch.full((B, n), fill, dtype=t.dtype)], 1)
     batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
-    lengths = batch["valid"].sum(1)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    out: list[list[int]] = [[] for _ in range(B)]
     w, bias = model.head_rows("text")
     was_training = model.training
     model.eval()
+    out: list[list[int]] = [[] for _ in range(B)]
     try:
-        for _ in range(n):
-            L = int(lengths.max())
-            view = {k: (v[:, :L] if k in grow else v) for k, v in batch.items()}
-            h, _ = model.hidden_states(view["input_ids"], view)
-            last = h[torch.arange(B, device=dev), lengths - 1]  # [B, D]
+        cache: list[dict] = []
+        h, _ = model.hidden_states(batch["input_ids"], batch, cache=cache)  # prefill
+        lengths = batch["valid"].sum(1)
+        last = h[torch.arange(B, device=dev), lengths - 1]  # [B, D]
+        key_valid = batch["valid"]
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for s in range(max_new_tokens):
             nxt = (last @ w.T + bias).argmax(-1)
+            done |= nxt == st.EOT_ID
             for b in (~done).nonzero().flatten().tolist():
-                tok = int(nxt[b])
-                if tok == st.EOT_ID:
-                    done[b] = True
-                    continue
-                out[b].append(tok)
-                pos = int(lengths[b])
-                batch["input_ids"][b, pos] = tok
-                batch["valid"][b, pos] = True
-                lengths[b] += 1
-            if bool(done.all()):
+                out[b].append(int(nxt[b]))
+            if bool(done.all()) or s == max_new_tokens - 1:
                 break
+            key_valid = torch.cat([key_valid, ~done[:, None]], 1)
+            last = model.decode_step(nxt, lengths + s, cache, key_valid)
     finally:
         model.train(was_training)
     return out

@@ -44,18 +44,37 @@ class Block(nn.Module):
         self.mlp = TokenMoE(cfg) if cfg.token_moe else DenseMLP(cfg)
         self.seq_moe = SequenceMoE(cfg) if cfg.seq_moe else None
 
-    def forward(self, x, ctx: dict):
+    def forward(self, x, ctx: dict, cache: dict | None = None):
         B, L, D = x.shape
         h = self.input_layernorm(x)
-        a = self.self_attn(h, ctx["positions"], ctx["is_image"], ctx["key_valid"])
+        a = self.self_attn(h, ctx["positions"], ctx["is_image"], ctx["key_valid"], cache)
         # the MLP branch runs on the valid tokens only (padding is neither computed nor routed)
         sel = ctx["valid_flat"]
         m_valid, aux = self.mlp(h.reshape(B * L, D)[sel], ctx["group_flat"])
         m = h.new_zeros(B * L, D).index_copy(0, sel, m_valid).view(B, L, D)
         if self.seq_moe is not None:
-            m, aux_seq = self.seq_moe(m, ctx["pool"], ctx["task"], ctx["semantic"], ctx["identity"])
+            if cache is not None:  # the decoder reuses the prefix's mixture for new tokens
+                sa, sc, _, aux_seq = self.seq_moe.mixture(
+                    m, ctx["pool"], ctx["task"], ctx["semantic"], ctx["identity"]
+                )
+                cache["seq"] = (sa, sc)
+                m = sa[:, None, None] * m + sc[:, None, :]
+            else:
+                m, aux_seq = self.seq_moe(m, ctx["pool"], ctx["task"], ctx["semantic"], ctx["identity"])
             aux = aux + aux_seq
         return x + a + m, aux
+
+    def decode(self, x, positions, cache: dict, key_valid, group_ids):
+        """x ``[B, 1, D]``: one appended token per row (see :meth:`UniF2ace.decode_step`)."""
+        B, _, D = x.shape
+        h = self.input_layernorm(x)
+        a = self.self_attn.decode(h, positions, cache, key_valid)
+        m, _ = self.mlp(h.reshape(B, D), group_ids)
+        m = m.view(B, 1, D)
+        if self.seq_moe is not None:
+            sa, sc = cache["seq"]
+            m = sa[:, None, None] * m + sc[:, None, :]
+        return x + a + m
 
 
 def _sample_seed(seed: int, step: int, index: int) -> int:
@@ -109,20 +128,43 @@ class UniF2ace(nn.Module):
             "identity": batch.get("identity"),
         }
 
-    def hidden_states(self, input_ids: torch.Tensor, batch: dict, valid: torch.Tensor | None = None):
-        """Final-LayerNorm hidden states ``[B, L, D]`` and the summed balance loss."""
+    def hidden_states(self, input_ids: torch.Tensor, batch: dict, valid: torch.Tensor | None = None,
+                      cache: list[dict] | None = None):  # fmt: skip
+        """Final-LayerNorm hidden states ``[B, L, D]`` and the summed balance loss. ``cache``: an
+        empty list that receives each layer's keys, values and sequence-MoE mixture (prefill for
+        :meth:`decode_step`)."""
         valid = batch["valid"] if valid is None else valid
         ctx = self._context(batch, valid)
         x = self.embed_tokens(input_ids)
         aux = x.new_zeros(())
         for layer in self.layers:
-            x, a = layer(x, ctx)
+            c = None
+            if cache is not None:
+                c = {}
+                cache.append(c)
+            x, a = layer(x, ctx, c)
             aux = aux + a
         return self.final_layernorm(x), aux
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        """Full-vocabulary logits ``[B, L, V]`` (for tests and small inputs; training and
-        sampling use :meth:`loss` and :meth:`image_logits`, which never build them)."""
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: list[dict],
+                    key_valid: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Append one text token per row (understanding group) to a prefilled ``cache``:
+        tokens ``[B]`` at rotary positions ``[B]``; ``key_valid [B, Lc + 1]`` says which cached
+        keys (and the new one, last) may be attended. Returns the new hidden state ``[B, D]``."""
+        B = tokens.shape[0]
+        x = self.embed_tokens(tokens)[:, None]
+        group = torch.zeros(B, dtype=torch.long, device=tokens.device)
+        for layer, c in zip(self.layers, cache):
+            x = layer.decode(x, positions[:, None], c, key_valid, group)
+        return self.final_layernorm(x)[:, 0]
+
+    def forward(self, batch: dict, *, loss: bool = False, step: int = 0, seed: int = 0):
+        """Full-vocabulary logits ``[B, L, V]`` (tests, small inputs), or with ``loss=True`` the
+        training loss and its parts (:meth:`loss`). Training goes through ``forward`` so that
+        DDP / FSDP2 wrappers see the call; sampling uses :meth:`image_logits`, and neither builds
+        the [B, L, V] logits."""
+        if loss:
+            return self.loss(batch, step, seed)
         h, _ = self.hidden_states(batch["input_ids"], batch)
         return self.lm_head(h)
 
