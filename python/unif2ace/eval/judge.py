@@ -57,6 +57,9 @@ class AttributeJudge(nn.Module):
         self.heads = AttributeHeads(192)
 
     def forward(self, x):  # [B, 3, H, W] in [-1, 1] -> list of [B, n_c] logits
+        return self.heads(self.features(x))
+
+    def features(self, x):  # [B, 3, H, W] in [-1, 1] -> [B, 192] penultimate (pre-head) features
         if x.shape[-1] != self.size:
             x = F.interpolate(
                 x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
@@ -66,7 +69,7 @@ class AttributeJudge(nn.Module):
         h = self.blocks[1](F.avg_pool2d(h, 2))  # [B, 2w, 16, 16]
         h = self.blocks[2](F.avg_pool2d(h, 2))  # [B, 4w, 8, 8]
         h = F.silu(self.norm(F.avg_pool2d(h, 2))).flatten(1)  # [B, 4w*16]
-        return self.heads(F.silu(self.fc(h)))
+        return F.silu(self.fc(h))
 
 
 def train_judge(
@@ -104,3 +107,14 @@ def judge_predict(judge: AttributeJudge, images: np.ndarray) -> np.ndarray:
     """``int64 [N, C]`` predicted value index per category."""
     judge.eval()
     return torch.stack([lg.argmax(-1) for lg in batched(judge, images)], dim=1).numpy()
+
+
+@torch.no_grad()
+def judge_features(judge: AttributeJudge, images: np.ndarray, batch: int = 256) -> np.ndarray:
+    """``float32 [N, F]`` penultimate features (the pooled, projected vector the attribute heads
+    read; F = 192) of ``uint8 [N, H, W, 3]`` images: the space of the Fréchet distance
+    (:func:`unif2ace.eval.metrics.frechet_distance`)."""
+    judge.eval()
+    if len(images) == 0:
+        return np.zeros((0, judge.heads.linear.in_features), np.float32)
+    return batched(judge.features, images, batch).numpy()
