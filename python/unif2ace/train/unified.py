@@ -1,0 +1,145 @@
+"""Train UniF²ace on a run folder: the recipe behind ``unif2ace train`` and ``unif2ace demo``.
+
+A YAML file with three sections (each optional), overridden from the command line with
+``--set section.key=value``::
+
+    model: {preset: tiny, d_model: 128, token_moe: true, alpha: 0.01, ...}   # ModelConfig fields
+    train: {steps: 2000, batch_size: 16, lr: 1e-3, ...}                      # TrainConfig fields
+                                          # + max_minutes: steps from a timed step (below)
+    data:  {vqa_per_image: 2, tasks: [t2i, caption, vqa]}
+
+``train.max_minutes`` replaces ``train.steps`` by as many steps as fit the budget on this machine:
+three steps are timed before training and the count is written to ``out/train/steps.json``, so a
+resumed run keeps the same step count and LR schedule. Unknown sections or keys raise with the
+closest valid names. The fields the run's assets fix (text
+vocabulary, codebook, tokens per image, embedding sizes) are taken from them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+from pathlib import Path
+
+import yaml
+
+from unif2ace.models import ModelConfig, UniF2ace, collate, get_config
+from unif2ace.train.config import TrainConfig, merge_dataclass
+
+SECTIONS = ("model", "train", "data")
+DATA_DEFAULTS = {"vqa_per_image": 4, "tasks": ["t2i", "caption", "vqa"]}
+
+
+def _unknown(key: str, valid, where: str) -> ValueError:
+    close = difflib.get_close_matches(key, sorted(valid), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ValueError(f"{where}: unknown key {key!r}{hint}")
+
+
+def read_recipe(path=None, overrides: list[str] | None = None) -> dict[str, dict]:
+    """``{"model": {...}, "train": {...}, "data": {...}}`` from a YAML file and ``section.key=value``
+    overrides (values parsed as YAML)."""
+    conf: dict[str, dict] = {s: {} for s in SECTIONS}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping with sections {SECTIONS}")
+        for sec, body in raw.items():
+            if sec not in SECTIONS:
+                raise _unknown(sec, SECTIONS, str(path))
+            conf[sec].update(body or {})
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override {item!r}: expected section.key=value, e.g. train.steps=100")
+        key, val = item.split("=", 1)
+        sec, name = key.split(".", 1)
+        if sec not in SECTIONS:
+            raise _unknown(sec, SECTIONS, f"override {item!r}")
+        conf[sec][name] = yaml.safe_load(val)
+    for k in conf["data"]:
+        if k not in DATA_DEFAULTS:
+            raise _unknown(k, DATA_DEFAULTS, "data section")
+    return conf
+
+
+def model_config(section: dict, assets=None) -> ModelConfig:
+    section = dict(section)
+    preset = section.pop("preset", "tiny")
+    if assets is not None:
+        section = {**section, **assets.model_fields()}
+    return get_config(preset, **section)
+
+
+def train_config(section: dict, out: Path) -> TrainConfig:
+    return merge_dataclass(TrainConfig, {"out": str(out), **section}, where="train section")
+
+
+def _time_step(model, dataset, cfg, tcfg, reps: int = 3) -> float:
+    """Median seconds of a training step (forward + backward, AdamW excluded: it is small)."""
+    import statistics
+    import time
+
+    import torch
+
+    n = max(1, tcfg.batch_size // tcfg.grad_accum)
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for r in range(reps + 1):
+        idx = torch.randint(0, len(dataset), (n,), generator=g).tolist()
+        batch = collate(cfg, [dataset[i] for i in idx])
+        t = time.perf_counter()
+        loss, _ = model(batch, loss=True, step=r)
+        loss.backward()
+        times.append((time.perf_counter() - t) * tcfg.grad_accum)
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times[1:])  # the first call warms up
+
+
+def _loss(seed: int, model, batch, step):
+    return model(batch, loss=True, step=step, seed=seed)
+
+
+def train_unified(root, recipe: dict[str, dict], *, out=None, progress: bool = True,
+                  stop_after: int | None = None) -> dict:  # fmt: skip
+    """Train on ``root``'s SynthFace train split; the model goes to ``out`` (default
+    ``root/model``), checkpoints and logs to ``out/train``. Resumes from the last checkpoint."""
+    import json
+    import os
+
+    from unif2ace.data.io import atomic_write_json
+    from unif2ace.pipeline import Assets, UnifiedDataset, prepare_split
+    from unif2ace.train.checkpoint import load_checkpoint
+    from unif2ace.train.trainer import train
+
+    root = Path(root)
+    out = Path(out or root / "model")
+    assets = Assets(root)
+    cfg = model_config(recipe.get("model", {}), assets)
+    tsec = dict(recipe.get("train", {}))
+    budget = tsec.pop("max_minutes", None)
+    tcfg = train_config(tsec, out / "train")
+    data = {**DATA_DEFAULTS, **recipe.get("data", {})}
+    split = prepare_split(assets, "train", progress=progress)
+    dataset = UnifiedDataset(split, assets.tokenizer, vqa_per_image=data["vqa_per_image"],
+                             tasks=tuple(data["tasks"]))  # fmt: skip
+    model = UniF2ace(cfg)
+    if budget is not None:
+        steps_file = out / "train" / "steps.json"
+        if steps_file.is_file():
+            tcfg.steps = json.loads(steps_file.read_text())["steps"]
+        else:
+            sec = _time_step(model, dataset, cfg, tcfg)
+            tcfg.steps = max(1, int(float(budget) * 60 / sec))
+            atomic_write_json(steps_file, {"steps": tcfg.steps, "seconds_per_step": sec,
+                                           "max_minutes": budget})  # fmt: skip
+    res = train(model, dataset, functools.partial(collate, cfg), functools.partial(_loss, tcfg.seed),
+                tcfg, model_config=cfg.to_dict(), stop_after=stop_after)  # fmt: skip
+    # the final checkpoint holds the full weights (rank 0 writes it, also under FSDP2)
+    if int(os.environ.get("RANK", "0")) == 0 and res.get("step", 0) >= tcfg.steps:
+        final = UniF2ace(cfg)
+        load_checkpoint(res["checkpoint"], final)
+        final.save_pretrained(out)
+    res["model_dir"] = str(out)
+    res["config"] = {"model": cfg.to_dict(), "train": dataclasses.asdict(tcfg), "data": data}
+    return res
