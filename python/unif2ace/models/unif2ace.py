@@ -15,9 +15,10 @@ Losses (:meth:`UniF2ace.loss`): ``L = L_mmu + L_D3Diff + balance``
   (``w_se = 0``: plain CE) over the text rows of the head.
 * the balance losses of both MoE levels.
 
-All randomness of a training step (time, mask, prompt drop) is drawn per sample from
-``(seed, step, sample index)``, so a batch gives the same loss whichever rank or micro-batch
-holds each sample and whatever the batch size.
+The loss is a mean over sequences of per-sequence losses (each the mean over its masked image
+tokens or its answer tokens), and all randomness of a training step (time, mask, prompt drop) is
+drawn per sample from ``(seed, step, sample index)``: a global batch gives the same loss however it
+is split over ranks and micro-batches (up to the balance losses, which are batch statistics).
 """
 
 from __future__ import annotations
@@ -203,32 +204,34 @@ class UniF2ace(nn.Module):
         zero = h.new_zeros(())
         parts = {"balance": float(aux.detach())}
         loss_t2i = zero
+        B = ids.shape[0]
         if t2i_rows:
             rows = torch.tensor(t2i_rows, device=h.device)
             img_h = h[rows][is_img[rows]].view(len(t2i_rows), n_img, D)
             mask = torch.stack(masks)  # [R, N]
             clean = batch["input_ids"][rows][is_img[rows]].view(len(t2i_rows), n_img)
-            t = torch.cat(times)
-            ratio, w_ce, w_se = ops.d3diff_weights(t, mask.sum(1), cfg.schedule)
+            sv = ops.schedule(torch.cat(times), cfg.schedule)
+            # each sequence's mean over its masked tokens, averaged over the batch's B sequences
+            per_tok = 1.0 / (mask.sum(1).float() * B)  # [R]
             row_of = mask.nonzero()[:, 0]
             w, bias = self.head_rows("image")
             loss_t2i = ops.d3diff_linear_loss(
-                img_h[mask], w, clean[mask] - cfg.image_offset, ratio[row_of],
-                (w_ce * cfg.w_ce)[row_of], w_se[row_of], cfg.alpha, bias=bias,
+                img_h[mask], w, clean[mask] - cfg.image_offset, sv.ratio.float()[row_of],
+                (per_tok * cfg.w_ce)[row_of], (per_tok * sv.dsigma.float())[row_of], cfg.alpha,
+                bias=bias,
             )  # fmt: skip
-            parts["loss_t2i"] = float(loss_t2i.detach())
-            parts["mask_ce"] = float(loss_t2i.detach()) if cfg.alpha == 0 else float("nan")
+            parts["loss_t2i"] = float(loss_t2i.detach()) * B / len(t2i_rows)
         loss_mmu = zero
         tgt = batch["targets"]
         sel = tgt != -100
-        n = int(sel.sum())
-        if n:
+        if bool(sel.any()):
             w, bias = self.head_rows("text")
-            ones = h.new_ones(n, dtype=torch.float32)
-            loss_mmu = ops.d3diff_linear_loss(
-                h[sel], w, tgt[sel], ones, ones / n, ones * 0, 0.0, bias=bias
-            )
-            parts["loss_mmu"] = float(loss_mmu.detach())
+            n_ans = sel.sum(1).float()  # [B] answer tokens per row
+            row_w = (1.0 / (n_ans.clamp(min=1) * B))[sel.nonzero()[:, 0]]
+            ones = torch.ones_like(row_w)
+            loss_mmu = ops.d3diff_linear_loss(h[sel], w, tgt[sel], ones, row_w, ones * 0, 0.0,
+                                              bias=bias)  # fmt: skip
+            parts["loss_mmu"] = float(loss_mmu.detach()) * B / int((n_ans > 0).sum())
         loss = loss_t2i + loss_mmu + aux
         parts["loss"] = float(loss.detach())
         return loss, parts

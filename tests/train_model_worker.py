@@ -1,0 +1,66 @@
+"""UniF2ace through the trainer on a synthetic dataset, and its ``torchrun`` entry point:
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/train_model_worker.py \
+        OUT PARALLEL STEPS RESULT_JSON
+"""
+
+import functools
+import json
+import os
+import sys
+
+import torch
+
+
+def model_config():
+    from unif2ace.models import ModelConfig
+
+    # noise_std 0: the noise expert's draw is the one thing not keyed by the sample
+    return ModelConfig(text_vocab=40, codebook_size=23, image_tokens=9, max_text_len=6, d_model=32,
+                       n_layers=2, n_heads=4, expert_ffn=16, routed_experts=3, top_k=2,
+                       semantic_dim=5, identity_dim=4, noise_std=0.0, balance_coef=0.0,
+                       seq_balance_coef=0.0).validate()  # fmt: skip
+
+
+def make_dataset(cfg, n=32, seed=3):
+    from unif2ace.models import Example
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        codes = torch.randint(0, cfg.codebook_size, (cfg.image_tokens,), generator=g)
+        text = torch.randint(9, cfg.text_vocab, (2 + i % 4,), generator=g).tolist()
+        if i % 2:
+            out.append(Example(1, codes, text, index=i))
+        else:
+            ans = torch.randint(9, cfg.text_vocab, (1 + i % 3,), generator=g).tolist()
+            out.append(Example(0, codes, text, ans, torch.randn(cfg.semantic_dim, generator=g),
+                               torch.randn(cfg.identity_dim, generator=g), index=i))  # fmt: skip
+    return out
+
+
+def loss_fn(model, batch, step):
+    return model(batch, loss=True, step=step, seed=5)
+
+
+def run(out, parallel="none", steps=6, stop_after=None):
+    from unif2ace.models import UniF2ace, collate
+    from unif2ace.train import TrainConfig, train
+
+    cfg = model_config()
+    torch.manual_seed(0)
+    model = UniF2ace(cfg)
+    tcfg = TrainConfig(out=str(out), steps=steps, batch_size=8, grad_accum=2, lr=3e-3,
+                       warmup_steps=2, log_every=1, ckpt_every=2, progress=False,
+                       parallel=parallel)  # fmt: skip
+    return train(model, make_dataset(cfg), functools.partial(collate, cfg), loss_fn, tcfg,
+                 model_config=cfg.to_dict(), stop_after=stop_after)  # fmt: skip
+
+
+if __name__ == "__main__":
+    out, parallel, steps, result = sys.argv[1:]
+    torch.set_num_threads(1)
+    res = run(out, parallel, int(steps))
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(result, "w") as f:
+            json.dump(res, f)
