@@ -119,14 +119,24 @@ def evaluate_model(
 
 
 def _vqa_chance(vqa) -> float:
-    """A blind baseline: answer every question with the answer it most often has in the split
-    (no image seen)."""
+    """A blind baseline: answer each question with the answer the *other* records asking the same
+    question most often have (leave-one-out; a question asked once falls back to its type's most
+    common answer). No image is seen."""
     from collections import Counter
 
+    norm = metrics.normalize_answer
     by_q: dict[str, Counter] = {}
+    by_t: dict[str, Counter] = {}
     for c in vqa:
-        by_q.setdefault(c[1], Counter())[metrics.normalize_answer(c[2])] += 1
-    pred = [by_q[c[1]].most_common(1)[0][0] for c in vqa]
+        by_q.setdefault(c[1], Counter())[norm(c[2])] += 1
+        by_t.setdefault(c[3], Counter())[norm(c[2])] += 1
+    pred = []
+    for c in vqa:
+        others = by_q[c[1]].copy()
+        others[norm(c[2])] -= 1
+        others = +others  # drop zero counts
+        pool = others if others else by_t[c[3]]
+        pred.append(pool.most_common(1)[0][0])
     return metrics.vqa_accuracy(pred, [c[2] for c in vqa])["accuracy"]
 
 

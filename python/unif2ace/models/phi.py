@@ -192,8 +192,8 @@ def load_phi(model: nn.Module, folder, *, strict_dense: bool = True) -> dict:
     be used; with False, missing ones keep their init and both lists go into the report. Shape
     mismatches always raise (naming the tensor), as do settings shapes cannot reveal (heads,
     rotary fraction and θ, LayerNorm eps, activation). Returns a report: ``copied`` (Phi names),
-    ``kept_init`` (UniF²ace parameter patterns left untouched), ``missing``, ``unused``,
-    ``upcycled`` and ``notes``.
+    ``dropped`` (Phi tensors read but not used: the MLP biases when upcycling), ``kept_init``
+    (UniF²ace parameter patterns left untouched), ``missing``, ``unused``, ``upcycled``, ``notes``.
     """
     folder = Path(folder)
     conf = read_phi_config(folder)
@@ -201,9 +201,12 @@ def load_phi(model: nn.Module, folder, *, strict_dense: bool = True) -> dict:
     _check_fits(cfg, conf)
     state = load_phi_state(folder)
     V = conf["vocab_size"]
+    tied = conf.get("tie_word_embeddings") and "lm_head.weight" not in state
+    if tied and "model.embed_tokens.weight" in state:  # a tied head is saved once
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     params = dict(model.named_parameters())
     written: set[str] = set()
-    copied, missing = [], []
+    copied, missing, dropped = [], [], []
     src_dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
 
     def take(name: str):
@@ -256,7 +259,7 @@ def load_phi(model: nn.Module, folder, *, strict_dense: bool = True) -> dict:
                                 _copy(getattr(moe, n), src, f"{p}mlp.{fc}.weight", f"{q}mlp.{n}")
                                 written.add(f"{q}mlp.{n}")
                     if f"{p}mlp.{fc}.bias" in state:
-                        copied.append(f"{p}mlp.{fc}.bias")  # read and dropped (see notes)
+                        dropped.append(f"{p}mlp.{fc}.bias")  # the experts have no bias
             else:
                 raise TypeError(f"layer {i}: unknown MLP module {type(block.mlp).__name__}")
 
@@ -274,7 +277,7 @@ def load_phi(model: nn.Module, folder, *, strict_dense: bool = True) -> dict:
     if cfg.vocab_size > V:
         notes.append(f"embedding / LM-head rows [{V}, {cfg.vocab_size}) (image codes, mask) keep "
                      "their init")  # fmt: skip
-    unused = sorted(set(state) - set(copied))
+    unused = sorted(set(state) - set(copied) - set(dropped))
     if strict_dense and (missing or unused):
         raise ValueError(f"{folder}: checkpoint does not match the dense model: missing "
                          f"{missing[:5]}{' …' if len(missing) > 5 else ''}, unused "
@@ -295,7 +298,7 @@ def load_phi(model: nn.Module, folder, *, strict_dense: bool = True) -> dict:
         "missing": missing,
         "unused": unused,
         "upcycled": upcycled,
-        "dropped_biases": upcycled,
+        "dropped": dropped,
         "notes": notes,
     }  # fmt: skip
 

@@ -116,7 +116,7 @@ def train_unified(root, recipe: dict[str, dict], *, out=None, progress: bool = T
     out = Path(out or root / "model")
     assets = Assets(root)
     cfg = model_config(recipe.get("model", {}), assets)
-    tsec = dict(recipe.get("train", {}))
+    tsec = {"progress": progress, **recipe.get("train", {})}
     budget = tsec.pop("max_minutes", None)
     tcfg = train_config(tsec, out / "train")
     data = {**DATA_DEFAULTS, **recipe.get("data", {})}

@@ -1,0 +1,271 @@
+"""End-to-end training step: UniF²ace.loss forward + backward + AdamW, engine kernels vs backend="torch".
+
+One fixed synthetic batch per config (half text→image, half image→text examples built with
+:class:`~unif2ace.models.layout.Example` and :func:`~unif2ace.models.layout.collate`: random image
+codes, prompts, questions and answers of varied lengths, random semantic / identity embeddings).
+Two providers run the same step on two copies of one model (same initial weights, each with its
+own AdamW), in the same process, interleaved, medians:
+
+* ``engine``  ``unif2ace.use_backend("auto")``: the ops resolve to the C++ CPU kernels (``cpu``)
+              on CPU, Triton / CUDA on a GPU — MoE routing + dispatch, the fused D3Diff / CE
+              linear loss, token masking;
+* ``torch``   ``unif2ace.use_backend("torch")``: every op's plain-PyTorch reference (the baseline).
+
+Everything else (attention, LayerNorm, embeddings, AdamW) is the same PyTorch code in both. A step
+is ``zero_grad`` (un-timed, so each step allocates its gradients as training does) → ``model.loss``
+(fixed ``step=0, seed=0``: same masks and times every call) → ``backward`` → ``AdamW.step``. The
+global RNG is re-seeded before each call (the sequence MoE's noise expert draws from it).
+
+Reported per provider: step time (median, IQR), tokens/s = ``batch["num_tokens"]`` / median step
+time, the speedup over ``torch``, and the peak extra CPU memory of one step (torch allocator events
+through the profiler, the harness's measure; RSS as a cross-check). ``rel_err``: the first step's
+loss and every parameter gradient against the torch provider's (same weights).
+
+``--profile`` adds one torch.profiler step per provider and the top ops by self CPU time.
+
+Measured 2026-11-28 on the shared 2-core EPYC (load average 5–7 from other jobs), tiny, B = 8
+(2613 tokens), fp32: 1 thread torch 481 ms / engine 471 ms per step (1.02×), peak 194 / 159 MiB;
+2 threads with the default OpenMP spin-wait, 4–13 s per step and ratios from 0.46× to 2.15× run to
+run (threads spinning at barriers while preempted); OMP_WAIT_POLICY=PASSIVE, 2 threads: 1053 / 984
+ms (1.07×). On a busy box measure at --threads 1 or with OMP_WAIT_POLICY=PASSIVE.
+
+Run::
+
+    python benchmarks/bench_e2e.py --threads 2                  # tiny and small, batch 8
+    python benchmarks/bench_e2e.py --quick --out /tmp/b         # CI: tiny, batch 2, < 60 s idle
+    python benchmarks/bench_e2e.py --configs tiny --profile     # where the time goes
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*` (appended)
+import unif2ace  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    Case,
+    Provider,
+    Report,
+    Target,
+    check_targets,
+    common_parser,
+    exit_code,
+    machine_info,
+    pick_device,
+    run_case,
+)
+from unif2ace import _backend  # noqa: E402
+from unif2ace.models import Example, UniF2ace, collate, get_config  # noqa: E402
+from unif2ace.models.layout import TASK_MMU, TASK_T2I  # noqa: E402
+
+SIZE_KEYS = ("config", "layers", "B", "tokens", "dtype")
+FULL = {"configs": "tiny,small", "batch": 8}
+QUICK = {"configs": "tiny", "batch": 2}
+FIRST_TEXT_ID = 16  # above the special tokens
+TOL = 1e-3  # loss + gradients, fp32: the ops' references and kernels differ by rounding only
+
+
+def synthetic_batch(cfg, B: int, device, seed: int = 0) -> dict:
+    """B examples alternating t2i / mmu, random codes and text of varied lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    text = lambda n: torch.randint(FIRST_TEXT_ID, cfg.text_vocab, (n,), generator=g).tolist()
+    Lt = cfg.max_text_len
+    exs = []
+    for i in range(B):
+        codes = torch.randint(0, cfg.codebook_size, (cfg.image_tokens,), generator=g)
+        if i % 2 == 0:
+            exs.append(Example(TASK_T2I, codes, text(rnd(Lt // 4, Lt)), index=i))
+        else:
+            sem = torch.randn(cfg.semantic_dim, generator=g)
+            ident = torch.randn(cfg.identity_dim, generator=g)
+            q, a = text(rnd(4, Lt // 4)), text(rnd(Lt // 4, Lt))
+            exs.append(Example(TASK_MMU, codes, q, a, sem, ident, index=i))
+    batch = collate(cfg, exs)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Trainer:
+    """One model copy + its AdamW; ``step`` runs one training step under ``backend``."""
+
+    def __init__(self, name: str, model, batch, backend: str):
+        self.name, self.model, self.batch, self.backend = name, model, batch, backend
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        # foreach=False: the default multi-tensor AdamW keeps fused temporaries that would blur
+        # the memory comparison the same way in both providers; the per-tensor loop is the same
+        # code for both and costs little at these sizes.
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4, foreach=False)
+        self.cpu_s: list[float] = []  # process CPU seconds of every call (see cpu_ms below)
+
+    def reset(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+
+    def step(self):
+        c0 = time.process_time()
+        with unif2ace.use_backend(self.backend):
+            loss, _ = self.model.loss(self.batch, step=0, seed=0)
+            loss.backward()
+            self.opt.step()
+        self.cpu_s.append(time.process_time() - c0)
+        # the loss and every gradient: compared with the baseline on the first call only
+        return [loss.detach(), *[p.grad for p in self.params]]
+
+
+def build_case(name: str, B: int, layers: int | None, device) -> tuple[Case, dict, list]:
+    overrides = {"n_layers": layers} if layers else {}
+    cfg = get_config(name, **overrides)
+    torch.manual_seed(0)
+    model = UniF2ace(cfg).to(device).train()
+    batch = synthetic_batch(cfg, B, device)
+    trainers = {
+        "torch": Trainer("torch", model, batch, "torch"),
+        "engine": Trainer("engine", copy.deepcopy(model), batch, "auto"),
+    }
+    params = {
+        "config": name, "layers": cfg.n_layers, "B": B, "tokens": batch["num_tokens"],
+        "seq_len": batch["input_ids"].shape[1], "dtype": "fp32", "device": device.type,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "engine_resolves_to": _backend.resolve("auto", device, "e2e"),
+    }  # fmt: skip
+    providers = [Provider(n, t.step, t.reset) for n, t in trainers.items()]
+    case = Case(
+        name=f"train_step[{name}]", params=params, providers=providers, baseline="torch", tol=TOL,
+        notes="loss fwd + bwd + AdamW step; tokens/s = num_tokens / median step time",
+    )  # fmt: skip
+    return case, batch, list(trainers.values())
+
+
+def profile_step(trainer: Trainer, top: int = 15) -> list[dict]:
+    """Top ops by self CPU time of one (warm) step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer.reset()
+    trainer.step()
+    trainer.reset()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.step()
+    avgs = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in avgs) or 1.0
+    return [
+        {"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
+         "self_pct": 100.0 * e.self_cpu_time_total / total}
+        for e in avgs[:top]
+    ]  # fmt: skip
+
+
+class E2EReport(Report):
+    """The harness report plus a throughput table (tokens/s) and the profiles."""
+
+    profiles: dict | None = None
+
+    def markdown(self) -> str:
+        lines = ["", "| case | provider | tokens | median ms | tokens/s | × torch | CPU ms | "
+                 "CPU × torch | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in self.rows:
+            if r.get("status") != "ok":
+                continue
+            mem = r.get("peak_mem_bytes")
+            lines.append(
+                f"| {r['case']} | {r['provider']} | {r['tokens']} | {r['median_ms']:.1f} | "
+                f"{r['tokens_per_s']:.0f} | {r.get('speedup', 1.0):.2f}× | "
+                f"{r.get('cpu_ms') or float('nan'):.0f} | {r.get('cpu_speedup') or float('nan'):.2f}× | "
+                f"{'–' if mem is None else f'{mem / 2**20:.1f}'} |"
+            )
+        out = super().markdown() + "\nThroughput:\n" + "\n".join(lines) + "\n"
+        for key, prof in (self.profiles or {}).items():
+            out += f"\nTop ops by self CPU time, {key}:\n\n| op | calls | self ms | % |\n|---|---|---|---|\n"
+            out += "".join(
+                f"| {p['op']} | {p['calls']} | {p['self_ms']:.1f} | {p['self_pct']:.1f} |\n"
+                for p in prof
+            )
+        return out
+
+    def write(self) -> None:
+        if self.profiles:
+            self.meta["profiles"] = self.profiles
+        super().write()
+
+
+def main(argv=None):
+    p = common_parser(__doc__.split("\n", 1)[0])
+    p.add_argument("--configs", default=None, help=f"default {FULL['configs']!r} "
+                   f"({QUICK['configs']!r} with --quick)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"examples per step, half t2i half mmu (default {FULL['batch']}, "
+                        f"{QUICK['batch']} with --quick)")  # fmt: skip
+    p.add_argument("--small-layers", type=int, default=None,
+                   help="override the small config's n_layers (default: keep its 8)")  # fmt: skip
+    p.add_argument("--profile", action="store_true", help="torch.profiler top ops per provider")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = {k: getattr(args, k) or (QUICK if args.quick else FULL)[k] for k in FULL}
+    warmup = args.warmup if args.warmup is not None else 1
+    reps = args.reps if args.reps is not None else (3 if args.quick else 7)
+    unif2ace.set_checks(device.type == "cpu")
+    meta = machine_info(device)
+    meta.update(sizes=sizes, warmup=warmup, max_reps=reps,
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))  # fmt: skip
+    print(f"# e2e on {meta.get('gpu') or meta['cpu_model']} ({device}), torch {meta['torch']}, "
+          f"{meta['torch_threads']} threads")  # fmt: skip
+    report = E2EReport("e2e", args.out, meta, size_keys=SIZE_KEYS)
+    report.profiles = {}
+    report.notes += [
+        "Same model weights, same batch; interleaved repetitions, medians. engine = "
+        "use_backend('auto'), torch = use_backend('torch'); speedup against torch.",
+        "peak extra MiB: torch-allocator peak of one step above what was live before it "
+        "(gradients, activations, optimizer temporaries; AdamW state already exists).",
+        "CPU ms: median process CPU time of a call (warm-up, timed and memory calls), all "
+        "threads summed; on a shared, busy box it is steadier than wall time (preemption does "
+        "not count) but it counts OpenMP spin-waits, so compare it at --threads 1.",
+    ]
+    configs = [c.strip() for c in sizes["configs"].split(",") if c.strip()]
+    per_case_s = args.budget_s / len(configs) if args.budget_s else None
+    targets = []
+    for name in configs:
+        layers = args.small_layers if name == "small" else None
+        case, batch, trainers = build_case(name, sizes["batch"], layers, device)
+        print(f"\n## {case.name}: {case.params}", flush=True)
+        rows = run_case(case, device, warmup=warmup, reps=reps, max_time_s=per_case_s,
+                        memory=not args.no_memory)  # fmt: skip
+        by_name = {t.name: t for t in trainers}
+        for r in rows:
+            if r.get("status") == "ok":
+                r["tokens_per_s"] = batch["num_tokens"] / (r["median_ms"] * 1e-3)
+                cpu = by_name[r["provider"]].cpu_s
+                r["cpu_ms"] = 1e3 * statistics.median(cpu) if cpu else None
+        base = next((r for r in rows if r["provider"] == "torch" and r.get("cpu_ms")), None)
+        for r in rows:
+            if base and r.get("cpu_ms"):
+                r["cpu_speedup"] = base["cpu_ms"] / r["cpu_ms"]
+        report.add(rows)
+        if args.profile:
+            for t in trainers:
+                prof = profile_step(t)
+                report.profiles[f"{case.name} {t.backend}"] = prof
+                print(f"  top ops ({t.backend}): " + ", ".join(
+                    f"{p['op']} {p['self_pct']:.0f}%" for p in prof[:8]))  # fmt: skip
+        targets += [
+            Target(case.name, "engine", "speedup", ">=", 1.3, "engine ≥ 1.3× torch tokens/s"),
+            Target(case.name, "engine", "mem_ratio", "<", 1.0, "engine peak memory < torch's"),
+        ]
+        del trainers, case
+    report.targets = check_targets(report.rows, targets)
+    report.finish()
+    print()
+    print(report.markdown())
+    print(f"results: {args.out / 'e2e.json'}, {args.out / 'e2e.md'}")
+    return exit_code(report, args.strict)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,107 @@
+"""The user's path end to end on a small SynthFace run folder: data → train → generate / answer /
+caption / evaluate through the ``unif2ace`` command and :class:`Pipeline`, and the clear errors a
+user gets for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unif2ace.cli import main
+from unif2ace.pipeline import Pipeline, check_images
+
+SMALL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.expert_ffn=32",
+         "model.max_text_len=48", "train.steps=2", "train.batch_size=4", "train.ckpt_every=1", "train.log_every=1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    assert main(["data-all", "--out", str(root), "--num-images", "120", "--fast", "--quiet"]) == 0
+    assert main(["train", "--out", str(root), "--quiet", "--set", *SMALL]) == 0
+    return root
+
+
+def test_train_writes_a_loadable_model_and_log(run):
+    assert (run / "model" / "model.safetensors").is_file()
+    log = [json.loads(x) for x in (run / "model" / "train" / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2] and all(np.isfinite(e["loss"]) for e in log)
+    # a second call resumes from the final checkpoint: nothing left to do, same model
+    assert main(["train", "--out", str(run), "--quiet", "--set", *SMALL]) == 0
+
+
+def test_pipeline_generate_answer_caption(run):
+    pipe = Pipeline.load(run)
+    faces = pipe.generate(["A person with short black hair and blue eyes."] * 2, steps=2, seed=0)
+    assert faces.shape == (2, 64, 64, 3) and faces.dtype == np.uint8
+    answers = pipe.answer(faces, ["What colour is the person's hair?", "Is the person smiling?"])
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert len(pipe.caption(faces[:1])) == 1
+
+
+def test_cli_generate_answer_caption_evaluate(run, capsys):
+    assert main(["generate", "--out", str(run), "--prompt", "A bald man.", "--per-prompt", "2",
+                 "--steps", "2", "--quiet"]) == 0  # fmt: skip
+    grid = run / "samples" / "generate.png"
+    assert Image.open(grid).size[0] > 0
+    img = run / "face.png"
+    Image.open(next((run / "synthface" / "images" / "test").glob("*.png"))).save(img)
+    assert main(["answer", "--out", str(run), "--image", str(img), "--question", "Is the person smiling?"]) == 0
+    assert main(["caption", "--out", str(run), "--image", str(img)]) == 0
+    assert main(["evaluate", "--out", str(run), "--n-gen", "4", "--n-vqa", "4", "--n-cap", "2",
+                 "--steps", "2", "--quiet"]) == 0  # fmt: skip
+    m = json.loads((run / "model" / "eval" / "metrics.json").read_text())
+    assert {"generation", "vqa", "caption"} <= set(m)
+    assert 0 <= m["generation"]["mean"] <= 1 and 0 <= m["vqa"]["accuracy"] <= 1
+    assert (run / "model" / "eval" / "metrics.md").read_text().startswith("| metric |")
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_empty_prompt_and_question_without_image(run):
+    pipe = Pipeline.load(run)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        pipe.generate(["a face", "  "])
+    with pytest.raises(ValueError, match="needs an image"):
+        pipe.answer(None, ["Is the person smiling?"])
+    with pytest.raises(ValueError, match="question 0 is empty"):
+        pipe.answer(np.zeros((64, 64, 3), np.uint8), [""])
+
+
+def test_wrong_image_size_or_mode():
+    with pytest.raises(ValueError, match="32x32 px.*64x64"):
+        check_images(np.zeros((32, 32, 3), np.uint8), 64)
+    with pytest.raises(ValueError, match="mode L, expected RGB"):
+        check_images(Image.new("L", (64, 64)), 64)
+    with pytest.raises(ValueError, match="uint8"):
+        check_images(np.zeros((64, 64, 3), np.float32), 64)
+
+
+def test_cli_errors(run, tmp_path, capsys):
+    img = tmp_path / "small.png"
+    Image.new("RGB", (32, 32)).save(img)
+    assert main(["answer", "--out", str(run), "--image", str(img), "--question", "Why?"]) == 2
+    assert "32x32" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--set", "model.d_modle=8"]) == 2
+    assert "did you mean d_model" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--set", "trian.steps=3"]) == 2
+    assert "unknown key 'trian'" in capsys.readouterr().err
+    # a checkpoint of another config is refused, not loaded partially
+    assert main(["train", "--out", str(run), "--quiet", "--set", *SMALL, "model.d_model=64"]) == 2
+    assert "another config" in capsys.readouterr().err
+    assert main(["evaluate", "--out", str(tmp_path / "nothing")]) == 2
+    assert "data-all" in capsys.readouterr().err
+
+
+def test_demo_fast(tmp_path):
+    """The README's main job, as a smoke run (`unif2ace demo --fast`)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--fast", "--quiet"]) == 0
+    report = (out / "demo" / "README.md").read_text()
+    assert "| VQA exact match |" in report and "chance" in report
+    assert Image.open(out / "demo" / "prompts_to_faces.png").size[0] >= 64
