@@ -208,6 +208,32 @@ pointer, RuntimeError when a launch fails.)doc");
       }
       throw std::invalid_argument(msg);
     };
+    m.def("moe_route_workspace_bytes", &unif2ace::moe_route_workspace_bytes_cuda, py::arg("T"),
+          py::arg("num_experts"), "Bytes of workspace moe_route_fwd needs (host arithmetic).");
+    m.def(
+        "moe_route_fwd",
+        [raise_moe](std::uintptr_t logits, std::int64_t T, std::int64_t E,
+                    std::int64_t logits_row_stride, int dtype, std::uintptr_t group_offsets,
+                    std::int64_t G, std::uintptr_t group_ids, std::uintptr_t bias,
+                    std::int64_t top_k, int scoring, bool renormalize, std::int64_t n_group,
+                    std::int64_t topk_group, float scaling, std::uintptr_t ids,
+                    std::uintptr_t weights, std::uintptr_t counts, std::uintptr_t prob_sums,
+                    std::uintptr_t workspace, std::int64_t workspace_bytes, std::uintptr_t stream) {
+          raise_moe(unif2ace::moe_route_fwd_cuda(
+                        as_ptr(logits), T, E, logits_row_stride, dtype,
+                        static_cast<const std::int64_t*>(as_ptr(group_offsets)), G,
+                        static_cast<const std::int64_t*>(as_ptr(group_ids)),
+                        static_cast<const float*>(as_ptr(bias)), top_k, scoring,
+                        renormalize ? 1 : 0, n_group, topk_group, scaling,
+                        static_cast<std::int64_t*>(as_ptr(ids)),
+                        static_cast<float*>(as_ptr(weights)),
+                        static_cast<std::int32_t*>(as_ptr(counts)),
+                        static_cast<float*>(as_ptr(prob_sums)), as_ptr(workspace),
+                        workspace_bytes, as_ptr(stream)),
+                    "moe_route_fwd");
+        },
+        py::call_guard<py::gil_scoped_release>(),
+        "Top-k routing (contract §1): one warp per token, fp64 keys, asynchronous.");
     m.def("moe_plan_workspace_bytes", &unif2ace::moe_plan_workspace_bytes_cuda, py::arg("n"),
           py::arg("num_experts"), "Bytes of int32 workspace moe_plan needs (host arithmetic).");
     m.def(

@@ -100,3 +100,89 @@ def test_pick_config_stays_within_aot_configs():
     for dtype in tk.AOT_DTYPES:
         assert (tk._pick_gemm_config(dtype), dtype) in covered
     assert tk._pick_row_config(False) == tk._ROW
+
+
+# ---- routing ------------------------------------------------------------------------------------
+# tests/test_moe.py runs the public op on every backend (modes, T ∈ {1, 37, 4096}, ties, grads);
+# here: the Triton launcher on NaN / -1 poisoned outputs, engineered ties in every mode, bf16
+# logits, T = 0, determinism, and the sync-free torch backward of the GPU backends.
+
+
+def _route_args(T, E, k, mode, ties, dev):
+    sizes = [E // 2, E - E // 2] if mode == "groups" else [E]
+    offs = moe._offsets_tensor(sizes, dev)
+    gid = torch.randint(0, len(sizes), (T,), device=dev) if mode == "groups" else None
+    ng, tg = (4, 2) if mode == "group-limited" else (0, 0)
+    scoring = "sigmoid" if mode == "group-limited" else "softmax"
+    z = torch.randint(0, 3, (T, E), device=dev).float() if ties else torch.randn(T, E, device=dev)
+    bias = None
+    if mode == "group-limited":
+        bias = (torch.randint(0, 2, (E,), device=dev) * 0.25).float()
+    return z, offs, gid, bias, scoring, ng, tg
+
+
+@pytest.mark.parametrize("mode", ["plain", "groups", "group-limited"])
+@pytest.mark.parametrize("T,E,k", [(1, 8, 1), (37, 16, 2), (37, 64, 8), (37, 256, 4)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_route_kernel_matches_torch_launcher(mode, T, E, k, ties):
+    z, offs, gid, bias, scoring, ng, tg = _route_args(T, E, k, mode, ties, DEV)
+    if k > (E // 2 if mode == "groups" else E) or (ng and k > tg * (E // ng)):
+        pytest.skip("k does not fit")
+    outs = [
+        (torch.full((T, k), -1, dtype=torch.int64, device=DEV),
+         torch.full((T, k), float("nan"), device=DEV),
+         torch.full((E,), -1, dtype=torch.int32, device=DEV),
+         torch.full((E,), float("nan"), device=DEV))
+        for _ in range(2)
+    ]  # fmt: skip
+    args = (z, offs, gid, bias, k, scoring, True, ng, tg, 1.5)
+    tk.route(*args, *outs[0])
+    moe._route_torch(z.double(), *args[1:], *outs[1])
+    ids, w, cnt, ps = outs[0]
+    ids_r, w_r, cnt_r, ps_r = outs[1]
+    assert torch.equal(ids, ids_r) and torch.equal(cnt, cnt_r)
+    assert (w - w_r).abs().max() < 1e-6 and (ps - ps_r).abs().max() < 1e-5
+
+
+def test_route_kernel_bf16_empty_and_deterministic():
+    z = torch.randn(37, 9, device=DEV).bfloat16()
+    a = moe.moe_route(z, 2, return_stats=True, backend="triton")
+    b = moe.moe_route_ref(z.double(), 2)
+    assert torch.equal(a.topk_ids, b.topk_ids) and rel_err(a.topk_weights, b.topk_weights) < 1e-6
+    c = moe.moe_route(z, 2, return_stats=True, backend="triton")
+    assert all(torch.equal(x, y) for x, y in zip(a, c))
+    e = moe.moe_route(z[:0], 2, return_stats=True, backend="triton")
+    assert e.topk_ids.shape == (0, 2) and not e.expert_counts.any() and not e.prob_sums.any()
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_bwd_dense_matches_torch(scoring, renormalize):
+    from unif2ace.ops import _moe_gpu
+
+    T, E, k = 37, 18, 4
+    z = torch.randn(T, E)
+    offs = moe._offsets_tensor([9, 9], "cpu")
+    gid = torch.randint(0, 2, (T,))
+    ids = moe.moe_route(z, k, group_ids=gid, experts_per_group=9, scoring=scoring,
+                        backend="torch")[0]  # fmt: skip
+    gw, gp = torch.randn(T, k), torch.randn(E)
+    for g_w, g_p in ((gw, gp), (gw, None), (None, gp)):
+        a, b = torch.full((T, E), float("nan")), torch.full((T, E), float("nan"))
+        moe._route_bwd_torch(z, offs, gid, ids, g_w, g_p, scoring, renormalize, 2.0, a)
+        _moe_gpu.route_bwd_dense(z, offs, gid, ids, g_w, g_p, scoring, renormalize, 2.0, b)
+        assert rel_err(b, a) < 1e-6
+
+
+def test_route_config_stays_within_aot_configs():
+    covered = {cfg for kind, cfg, _ in tk.aot_configs() if kind[0] == "route"}
+    for E in range(1, tk.ROUTE_MAX_E + 1):
+        assert tk._pick_route_config(E, False) in covered
+    assert not tk.route_supported(tk.ROUTE_MAX_E + 1, 2, 0)
+
+
+def test_route_beyond_kernel_limits_falls_back():
+    z = torch.randn(5, 300, device=DEV)  # E > ROUTE_MAX_E: the torch spec runs instead
+    a = moe.moe_route(z, 9, return_stats=True, backend="triton")
+    b = moe.moe_route_ref(z.double(), 9)
+    assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.expert_counts, b.expert_counts)

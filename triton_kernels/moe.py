@@ -1,6 +1,13 @@
 """Triton kernels of the grouped MoE dispatch (shared/DESIGN.md §6; contract: the comment block at
 the top of ``python/unif2ace/ops/moe.py``, §4, §5, §6 and §7).
 
+* ``_route_fwd_kernel`` (contract §1): a [BLOCK_T, BLOCK_E] tile of tokens × all E columns per
+  program, scores and keys in fp64 (the C++ kernel's arithmetic, so ties stay ties), each token's
+  group a column mask; DeepSeek-V3 subgroup scores by a masked top-2 per subgroup; the top-k as k
+  rounds of "largest available key, lowest column among equal keys". Per-program expert counts
+  and probability sums go to a [programs, BLOCK_E] workspace that ``_route_reduce_kernel`` sums
+  in program order (deterministic, no atomics). E <= 256, k <= 8, n_group <= 32 (else the
+  launcher in ops/_moe_gpu.py runs the torch spec).
 * ``_permute_kernel``: ``xs[p] = x[sorted_slot[p] // k]``, a [BLOCK_R, BLOCK_D] tile per program.
 * ``_combine_kernel``: ``out[t] = Σ_j w[t, j] · src[slot_pos[t·k + j]]``, fp32, j ascending.
 * ``_combine_bwd_kernel``: ``grad_src[slot_pos[t·k + j]] = w[t, j] · g[t]`` and
@@ -65,6 +72,25 @@ _ROW = RowConfig(block_r=4, block_d=256, num_warps=8)
 # Interpreter: every tl op costs Python overhead per program; bigger tiles, fewer programs.
 _ROW_INTERPRET = RowConfig(block_r=64, block_d=512, num_warps=4)
 
+
+@dataclass(frozen=True)
+class RouteConfig:
+    block_t: int  # tokens per program
+    block_e: int  # columns (all E experts, every group side by side) per program: >= E
+    num_warps: int
+
+
+# Routing: one program holds a [BLOCK_T, BLOCK_E] tile of fp64 scores / keys over all E columns
+# (each token's group a masked slice of it), so per-expert counts and probability sums are column
+# sums of the tile. ~1024 elements per program: 8 fp64 per thread and tensor at 4 warps.
+ROUTE_MAX_E = 256
+ROUTE_MAX_K = 8  # the [BLOCK_T, ROUTE_MAX_K] tiles of the chosen ids / scores
+ROUTE_MAX_GROUPS = 32  # DeepSeek-V3 subgroups (n_group) per task group
+_ROUTE_TILE = 1024
+# Two tile widths keep the AOT sweep at 24 route compiles (~40 s on 2 cores; 4 widths took 80 s);
+# E <= 64 covers UniF²ace (2 groups of 8 routed experts) and Mixtral / Qwen-MoE sizes.
+_ROUTE_BLOCK_E = (64, 256)
+
 AOT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu_glu": 3}
@@ -84,10 +110,26 @@ def _pick_gemm_config(dtype: torch.dtype) -> GemmConfig:
     return _GEMM_FP32 if dtype == torch.float32 else _GEMM
 
 
+def _pick_route_config(E: int, interpret: bool) -> RouteConfig:
+    block_e = next((b for b in _ROUTE_BLOCK_E if b >= E), 0)
+    if not block_e:
+        raise ValueError(f"moe_route triton: E = {E} > {ROUTE_MAX_E} columns is not supported")
+    # Interpreter: fewer, bigger programs (per-op Python overhead dominates).
+    tile = 1 << 14 if interpret else _ROUTE_TILE
+    return RouteConfig(block_t=tile // block_e, block_e=block_e, num_warps=4)
+
+
+def route_supported(E: int, top_k: int, n_group: int) -> bool:
+    return E <= ROUTE_MAX_E and top_k <= ROUTE_MAX_K and n_group <= ROUTE_MAX_GROUPS
+
+
 def aot_configs():
     """Every (kernel kind, configuration, dtype) a GPU launch can pick."""
     for dtype in AOT_DTYPES:
         yield "row", _ROW, dtype
+        for be in _ROUTE_BLOCK_E:
+            for softmax in (True, False):
+                yield ("route", softmax), _pick_route_config(be, False), dtype
         for act in (0, 1, 2, 3):
             for gather in (True, False):
                 if act == 0 and gather:
@@ -253,9 +295,152 @@ def _grouped_gemm_kernel(a_ptr, w_ptr, sorted_slot_ptr, offsets_ptr, tile_expert
         tl.store(act_ptr + r64 * stride_act + cols_safe[None, :], act.to(out_ty), mask=om)
 
 
+@triton.jit
+def _route_fwd_kernel(logits_ptr, offsets_ptr, gid_ptr, bias_ptr, ids_ptr, w_ptr, cnt_part_ptr,
+                      ps_part_ptr, T, E, G, stride_l, TOP_K, N_GROUP, TOPK_GROUP, scaling,
+                      HAS_GID, HAS_BIAS, RENORM, SOFTMAX: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_G: tl.constexpr):  # fmt: skip
+    """Contract §1 for the tokens of program pid(0); writes this program's per-expert partial
+    counts and probability sums to row pid(0) of cnt_part / ps_part ([programs, BLOCK_E]).
+
+    Columns are global expert indices; a token's candidates are the columns [lo, hi) of its group,
+    so ascending column order is ascending local order (the tie rule). Selection: k rounds of
+    "largest available key, lowest column among equal keys" (the stable descending sort's first k).
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    BIG: tl.constexpr = 1 << 30
+    rmask = rows < T
+    g = tl.zeros((BLOCK_T,), tl.int64)
+    if HAS_GID != 0:
+        g = tl.load(gid_ptr + rows, mask=rmask, other=0)
+    gok = (g >= 0) & (g < G)
+    rok = rmask & gok  # a bad group id (checks off): ids 0, weights NaN, never read through
+    g = tl.where(gok, g, 0)
+    lo = tl.load(offsets_ptr + g, mask=rok, other=0)
+    hi = tl.load(offsets_ptr + g + 1, mask=rok, other=0)
+    c2 = cols[None, :]
+    valid = rok[:, None] & (c2 >= lo[:, None]) & (c2 < hi[:, None]) & (c2 < E)
+    z = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_l + c2, mask=valid, other=0.0)
+    z = z.to(tl.float32).to(tl.float64)
+    NEG_INF = float("-inf")
+    if SOFTMAX:
+        zm = tl.where(valid, z, NEG_INF)
+        m = tl.max(zm, axis=1)
+        m = tl.where(rok, m, 0.0)
+        ex = tl.where(valid, tl.exp(zm - m[:, None]), 0.0)
+        s = tl.sum(ex, axis=1)
+        s = tl.where(rok, s, 1.0)
+        p = ex / s[:, None]
+    else:
+        p = tl.where(valid, 1.0 / (1.0 + tl.exp(-z)), 0.0)
+    key = p
+    if HAS_BIAS != 0:
+        key = key + tl.load(bias_ptr + c2, mask=valid, other=0.0).to(tl.float64)
+    # DeepSeek-V3 group limit: subgroup score = sum of its two largest keys; keep TOPK_GROUP.
+    avail = valid
+    if N_GROUP > 0:
+        gs = (hi - lo) // N_GROUP
+        gs = tl.where(gs > 0, gs, 1)
+        sg = (c2 - lo[:, None]) // gs[:, None]
+        gcols = tl.arange(0, BLOCK_G)[None, :]
+        gscore = tl.full((BLOCK_T, BLOCK_G), NEG_INF, tl.float64)
+        for i in range(0, N_GROUP):
+            ins = valid & (sg == i)
+            a = tl.max(tl.where(ins, key, NEG_INF), axis=1)
+            ia = tl.min(tl.where(ins & (key == a[:, None]), c2, BIG), axis=1)
+            b = tl.max(tl.where(ins & (c2 != ia[:, None]), key, NEG_INF), axis=1)
+            sc = tl.where(gs > 1, a + b, a)
+            gscore = tl.where(gcols == i, sc[:, None], gscore)
+        gavail = (gcols < N_GROUP) & rok[:, None]
+        avail = valid & (c2 < 0)  # all False
+        for _r in range(0, TOPK_GROUP):
+            gm = tl.max(tl.where(gavail, gscore, NEG_INF), axis=1)
+            gi = tl.min(tl.where(gavail & (gscore == gm[:, None]), gcols, BIG), axis=1)
+            gi = tl.where(gi == BIG, tl.min(tl.where(gavail, gcols, BIG), axis=1), gi)
+            gavail = gavail & (gcols != gi[:, None])
+            avail = avail | (valid & (sg == gi[:, None]))
+    kcols = tl.arange(0, BLOCK_K)[None, :]
+    sel = tl.zeros((BLOCK_T, BLOCK_K), tl.int64)
+    vsel = tl.zeros((BLOCK_T, BLOCK_K), tl.float64)
+    cnt = tl.zeros((BLOCK_E,), tl.int32)
+    for j in range(0, TOP_K):
+        km = tl.max(tl.where(avail, key, NEG_INF), axis=1)
+        idx = tl.min(tl.where(avail & (key == km[:, None]), c2, BIG), axis=1)
+        # NaN keys (checks off) or all -inf: the lowest available column, never an empty slot
+        idx = tl.where(idx == BIG, tl.min(tl.where(avail, c2, BIG), axis=1), idx)
+        hit = c2 == idx[:, None]
+        v = tl.sum(tl.where(hit & valid, p, 0.0), axis=1)
+        avail = avail & ~hit
+        cnt += tl.sum((hit & valid).to(tl.int32), axis=0)
+        sel = tl.where(kcols == j, tl.where(rok, idx, 0).to(tl.int64)[:, None], sel)
+        vsel = tl.where(kcols == j, v[:, None], vsel)
+    vs = tl.sum(vsel, axis=1)
+    vs = tl.where(rok & (vs > 0), vs, 1.0)  # padding rows: no 0 / 0
+    scale = tl.where(RENORM != 0, scaling / vs, scaling + 0.0 * vs)
+    w = (vsel * scale[:, None]).to(tl.float32)
+    w = tl.where(rok[:, None], w, float("nan"))
+    om = rmask[:, None] & (kcols < TOP_K)
+    o = rows.to(tl.int64)[:, None] * TOP_K + kcols
+    tl.store(ids_ptr + o, sel, mask=om)
+    tl.store(w_ptr + o, w, mask=om)
+    if SOFTMAX:
+        q = p
+    else:
+        ps = tl.sum(p, axis=1)
+        q = p / tl.where(ps > 0, ps, 1.0)[:, None]
+    qs = tl.sum(tl.where(valid, q, 0.0), axis=0)
+    tl.store(ps_part_ptr + pid.to(tl.int64) * BLOCK_E + cols, qs.to(tl.float32))
+    tl.store(cnt_part_ptr + pid.to(tl.int64) * BLOCK_E + cols, cnt)
+
+
+@triton.jit
+def _route_reduce_kernel(cnt_part_ptr, ps_part_ptr, counts_ptr, prob_sums_ptr, P, E,
+                         STRIDE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """counts[e] = Σ_b cnt_part[b, e], prob_sums[e] = Σ_b ps_part[b, e], b ascending (fixed
+    order: run-to-run deterministic for a given grid)."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    em = e < E
+    c = tl.zeros((BLOCK,), tl.int32)
+    s = tl.zeros((BLOCK,), tl.float32)
+    for b in range(0, P):
+        c += tl.load(cnt_part_ptr + b * STRIDE + e, mask=em, other=0)
+        s += tl.load(ps_part_ptr + b * STRIDE + e, mask=em, other=0.0)
+    tl.store(counts_ptr + e, c, mask=em)
+    tl.store(prob_sums_ptr + e, s, mask=em)
+
+
 # -----------------------------------------------------------------------------------------------
-# Launchers (contract §4-§7 of unif2ace.ops.moe)
+# Launchers (contract §1, §4-§7 of unif2ace.ops.moe)
 # -----------------------------------------------------------------------------------------------
+
+
+def route(logits, group_offsets, group_ids, bias, top_k, scoring, renormalize, n_group,
+          topk_group, scaling, ids, weights, counts, prob_sums) -> None:  # fmt: skip
+    """Contract §1: one program per BLOCK_T tokens, then a fixed-order reduction of the
+    per-program expert partials (no atomics, no host sync). Supports E <= ROUTE_MAX_E,
+    top_k <= ROUTE_MAX_K, n_group <= ROUTE_MAX_GROUPS (:func:`route_supported`)."""
+    T, E = logits.shape
+    cfg = _pick_route_config(E, _interpret())
+    P = triton.cdiv(T, cfg.block_t)
+    cnt_part = torch.empty(P, cfg.block_e, dtype=torch.int32, device=logits.device)
+    ps_part = torch.empty(P, cfg.block_e, dtype=torch.float32, device=logits.device)
+    if P:
+        _route_fwd_kernel[(P,)](
+            logits, group_offsets, group_offsets if group_ids is None else group_ids,
+            weights if bias is None else bias, ids, weights, cnt_part, ps_part, T, E,
+            group_offsets.numel() - 1, logits.stride(0), top_k, n_group, topk_group,
+            float(scaling), int(group_ids is not None), int(bias is not None), int(renormalize),
+            SOFTMAX=scoring == "softmax", BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e,
+            BLOCK_K=ROUTE_MAX_K, BLOCK_G=ROUTE_MAX_GROUPS,
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+    _route_reduce_kernel[(triton.cdiv(E, cfg.block_e),)](
+        cnt_part, ps_part, counts, prob_sums, P, E, STRIDE=cfg.block_e, BLOCK=cfg.block_e,
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
 
 
 def permute(x: torch.Tensor, sorted_slot: torch.Tensor, top_k: int, xs: torch.Tensor) -> None:
@@ -343,11 +528,19 @@ def experts_fwd(x, w_up, w_down, weights, plan, activation, y, h, out, xs) -> No
 _IDX_PTRS = {"sorted_slot_ptr", "slot_pos_ptr", "offsets_ptr", "tile_expert_ptr", "tile_row_ptr"}
 
 
+_ROUTE_TYPES = {"offsets_ptr": "*i64", "gid_ptr": "*i64", "bias_ptr": "*fp32", "ids_ptr": "*i64",
+                "cnt_part_ptr": "*i32", "ps_part_ptr": "*fp32", "counts_ptr": "*i32",
+                "prob_sums_ptr": "*fp32", "scaling": "fp32"}  # fmt: skip
+
+
 def _signature(kernel, dt: str) -> dict[str, str]:
+    route = kernel in (_route_fwd_kernel, _route_reduce_kernel)
     out = {}
     for p in inspect.signature(kernel.fn).parameters.values():
         if "constexpr" in str(p.annotation):
             out[p.name] = "constexpr"
+        elif route and p.name in _ROUTE_TYPES:
+            out[p.name] = _ROUTE_TYPES[p.name]
         elif p.name in _IDX_PTRS:
             out[p.name] = "*i32"
         elif p.name == "grad_w_ptr" or (p.name == "w_ptr" and kernel is not _grouped_gemm_kernel):
@@ -386,6 +579,29 @@ def aot_specs(full: bool = False):
                               signature=_signature(_combine_bwd_kernel, dt),
                               constexprs=dict(base, HAS_W=has_w, HAS_GW=has_gw),
                               divisible_by_16=div, meta=meta, **common)  # fmt: skip
+        elif kind[0] == "route":
+            softmax = kind[1]
+            tag = f"{dt}-e{cfg.block_e}-{'softmax' if softmax else 'sigmoid'}"
+            yield AotSpec(
+                name=f"_route_fwd_kernel[{tag}]", kernel=_route_fwd_kernel,
+                signature=_signature(_route_fwd_kernel, dt),
+                constexprs=dict(SOFTMAX=softmax, BLOCK_T=cfg.block_t, BLOCK_E=cfg.block_e,
+                                BLOCK_K=ROUTE_MAX_K, BLOCK_G=ROUTE_MAX_GROUPS),
+                num_warps=cfg.num_warps,
+                divisible_by_16=("logits_ptr", "offsets_ptr", "gid_ptr", "bias_ptr", "ids_ptr",
+                                 "w_ptr", "cnt_part_ptr", "ps_part_ptr"),
+                meta=dict(dtype=dt, block_t=cfg.block_t, block_e=cfg.block_e, softmax=softmax),
+            )  # fmt: skip
+            if dtype == torch.float32 and softmax:  # dtype-free: once per block size
+                yield AotSpec(
+                    name=f"_route_reduce_kernel[e{cfg.block_e}]", kernel=_route_reduce_kernel,
+                    signature=_signature(_route_reduce_kernel, dt),
+                    constexprs=dict(STRIDE=cfg.block_e, BLOCK=cfg.block_e),
+                    num_warps=cfg.num_warps,
+                    divisible_by_16=("cnt_part_ptr", "ps_part_ptr", "counts_ptr",
+                                     "prob_sums_ptr"),
+                    meta=dict(block_e=cfg.block_e),
+                )  # fmt: skip
         else:
             act = kind[1]
             yield AotSpec(

@@ -12,6 +12,8 @@
 //                        position is the expert's running cursor (shared) + its rank among the
 //                        equal lanes below it. Chunks in block order × slot order inside a chunk
 //                        = the stable order. Integer-only: deterministic.
+// Route (§1): see the comment above route_fwd_kernel (one warp per token, fp64 keys, warp
+// arg-max k times; deterministic two-level reduction of counts and probability sums).
 // Permute (§4) copies one row per block as raw bytes with the widest vector (16/8/4/2 bytes) the
 // row length, row stride and base pointers allow. Combine (§5) and its backward (§6): one block
 // per token, fp32 accumulation in j order; the backward's Σ_d reduction is a fixed tree
@@ -288,9 +290,346 @@ int launch_combine_bwd(const void* go, int64_t gs, const void* src, int64_t n, i
   return check_launch();
 }
 
+// ---- route (contract §1) ----------------------------------------------------------------------
+// One warp per token (kRouteWarps tokens per block, grid-stride): lane l holds the candidates
+// c = l, l + 32, ... (PL per lane, PL·32 >= E) with their fp64 scores and keys, the same
+// arithmetic as the C++ kernel (softmax: exp(z − max) / Σ; sigmoid: 1 / (1 + exp(−z)); key =
+// score + bias) so equal (logit, bias) pairs stay exact ties. Selection is k rounds of a warp
+// arg-max under the stable order (larger key first, equal keys → lower index); the DeepSeek-V3
+// subgroup limit runs the same arg-max over subgroup scores (sum of a subgroup's two best keys,
+// a warp top-2 merge). Counts and probability sums go to per-warp shared rows (each (token,
+// expert) written by one lane), summed over warps and then over blocks in a fixed order: no
+// atomics, run-to-run deterministic for a given T.
+constexpr int kRouteWarps = 4;
+constexpr int64_t kRouteMaxBlocks = 1024;
+constexpr int64_t kRouteMaxE = 256;  // PL <= 8 candidates per lane
+constexpr int kNone = 0x7fffffff;
+
+int64_t route_blocks(int64_t T) {
+  const int64_t b = (T + kRouteWarps - 1) / kRouteWarps;
+  return b < kRouteMaxBlocks ? b : kRouteMaxBlocks;
+}
+
+// (ka, ia) comes strictly before (kb, ib) in the stable descending order; kNone = no candidate.
+__device__ __forceinline__ bool route_before(double ka, int ia, double kb, int ib) {
+  if (ia == kNone) return false;
+  if (ib == kNone) return true;
+  return ka > kb || (ka == kb && ia < ib);
+}
+
+// Warp arg-max of (key, index) pairs under route_before; every lane gets the winner (and its p).
+__device__ __forceinline__ void warp_argmax(double& key, double& p, int& idx) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const double k2 = __shfl_xor_sync(0xffffffffu, key, o);
+    const double p2 = __shfl_xor_sync(0xffffffffu, p, o);
+    const int i2 = __shfl_xor_sync(0xffffffffu, idx, o);
+    if (route_before(k2, i2, key, idx)) {
+      key = k2;
+      p = p2;
+      idx = i2;
+    }
+  }
+}
+
+__device__ __forceinline__ double warp_max(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// minBlocks 1: without it ptxas (nvcc 13) held PL = 8 at 96 registers and spilled 16 B; with it
+// 116-118 registers at PL = 8, no spill (sm_80 / sm_90a).
+template <typename S, int PL>
+__global__ void __launch_bounds__(kRouteWarps * 32, 1)
+    route_fwd_kernel(const S* __restrict__ logits, int64_t ld_row, int64_t T, int E, int64_t G,
+                     const int64_t* __restrict__ offsets, const int64_t* __restrict__ group_ids,
+                     const float* __restrict__ bias, int k, int softmax, int renormalize,
+                     int n_group, int topk_group, float scaling, int64_t* __restrict__ ids,
+                     float* __restrict__ weights, int32_t* __restrict__ cnt_part,
+                     float* __restrict__ ps_part) {
+  __shared__ float ps_s[kRouteWarps][kRouteMaxE];
+  __shared__ int32_t cnt_s[kRouteWarps][kRouteMaxE];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int e = lane; e < E; e += 32) {
+    ps_s[warp][e] = 0.f;
+    cnt_s[warp][e] = 0;
+  }
+  __syncwarp();
+  const double kInf = __longlong_as_double(0x7ff0000000000000LL);
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + warp; t < T;
+       t += static_cast<int64_t>(gridDim.x) * kRouteWarps) {
+    const int64_t g = group_ids ? group_ids[t] : 0;
+    if (g < 0 || g >= G) {  // checks off: never read through a bad group id
+      for (int j = lane; j < k; j += 32) {
+        ids[t * k + j] = 0;
+        weights[t * k + j] = __int_as_float(0x7fc00000);
+      }
+      continue;
+    }
+    const int64_t lo = offsets[g];
+    int n = static_cast<int>(offsets[g + 1] - lo);
+    n = n < E - static_cast<int>(lo) ? n : E - static_cast<int>(lo);
+    const S* z = logits + t * ld_row + lo;
+    double p[PL], key[PL];
+    unsigned avail = 0;
+    double m = -kInf;
+#pragma unroll
+    for (int i = 0; i < PL; ++i) {
+      const int c = i * 32 + lane;
+      p[i] = c < n ? static_cast<double>(Cvt<S>::to(z[c])) : -kInf;
+      m = fmax(m, p[i]);
+      if (c < n) avail |= 1u << i;
+    }
+    double psum = 0.0;
+    if (softmax) {
+      m = warp_max(m);
+#pragma unroll
+      for (int i = 0; i < PL; ++i) {
+        p[i] = (avail >> i & 1u) ? exp(p[i] - m) : 0.0;
+        psum += p[i];
+      }
+      psum = warp_sum(psum);
+      const double inv = __drcp_rn(psum);  // = 1.0 / psum; p · inv as in the C++ kernel
+#pragma unroll
+      for (int i = 0; i < PL; ++i) p[i] *= inv;
+    } else {
+#pragma unroll
+      for (int i = 0; i < PL; ++i) {
+        // __drcp_rn is the correctly rounded 1 / x: the same value as the division, without the
+        // division's slow-path subroutine call (which cost a 16-byte spill per unrolled copy)
+        p[i] = (avail >> i & 1u) ? __drcp_rn(1.0 + exp(-p[i])) : 0.0;
+        psum += p[i];
+      }
+      psum = warp_sum(psum);
+    }
+#pragma unroll
+    for (int i = 0; i < PL; ++i) {
+      const int c = i * 32 + lane;
+      key[i] = p[i] + ((bias && c < n) ? static_cast<double>(bias[lo + c]) : 0.0);
+    }
+    if (n_group > 0) {  // DeepSeek-V3: keep the topk_group subgroups with the best top-2 sums
+      const int gs = n / n_group > 0 ? n / n_group : 1;
+      double gkey[PL];
+      unsigned gavail = 0;
+#pragma unroll
+      for (int i = 0; i < PL; ++i) {
+        gkey[i] = -kInf;
+        if (i * 32 + lane < n_group) gavail |= 1u << i;
+      }
+      for (int sg = 0; sg < n_group; ++sg) {
+        double a = -kInf, b = -kInf;
+#pragma unroll
+        for (int i = 0; i < PL; ++i) {
+          const int c = i * 32 + lane;
+          if ((avail >> i & 1u) && c / gs == sg) {
+            if (key[i] > a) {
+              b = a;
+              a = key[i];
+            } else if (key[i] > b) {
+              b = key[i];
+            }
+          }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {  // top-2 merge (symmetric: both partners agree)
+          const double a2 = __shfl_xor_sync(0xffffffffu, a, o);
+          const double b2 = __shfl_xor_sync(0xffffffffu, b, o);
+          if (a >= a2) {
+            b = fmax(b, a2);
+          } else {
+            b = fmax(a, b2);
+            a = a2;
+          }
+        }
+        const double score = gs > 1 ? a + b : a;
+#pragma unroll
+        for (int i = 0; i < PL; ++i)
+          if (i * 32 + lane == sg) gkey[i] = score;
+      }
+      unsigned allowed = 0;
+      for (int r = 0; r < topk_group; ++r) {
+        double bk = -kInf, bp = 0.0;
+        int bi = kNone;
+#pragma unroll
+        for (int i = 0; i < PL; ++i) {
+          const int c = i * 32 + lane;
+          if ((gavail >> i & 1u) && route_before(gkey[i], c, bk, bi)) {
+            bk = gkey[i];
+            bi = c;
+          }
+        }
+        warp_argmax(bk, bp, bi);
+        if (bi == kNone) break;
+#pragma unroll
+        for (int i = 0; i < PL; ++i) {
+          const int c = i * 32 + lane;
+          if (c == bi) gavail &= ~(1u << i);
+          if (c / gs == bi) allowed |= 1u << i;
+        }
+      }
+      avail &= allowed;
+    }
+    double vsum = 0.0, my_v = 0.0;
+    int my_id = 0;
+    for (int j = 0; j < k; ++j) {
+      double bk = -kInf, bp = 0.0;
+      int bi = kNone;
+#pragma unroll
+      for (int i = 0; i < PL; ++i) {
+        if ((avail >> i & 1u) && route_before(key[i], i * 32 + lane, bk, bi)) {
+          bk = key[i];
+          bp = p[i];
+          bi = i * 32 + lane;
+        }
+      }
+      warp_argmax(bk, bp, bi);
+      if (bi == kNone) {  // cannot happen for validated inputs; keep the write in range
+        bi = 0;
+        bp = 0.0;
+      }
+#pragma unroll
+      for (int i = 0; i < PL; ++i)
+        if (i * 32 + lane == bi) avail &= ~(1u << i);
+      vsum += bp;
+      if ((j & 31) == lane) {
+        my_id = bi;
+        my_v = bp;
+      }
+    }
+    const double wscale = renormalize ? scaling * __drcp_rn(vsum) : static_cast<double>(scaling);
+    if (lane < k) {  // k <= 32 (checked by the launcher); distinct ids per lane: no conflict
+      ids[t * k + lane] = lo + my_id;
+      weights[t * k + lane] = static_cast<float>(my_v * wscale);
+      cnt_s[warp][lo + my_id] += 1;
+    }
+    const double qscale = softmax ? 1.0 : __drcp_rn(psum);
+#pragma unroll
+    for (int i = 0; i < PL; ++i) {
+      const int c = i * 32 + lane;
+      if (c < n) ps_s[warp][lo + c] += static_cast<float>(p[i] * qscale);
+    }
+    __syncwarp();  // the next token (another lo) may touch the same shared entries from other lanes
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int32_t c = 0;
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kRouteWarps; ++w) {
+      c += cnt_s[w][e];
+      s += ps_s[w][e];
+    }
+    cnt_part[static_cast<int64_t>(blockIdx.x) * E + e] = c;
+    ps_part[static_cast<int64_t>(blockIdx.x) * E + e] = s;
+  }
+}
+
+// counts[e] / prob_sums[e] = the per-block partials summed in block order (deterministic).
+__global__ void route_reduce_kernel(const int32_t* __restrict__ cnt_part,
+                                    const float* __restrict__ ps_part, int nblocks, int E,
+                                    int32_t* __restrict__ counts, float* __restrict__ prob_sums) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= E) return;
+  int32_t c = 0;
+  float s = 0.f;
+  for (int b = 0; b < nblocks; ++b) {
+    c += cnt_part[static_cast<int64_t>(b) * E + e];
+    s += ps_part[static_cast<int64_t>(b) * E + e];
+  }
+  counts[e] = c;
+  prob_sums[e] = s;
+}
+
+template <typename S>
+int launch_route(const void* logits, int64_t ld, int64_t T, int E, int64_t G, const int64_t* offs,
+                 const int64_t* gids, const float* bias, int k, int softmax, int renorm, int ng,
+                 int tg, float scaling, int64_t* ids, float* w, int32_t* cnt_part, float* ps_part,
+                 int64_t nblocks, cudaStream_t st) {
+  const S* z = static_cast<const S*>(logits);
+  const unsigned grid = static_cast<unsigned>(nblocks);
+  constexpr int kThreads = kRouteWarps * 32;
+#define U2A_ROUTE_LAUNCH(PL)                                                                    \
+  route_fwd_kernel<S, PL><<<grid, kThreads, 0, st>>>(z, ld, T, E, G, offs, gids, bias, k,      \
+                                                     softmax, renorm, ng, tg, scaling, ids, w, \
+                                                     cnt_part, ps_part)
+  if (E <= 32)
+    U2A_ROUTE_LAUNCH(1);
+  else if (E <= 64)
+    U2A_ROUTE_LAUNCH(2);
+  else if (E <= 128)
+    U2A_ROUTE_LAUNCH(4);
+  else
+    U2A_ROUTE_LAUNCH(8);
+#undef U2A_ROUTE_LAUNCH
+  return check_launch();
+}
+
 bool aligned(const void* p, int64_t a) { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
 
 }  // namespace
+
+int64_t moe_route_workspace_bytes_cuda(int64_t T, int64_t num_experts) {
+  if (T < 0 || num_experts < 1) return 0;
+  const int64_t b = route_blocks(T) < 1 ? 1 : route_blocks(T);
+  return b * num_experts * static_cast<int64_t>(sizeof(int32_t) + sizeof(float));
+}
+
+int moe_route_fwd_cuda(const void* logits, int64_t T, int64_t E, int64_t logits_row_stride,
+                       int dtype, const int64_t* group_offsets, int64_t G,
+                       const int64_t* group_ids, const float* bias, int64_t top_k, int scoring,
+                       int renormalize, int64_t n_group, int64_t topk_group, float scaling,
+                       int64_t* ids, float* weights, int32_t* counts, float* prob_sums,
+                       void* workspace, int64_t workspace_bytes, void* stream) {
+  if (T < 0 || T >= (int64_t{1} << 31) || E < 1 || E > kRouteMaxE || G < 1 || top_k < 1 ||
+      top_k > 32 || top_k > E || n_group < 0 || n_group > E || topk_group < 0 ||
+      (n_group > 0 && (topk_group < 1 || topk_group > n_group)))
+    return kBadShape;
+  if (scoring != 0 && scoring != 1) return kBadArgument;
+  if (!group_offsets || !counts || !prob_sums || (T > 0 && (!logits || !ids || !weights)))
+    return kBadArgument;
+  if (!workspace || workspace_bytes < moe_route_workspace_bytes_cuda(T, E)) return kBadArgument;
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const int64_t nb = route_blocks(T);
+  int32_t* cnt_part = static_cast<int32_t*>(workspace);
+  float* ps_part = reinterpret_cast<float*>(cnt_part + (nb < 1 ? 1 : nb) * E);
+  const int e = static_cast<int>(E);
+  const int softmax = scoring == 0;
+  const int k = static_cast<int>(top_k), ng = static_cast<int>(n_group);
+  const int tg = n_group > 0 ? static_cast<int>(topk_group) : 0;
+  int status = kOk;
+  if (nb > 0) {
+    switch (dtype) {
+      case kFloat32:
+        status = launch_route<float>(logits, logits_row_stride, T, e, G, group_offsets, group_ids,
+                                     bias, k, softmax, renormalize, ng, tg, scaling, ids, weights,
+                                     cnt_part, ps_part, nb, st);
+        break;
+      case kBFloat16:
+        status = launch_route<__nv_bfloat16>(logits, logits_row_stride, T, e, G, group_offsets,
+                                             group_ids, bias, k, softmax, renormalize, ng, tg,
+                                             scaling, ids, weights, cnt_part, ps_part, nb, st);
+        break;
+      case kFloat16:
+        status = launch_route<__half>(logits, logits_row_stride, T, e, G, group_offsets,
+                                      group_ids, bias, k, softmax, renormalize, ng, tg, scaling,
+                                      ids, weights, cnt_part, ps_part, nb, st);
+        break;
+      default:
+        return kBadDtype;
+    }
+    if (status != kOk) return status;
+  }
+  route_reduce_kernel<<<1, kRouteMaxE, 0, st>>>(cnt_part, ps_part, static_cast<int>(nb), e,
+                                                counts, prob_sums);
+  return check_launch();
+}
 
 int64_t moe_plan_workspace_bytes_cuda(int64_t n, int64_t num_experts) {
   if (n < 0 || num_experts < 1) return 0;

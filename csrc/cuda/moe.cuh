@@ -7,6 +7,24 @@
 
 namespace unif2ace {
 
+// Bytes of device workspace moe_route_fwd_cuda needs for T tokens and E experts (host arithmetic).
+int64_t moe_route_workspace_bytes_cuda(int64_t T, int64_t num_experts);
+
+// Contract §1: top-k routing, softmax (scoring 0) or sigmoid (1) over each token's task group,
+// optional DeepSeek-V3 group limit (n_group > 0) and selection bias; float64 keys, equal keys →
+// lower expert index; the same arithmetic as the C++ kernel.
+//   logits [T, E] of `dtype` (DType), element row stride logits_row_stride, column stride 1
+//   group_offsets int64 [G+1]; group_ids int64 [T] or null; bias float32 [E] or null
+//   ids int64 [T, k], weights float32 [T, k], counts int32 [E], prob_sums float32 [E]: written
+//   workspace  moe_route_workspace_bytes_cuda(T, E) bytes of device memory (4-byte aligned)
+// E <= 256 and k <= 32 (kBadShape otherwise: the caller falls back). Deterministic, no atomics.
+int moe_route_fwd_cuda(const void* logits, int64_t T, int64_t E, int64_t logits_row_stride,
+                       int dtype, const int64_t* group_offsets, int64_t G,
+                       const int64_t* group_ids, const float* bias, int64_t top_k, int scoring,
+                       int renormalize, int64_t n_group, int64_t topk_group, float scaling,
+                       int64_t* ids, float* weights, int32_t* counts, float* prob_sums,
+                       void* workspace, int64_t workspace_bytes, void* stream);
+
 // Bytes of device workspace moe_plan_cuda needs for n slots and E experts (host-only arithmetic).
 int64_t moe_plan_workspace_bytes_cuda(int64_t n, int64_t num_experts);
 
