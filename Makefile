@@ -56,7 +56,7 @@ ablate: setup
 		--set train.steps=600 train.warmup_steps=50
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

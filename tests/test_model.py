@@ -139,10 +139,10 @@ def test_loss_finite_and_every_parameter_gets_a_gradient(moe):
     assert not no_grad, no_grad
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_loss_and_gradients_match_the_torch_backend(backend):
+@pytest.mark.parametrize("backend,experts", [("cpu", None), ("cpu", "silu_glu"), ("triton", None)])
+def test_loss_and_gradients_match_the_torch_backend(backend, experts):
     """The whole model with the engine's kernels equals the same model on plain PyTorch ops."""
-    cfg = small_cfg(noise_std=0.0)
+    cfg = small_cfg(noise_std=0.0, expert_activation=experts)
     model = UniF2ace(cfg)
     batch = collate(cfg, examples(cfg, 8))
     grads = {}

@@ -40,6 +40,7 @@ class ModelConfig:
     shared_experts: int = 1  # per group
     top_k: int = 2
     expert_ffn: int = 256
+    expert_activation: str | None = None  # None: ``activation``; "silu_glu" for SwiGLU experts
     balance_coef: float = 0.01
     z_loss_coef: float = 0.0
     # sequence-level MoE: understanding (copy, copy, clip, face), generation (copy, copy, zero, noise)
@@ -69,6 +70,10 @@ class ModelConfig:
         return self.text_vocab + self.codebook_size
 
     @property
+    def moe_activation(self) -> str:
+        return self.expert_activation or self.activation
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
@@ -87,8 +92,10 @@ class ModelConfig:
             raise ValueError(f"top_k={self.top_k} must be in [1, routed_experts={self.routed_experts}]")
         if self.seq_moe and not 1 <= self.seq_top_k <= 4:
             raise ValueError(f"seq_top_k={self.seq_top_k} must be in [1, 4]")
-        if self.activation not in ("gelu", "gelu_tanh", "silu_glu"):
-            raise ValueError(f"activation must be gelu, gelu_tanh or silu_glu, got {self.activation!r}")
+        for name in ("activation", "expert_activation"):
+            v = getattr(self, name)
+            if v not in ("gelu", "gelu_tanh", "silu_glu") and not (name == "expert_activation" and v is None):
+                raise ValueError(f"{name} must be gelu, gelu_tanh or silu_glu, got {v!r}")
         if self.schedule not in ("cosine", "linear", "loglinear"):
             raise ValueError(f"schedule must be cosine, linear or loglinear, got {self.schedule!r}")
         return self
@@ -138,7 +145,7 @@ def parameter_count(cfg: ModelConfig) -> dict:
     D, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
     attn = 4 * D * D + 4 * D
     norm = 2 * D
-    fu = 2 if cfg.activation == "silu_glu" else 1
+    fu = 2 if cfg.moe_activation == "silu_glu" else 1
     if cfg.token_moe:
         G = 2
         per_expert = (fu + 1) * cfg.expert_ffn * D
@@ -148,6 +155,7 @@ def parameter_count(cfg: ModelConfig) -> dict:
         mlp = routed + shared + router
         mlp_active = (cfg.top_k + cfg.shared_experts) * per_expert + router
     else:
+        fu = 2 if cfg.activation == "silu_glu" else 1
         mlp = mlp_active = (fu + 1) * cfg.d_ff * D + (fu * cfg.d_ff + D)
     seq = 0
     if cfg.seq_moe:

@@ -64,7 +64,7 @@ class TokenMoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         D, F_, N, S = cfg.d_model, cfg.expert_ffn, cfg.routed_experts, cfg.shared_experts
-        fu = 2 if cfg.activation == "silu_glu" else 1
+        fu = 2 if cfg.moe_activation == "silu_glu" else 1
         self.cfg = cfg
         self.router = nn.Linear(D, N_GROUPS * N, bias=False)
         self.w_up = nn.Parameter(torch.empty(N_GROUPS * N, fu * F_, D))
@@ -87,11 +87,11 @@ class TokenMoE(nn.Module):
             return_stats=True,
         )  # fmt: skip
         y = ops.moe_mlp(x, self.w_up, self.w_down, r.topk_ids, r.topk_weights.to(x.dtype),
-                        activation=cfg.activation)  # fmt: skip
+                        activation=cfg.moe_activation)  # fmt: skip
         if self.shared_up is not None:
             y = y + ops.moe_shared_experts(
                 x, self.shared_up, self.shared_down, group_ids=group_ids,
-                experts_per_group=cfg.shared_experts, activation=cfg.activation,
+                experts_per_group=cfg.shared_experts, activation=cfg.moe_activation,
             )  # fmt: skip
         aux = ops.moe_balance_loss(r.expert_counts, r.prob_sums, cfg.top_k,
                                    experts_per_group=cfg.routed_experts, coef=cfg.balance_coef)  # fmt: skip
