@@ -119,8 +119,11 @@ class Trainer:
         return [loss.detach(), *[p.grad for p in self.params]]
 
 
-def build_case(name: str, B: int, layers: int | None, device) -> tuple[Case, dict, list]:
+def build_case(
+    name: str, B: int, layers: int | None, device, extra: dict | None = None
+) -> tuple[Case, dict, list]:
     overrides = {"n_layers": layers} if layers else {}
+    overrides.update(extra or {})
     cfg = get_config(name, **overrides)
     torch.manual_seed(0)
     model = UniF2ace(cfg).to(device).train()
@@ -201,6 +204,13 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None,
                    help=f"examples per step, half t2i half mmu (default {FULL['batch']}, "
                         f"{QUICK['batch']} with --quick)")  # fmt: skip
+    p.add_argument(
+        "--model-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model config overrides, e.g. expert_activation=silu_glu",
+    )
     p.add_argument("--small-layers", type=int, default=None,
                    help="override the small config's n_layers (default: keep its 8)")  # fmt: skip
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops per provider")
@@ -233,7 +243,10 @@ def main(argv=None):
     targets = []
     for name in configs:
         layers = args.small_layers if name == "small" else None
-        case, batch, trainers = build_case(name, sizes["batch"], layers, device)
+        import yaml
+
+        extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.model_set)}
+        case, batch, trainers = build_case(name, sizes["batch"], layers, device, extra)
         print(f"\n## {case.name}: {case.params}", flush=True)
         rows = run_case(case, device, warmup=warmup, reps=reps, max_time_s=per_case_s,
                         memory=not args.no_memory)  # fmt: skip

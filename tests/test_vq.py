@@ -96,3 +96,21 @@ def test_metrics(faces):
     assert psnr(faces[:2], faces[:2]) > 90
     r2, ids = reconstruct(m, faces[:3])
     assert ids.shape == (3, 16, 16)
+
+
+def test_decoder_options_ema_edge_and_cpu_budget(faces, tmp_path):
+    cfg = VQConfig(fsq_levels=(8, 8, 8, 5), decoder_channels=(16, 32), decoder_blocks=1)
+    assert cfg.codebook_size == 2560
+    with pytest.raises(ValueError, match="decoder_channels"):
+        VQAutoencoder(VQConfig(decoder_channels=(16,)))
+    m, info = train_vq(
+        faces, cfg, steps=3, batch=4, ema_decay=0.9, edge_weight=0.5, out=tmp_path, progress=False
+    )
+    assert info["steps_done"] == 3 and np.isfinite(info["final_loss"]) and info["cpu_seconds"] > 0
+    m2 = VQAutoencoder.from_pretrained(tmp_path)  # the EMA weights are what is saved
+    for a, b in zip(m.state_dict().values(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert m2.config == cfg
+    # a spent CPU budget stops after one step
+    _, part = train_vq(faces, cfg, steps=4, batch=4, max_cpu_minutes=0.0, progress=False)
+    assert part["stopped_early"] and part["steps_done"] == 1

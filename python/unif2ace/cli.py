@@ -248,14 +248,27 @@ def _add_vq(p):
     p.add_argument("--data", type=Path, help="dataset folder (default <out>/synthface)")
     p.add_argument("--records", type=Path, help="a caption record file of another dataset")
     p.add_argument("--image-field", default="image")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument(
+        "--preset",
+        choices=("default", "fast"),
+        default="default",
+        help="fast: a demo tokenizer in <= 4 wall minutes (1500 steps, 4 min budget)",
+    )
+    p.add_argument("--steps", type=int, help="default: 10000 (fast: 1500)")
     p.add_argument("--batch", type=int, default=24)
     p.add_argument("--channels", default="24,48", help="widths, one per 2x downsampling")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--quantizer", choices=("fsq", "lfq"), default="fsq")
     p.add_argument("--codebook-bits", type=int, default=10)
     p.add_argument("--downsample", type=int, default=4, choices=(4, 8), help="4: 16x16, 8: 8x8")
-    p.add_argument("--max-minutes", type=float, default=15.0, help="stop early past this")
+    p.add_argument("--fsq-levels", default="8,8,8,5", help="fsq: levels; codebook = product")
+    p.add_argument("--decoder-channels", default="", help="decoder widths (default: --channels)")
+    p.add_argument("--decoder-blocks", type=int, default=2, help="residual blocks at token grid")
+    p.add_argument("--decoder-stage-blocks", type=int, default=1, help="... at each upsampling")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights (0: off)")
+    p.add_argument("--edge-weight", type=float, default=0.0, help="L1 on pixel differences")
+    p.add_argument("--max-minutes", type=float, help="wall budget (default 30; fast: 4)")
+    p.add_argument("--max-cpu-minutes", type=float, default=14.0, help="CPU-time budget")
     p.add_argument("--judge", type=Path, help="judge folder (default <out>/judge if present)")
     return run_vq
 
@@ -266,6 +279,9 @@ def run_vq(args) -> dict:
     from unif2ace.vq.train import train_vq
 
     out = Path(args.out) / "vq"
+    fast = args.preset == "fast"
+    steps = args.steps or (1500 if fast else 10000)
+    max_minutes = args.max_minutes if args.max_minutes is not None else (4.0 if fast else 30.0)
     if args.records:
         images = load_images_from_records(args.records, FieldMap(image=args.image_field))
         test = None
@@ -274,23 +290,31 @@ def run_vq(args) -> dict:
         images = load_split(data, "train", progress=not args.quiet).images
         test = load_split(data, "test")
     size = images.shape[1]
-    channels = tuple(int(c) for c in args.channels.split(","))[: {8: 3, 4: 2}[args.downsample]]
+    n = {8: 3, 4: 2}[args.downsample]
+    ints = lambda s: tuple(int(c) for c in s.split(",") if c.strip())  # noqa: E731
     cfg = VQConfig(
         size=size,
         downsample=args.downsample,
-        channels=channels,
+        channels=ints(args.channels)[:n],
         quantizer=args.quantizer,
         codebook_bits=args.codebook_bits,
+        fsq_levels=ints(args.fsq_levels),
+        decoder_channels=ints(args.decoder_channels)[:n],
+        decoder_blocks=args.decoder_blocks,
+        decoder_stage_blocks=args.decoder_stage_blocks,
     )
     model, info = train_vq(
         images,
         cfg,
-        args.steps,
+        steps,
         args.batch,
         args.lr,
         out=out,
-        max_minutes=args.max_minutes,
+        max_minutes=max_minutes,
         progress=not args.quiet,
+        ema_decay=args.ema,
+        edge_weight=args.edge_weight,
+        max_cpu_minutes=args.max_cpu_minutes,
     )
     res = {
         "train": info,
@@ -490,6 +514,8 @@ def _save_metrics(path, obj):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import unif2ace.cli_model  # noqa: F401  (registers the model's subcommands)
+
     parser = argparse.ArgumentParser(prog="unif2ace", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, help) in COMMANDS.items():
@@ -517,4 +543,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from unif2ace.cli import main as _main  # the registry lives in the imported module
+
+    sys.exit(_main())

@@ -38,12 +38,18 @@ def train_vq(
     ckpt_every: int = 200,
     max_minutes: float | None = None,
     progress: bool = True,
+    ema_decay: float = 0.0,
+    edge_weight: float = 0.0,
+    max_cpu_minutes: float | None = None,
 ) -> tuple[VQAutoencoder, dict]:
-    """Train on ``uint8 [N, H, W, 3]`` images. Loss: MSE + L1 on pixels + the quantiser's own
-    loss (LFQ: entropy + commitment). ``max_minutes`` is a wall-clock budget: the learning-rate
-    schedule follows it when it is tighter than ``steps`` and training stops (reported) when it is
-    spent, so the budget holds on a machine slower or busier than planned; the state is saved so
-    a later run resumes. Process CPU time is reported next to wall time."""
+    """Train on ``uint8 [N, H, W, 3]`` images. Loss: MSE + L1 on pixels + ``edge_weight`` × L1 on
+    the horizontal and vertical pixel differences (sharp hair strands and mouth lines) + the
+    quantiser's own loss (LFQ: entropy + commitment). ``ema_decay`` > 0 keeps an exponential moving
+    average of the weights and returns (and saves) that. ``max_minutes`` is a wall-clock budget and
+    ``max_cpu_minutes`` one of process CPU time: the learning-rate schedule follows the tighter of
+    them and ``steps`` and training stops (reported) when one is spent, so the budget holds on a
+    machine slower or busier than planned; the state is saved so a later run resumes. Process CPU
+    time is reported next to wall time."""
     from tqdm.auto import tqdm
 
     config = config or VQConfig(size=images.shape[1])
@@ -51,7 +57,8 @@ def train_vq(
     model = VQAutoencoder(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
-    start, elapsed_before = 0, 0.0
+    ema_params = [p.detach().clone() for p in model.parameters()] if ema_decay > 0 else None
+    start, elapsed_before, cpu_before = 0, 0.0, 0.0
     state_path = Path(out) / "train_state.pt" if out is not None else None
     if state_path is not None and state_path.exists():
         st = torch.load(state_path, weights_only=False)
@@ -60,17 +67,31 @@ def train_vq(
             opt.load_state_dict(st["opt"])
             g.set_state(st["rng"])
             start, elapsed_before = st["step"], st["elapsed"]
+            cpu_before = st.get("cpu_elapsed", 0.0)
+            if ema_params is not None and st.get("ema") is not None:
+                ema_params = st["ema"]
     t0, cpu0 = time.perf_counter(), time.process_time()
     n = len(images)
     model.train()
     budget = None if max_minutes is None else 60.0 * max_minutes
+    cpu_budget = None if max_cpu_minutes is None else 60.0 * max_cpu_minutes
+
+    def _spent() -> float:  # the larger fraction used of the wall and CPU budgets (0: none)
+        f = 0.0
+        if budget is not None:
+            f = max(f, (elapsed_before + time.perf_counter() - t0) / budget if budget else 1.0)
+        if cpu_budget is not None:
+            cpu = cpu_before + time.process_time() - cpu0
+            f = max(f, cpu / cpu_budget if cpu_budget else 1.0)
+        return f
 
     def _progress(step):
-        # the schedule follows whichever runs out first, steps or the time budget, so a run cut
-        # by the budget still ends with an annealed learning rate
+        # the schedule follows whichever runs out first, steps or a time budget, so a run cut
+        # by the budget still ends with an annealed learning rate (a zero budget, which stops
+        # after one step, leaves the schedule alone)
         p = step / steps
-        if budget:
-            p = max(p, (elapsed_before + time.perf_counter() - t0) / budget)
+        if budget or cpu_budget:
+            p = max(p, _spent())
         return min(p, 1.0)
 
     bar = tqdm(range(start, steps), desc="vq", initial=start, total=steps, disable=not progress)
@@ -84,15 +105,25 @@ def train_vq(
             x = x.flip(-1)
         rec, _, aux = model(x)
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + aux
+        if edge_weight:
+            loss = loss + edge_weight * (
+                F.l1_loss(rec.diff(dim=-1), x.diff(dim=-1))
+                + F.l1_loss(rec.diff(dim=-2), x.diff(dim=-2))
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if ema_params is not None:
+            with torch.no_grad():
+                d = min(ema_decay, (1 + step) / (10 + step))
+                for e, p in zip(ema_params, model.parameters()):
+                    e.lerp_(p.detach(), 1 - d)
         ema = loss.item() if ema is None else 0.97 * ema + 0.03 * loss.item()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{ema:.4f}")
         done = step + 1
-        over = budget is not None and elapsed_before + time.perf_counter() - t0 >= budget
+        over = _spent() >= 1.0
         if state_path is not None and (done % ckpt_every == 0 or done == steps or over):
             atomic_torch_save(
                 {
@@ -103,6 +134,8 @@ def train_vq(
                     "steps": steps,
                     "config": config.to_dict(),
                     "elapsed": elapsed_before + time.perf_counter() - t0,
+                    "cpu_elapsed": cpu_before + time.process_time() - cpu0,
+                    "ema": ema_params,
                 },
                 state_path,
             )
@@ -110,6 +143,10 @@ def train_vq(
             stopped_early = done < steps
             break
     bar.close()
+    if ema_params is not None:
+        with torch.no_grad():
+            for e, p in zip(ema_params, model.parameters()):
+                p.copy_(e)
     model.eval()
     info = {
         "steps_done": step + 1 if steps > start else start,
@@ -117,6 +154,10 @@ def train_vq(
         "batch": batch,
         "seconds": elapsed_before + time.perf_counter() - t0,
         "cpu_seconds_this_run": time.process_time() - cpu0,
+        "cpu_seconds": cpu_before + time.process_time() - cpu0,
+        "ema_decay": ema_decay,
+        "edge_weight": edge_weight,
+        "lr": lr,
         "final_loss": ema,
         "stopped_early": stopped_early,
         "threads": torch.get_num_threads(),
