@@ -64,3 +64,5 @@ if __name__ == "__main__":
     if int(os.environ.get("RANK", "0")) == 0:
         with open(result, "w") as f:
             json.dump(res, f)
+    sys.stdout.flush()
+    os._exit(0)  # no interpreter teardown: gloo's threads can abort the process at exit

@@ -5,6 +5,7 @@
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -105,3 +106,7 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    # leave without interpreter teardown: gloo's threads can abort the process at exit
+    # ("terminate called without an active exception", seen once in CI after a correct run)
+    sys.stdout.flush()
+    os._exit(0)
