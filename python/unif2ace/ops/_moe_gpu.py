@@ -5,11 +5,11 @@ top of that file).
 cuda: routing forward (one warp per token, E <= 256, k <= 32; larger falls back to the torch
 spec), plan (histogram + scan + scatter), permute, combine and combine backward are CUDA kernels
 (csrc/cuda/moe.cu); the expert GEMMs are the composed path (F.grouped_mm, no host sync); the
-routing backward is torch (route_bwd_dense: the closed form over all E columns, no host sync).
+routing backward is torch (moe._route_bwd_torch: the closed form over all E columns, no host sync).
 triton: routing forward (E <= 256, k <= 8, n_group <= 32; else the torch spec), permute, combine,
 combine backward and the ScatterMoE-style grouped GEMMs (x gathered while loading the A tile,
 activation fused into the up projection's epilogue, no xs saved) are Triton kernels
-(triton_kernels/moe.py); the routing backward (route_bwd_dense) and the plan are torch, the
+(triton_kernels/moe.py); the routing backward (moe._route_bwd_torch) and the plan are torch, the
 backward's GEMMs are torch GEMMs over the Triton permute / combine.
 """
 
@@ -29,47 +29,6 @@ def _ptr(t) -> int:
 
 
 _ROUTE_FALLBACK = None  # moe._route_torch, set by register() (this module is imported by moe.py)
-
-
-def route_bwd_dense(logits, group_offsets, group_ids, ids, grad_weights, grad_prob_sums, scoring,
-                    renormalize, scaling, grad_logits):  # fmt: skip
-    """Contract §2 in torch over all E columns (each token's group a mask): the closed form of
-    moe._route_bwd_torch without its host read of the largest group size — no host sync."""
-    T, E = logits.shape
-    offs = group_offsets.to(torch.int64)
-    G = offs.numel() - 1
-    gid = (group_ids.clamp(0, G - 1) if group_ids is not None
-           else torch.zeros(T, dtype=torch.int64, device=logits.device))  # fmt: skip
-    lo, hi = offs[gid][:, None], offs[gid + 1][:, None]
-    cols = torch.arange(E, device=logits.device)[None, :]
-    valid = (cols >= lo) & (cols < hi)  # [T, E]
-    z = logits.double()
-    if scoring == "softmax":
-        p = torch.softmax(z.masked_fill(~valid, -float("inf")), dim=1)
-    else:
-        p = torch.sigmoid(z).masked_fill(~valid, 0.0)
-    dp = torch.zeros_like(p)
-    if grad_prob_sums is not None:
-        Gs = grad_prob_sums.double()[None, :].expand(T, E).masked_fill(~valid, 0.0)
-        if scoring == "softmax":
-            dp += Gs
-        else:
-            S = p.sum(1, keepdim=True)
-            dp += ((Gs - (p / S * Gs).sum(1, keepdim=True)) / S).masked_fill(~valid, 0.0)
-    if grad_weights is not None:
-        loc = ids.clamp(0, E - 1)
-        v, g = p.gather(1, loc), grad_weights.double()
-        if renormalize:
-            V = v.sum(1, keepdim=True)
-            dv = scaling * (g - (g * v).sum(1, keepdim=True) / V) / V
-        else:
-            dv = scaling * g
-        dp.scatter_add_(1, loc, dv)
-    if scoring == "softmax":
-        dz = p * (dp - (p * dp).sum(1, keepdim=True))
-    else:
-        dz = dp * p * (1 - p)
-    grad_logits.copy_(dz.masked_fill(~valid, 0.0))
 
 
 # ---- cuda -------------------------------------------------------------------------------------
@@ -191,7 +150,7 @@ def experts_fwd_triton(x, w_up, w_down, weights, plan, activation, y, h, out, xs
 def register(ns: dict) -> None:
     """Add the "cuda" and "triton" entries to moe.py's dicts (``ns``: that module's globals)."""
     ns["_ROUTE"]["cuda"] = route_cuda
-    ns["_ROUTE_BWD"]["cuda"] = route_bwd_dense
+    ns["_ROUTE_BWD"]["cuda"] = ns["_route_bwd_torch"]
     ns["_PLAN"]["cuda"] = plan_cuda
     ns["_PERMUTE"]["cuda"] = permute_cuda
     ns["_COMBINE"]["cuda"] = combine_cuda
@@ -203,7 +162,7 @@ def register(ns: dict) -> None:
     global _ROUTE_FALLBACK
     _ROUTE_FALLBACK = ns["_route_torch"]
     ns["_ROUTE"]["triton"] = route_triton
-    ns["_ROUTE_BWD"]["triton"] = route_bwd_dense
+    ns["_ROUTE_BWD"]["triton"] = ns["_route_bwd_torch"]
     ns["_PLAN"]["triton"] = ns["_plan_torch"]
     ns["_PERMUTE"]["triton"] = permute_triton
     ns["_COMBINE"]["triton"] = combine_triton

@@ -376,20 +376,32 @@ def _route_cpu(logits, group_offsets, group_ids, bias, top_k, scoring, renormali
 
 def _route_bwd_torch(logits, group_offsets, group_ids, ids, grad_weights, grad_prob_sums, scoring,
                      renormalize, scaling, grad_logits):  # fmt: skip
-    # The contract's closed form (a custom op's body runs below autograd: no autograd.grad here).
+    """The contract's closed form (a custom op's body runs below autograd: no autograd.grad here),
+    over all E columns with each token's group as a mask: no host read of the group sizes, so the
+    cuda and triton backends use it too."""
     T, E = logits.shape
-    lo, cols, valid = _group_cols(group_offsets, group_ids, T, E)
-    p = _route_scores(logits.double(), cols, valid, scoring)  # [T, n], 0 off the group
+    offs = group_offsets.to(torch.int64)
+    G = offs.numel() - 1
+    gid = (group_ids.clamp(0, G - 1) if group_ids is not None
+           else torch.zeros(T, dtype=torch.int64, device=logits.device))  # fmt: skip
+    lo, hi = offs[gid][:, None], offs[gid + 1][:, None]
+    cols = torch.arange(E, device=logits.device)[None, :]
+    valid = (cols >= lo) & (cols < hi)  # [T, E]
+    z = logits.double()
+    if scoring == "softmax":
+        p = torch.softmax(z.masked_fill(~valid, -float("inf")), dim=1)
+    else:
+        p = torch.sigmoid(z).masked_fill(~valid, 0.0)
     dp = torch.zeros_like(p)
     if grad_prob_sums is not None:
-        G = grad_prob_sums.double()[cols].masked_fill(~valid, 0.0)
+        Gs = grad_prob_sums.double()[None, :].expand(T, E).masked_fill(~valid, 0.0)
         if scoring == "softmax":
-            dp += G
+            dp += Gs
         else:
             S = p.sum(1, keepdim=True)
-            dp += ((G - (p / S * G).sum(1, keepdim=True)) / S).masked_fill(~valid, 0.0)
+            dp += ((Gs - (p / S * Gs).sum(1, keepdim=True)) / S).masked_fill(~valid, 0.0)
     if grad_weights is not None:
-        loc = ids - lo[:, None]
+        loc = ids.clamp(0, E - 1)
         v, g = p.gather(1, loc), grad_weights.double()
         if renormalize:
             V = v.sum(1, keepdim=True)
@@ -401,8 +413,7 @@ def _route_bwd_torch(logits, group_offsets, group_ids, ids, grad_weights, grad_p
         dz = p * (dp - (p * dp).sum(1, keepdim=True))
     else:
         dz = dp * p * (1 - p)
-    grad_logits.zero_()
-    grad_logits.scatter_add_(1, cols, dz.masked_fill(~valid, 0.0).float())
+    grad_logits.copy_(dz.masked_fill(~valid, 0.0))
 
 
 def _route_bwd_cpu(logits, group_offsets, group_ids, ids, grad_weights, grad_prob_sums, scoring,
