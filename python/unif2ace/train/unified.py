@@ -18,48 +18,36 @@ vocabulary, codebook, tokens per image, embedding sizes) are taken from them.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 from pathlib import Path
 
-import yaml
-
 from unif2ace.models import ModelConfig, UniF2ace, collate, get_config
-from unif2ace.train.config import TrainConfig, merge_dataclass
+from unif2ace.train.config import (
+    TrainConfig,
+    _unknown_key,
+    apply_overrides,
+    merge_dataclass,
+    read_yaml,
+)
 
 SECTIONS = ("model", "train", "data")
 DATA_DEFAULTS = {"vqa_per_image": 4, "tasks": ["t2i", "caption", "vqa"]}
 
 
-def _unknown(key: str, valid, where: str) -> ValueError:
-    close = difflib.get_close_matches(key, sorted(valid), n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return ValueError(f"{where}: unknown key {key!r}{hint}")
-
-
 def read_recipe(path=None, overrides: list[str] | None = None) -> dict[str, dict]:
     """``{"model": {...}, "train": {...}, "data": {...}}`` from a YAML file and ``section.key=value``
     overrides (values parsed as YAML)."""
-    conf: dict[str, dict] = {s: {} for s in SECTIONS}
-    if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping with sections {SECTIONS}")
-        for sec, body in raw.items():
-            if sec not in SECTIONS:
-                raise _unknown(sec, SECTIONS, str(path))
-            conf[sec].update(body or {})
-    for item in overrides or []:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ValueError(f"override {item!r}: expected section.key=value, e.g. train.steps=100")
-        key, val = item.split("=", 1)
-        sec, name = key.split(".", 1)
+    where = str(path) if path is not None else "recipe"
+    tree = apply_overrides(read_yaml(path) if path is not None else {}, overrides, where)
+    for sec, body in tree.items():
         if sec not in SECTIONS:
-            raise _unknown(sec, SECTIONS, f"override {item!r}")
-        conf[sec][name] = yaml.safe_load(val)
+            raise ValueError(_unknown_key(sec, list(SECTIONS), where))
+        if not isinstance(body, dict | None):
+            raise ValueError(f"{where}: section {sec!r} is not a mapping")
+    conf = {s: dict(tree.get(s) or {}) for s in SECTIONS}
     for k in conf["data"]:
         if k not in DATA_DEFAULTS:
-            raise _unknown(k, DATA_DEFAULTS, "data section")
+            raise ValueError(_unknown_key(k, list(DATA_DEFAULTS), f"{where}: data section"))
     return conf
 
 
