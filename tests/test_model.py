@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_data import examples, small_cfg
 from unif2ace import use_backend
-from unif2ace.models import Example, ModelConfig, UniF2ace, collate, get_config, parameter_count
+from unif2ace.models import Example, UniF2ace, collate, get_config, parameter_count
 from unif2ace.models.attention import omni_attention, omni_attention_ref, uniform_image_span
 from unif2ace.models.layout import TASK_MMU, TASK_T2I
 from unif2ace.models.sampling import generate_images, generate_text
@@ -16,29 +17,6 @@ from unif2ace.models.sampling import generate_images, generate_text
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def small_cfg(**kw) -> ModelConfig:
-    base = dict(text_vocab=50, codebook_size=37, image_tokens=16, max_text_len=9, d_model=32,
-                n_layers=2, n_heads=4, d_ff=48, expert_ffn=24, routed_experts=3, top_k=2,
-                semantic_dim=8, identity_dim=6)  # fmt: skip
-    base.update(kw)
-    return ModelConfig(**base).validate()
-
-
-def examples(cfg, n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        codes = torch.randint(0, cfg.codebook_size, (cfg.image_tokens,), generator=g)
-        text = torch.randint(9, cfg.text_vocab, (3 + i % 5,), generator=g).tolist()
-        if i % 2:
-            out.append(Example(TASK_T2I, codes, text, index=i))
-        else:
-            ans = torch.randint(9, cfg.text_vocab, (2 + i % 3,), generator=g).tolist()
-            out.append(Example(TASK_MMU, codes, text, ans, torch.randn(cfg.semantic_dim, generator=g),
-                               torch.randn(cfg.identity_dim, generator=g), index=i))  # fmt: skip
-    return out
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import train_worker as tw
 
+import train_worker as tw
 from unif2ace.train import (
     TrainConfig,
     latest_checkpoint,

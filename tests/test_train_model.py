@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 import train_model_worker as w
 
 HERE = Path(__file__).resolve().parent

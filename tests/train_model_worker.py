@@ -23,20 +23,9 @@ def model_config():
 
 
 def make_dataset(cfg, n=32, seed=3):
-    from unif2ace.models import Example
+    from model_data import examples
 
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        codes = torch.randint(0, cfg.codebook_size, (cfg.image_tokens,), generator=g)
-        text = torch.randint(9, cfg.text_vocab, (2 + i % 4,), generator=g).tolist()
-        if i % 2:
-            out.append(Example(1, codes, text, index=i))
-        else:
-            ans = torch.randint(9, cfg.text_vocab, (1 + i % 3,), generator=g).tolist()
-            out.append(Example(0, codes, text, ans, torch.randn(cfg.semantic_dim, generator=g),
-                               torch.randn(cfg.identity_dim, generator=g), index=i))  # fmt: skip
-    return out
+    return examples(cfg, n, seed)
 
 
 def loss_fn(model, batch, step):

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from unif2ace.cli import _common, _save_metrics, build_parser, register
 
 
@@ -51,6 +53,12 @@ def _infer_args(p):
     p.add_argument("--model-dir", type=Path, help="model folder (default <out>/model)")
 
 
+def _decode_args(p):
+    p.add_argument("--steps", type=int, default=12, help="MaskGIT decode steps")
+    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def save_grid(images, path, cols: int = 8, labels: list[str] | None = None, scale: int = 2) -> None:
     """A PNG grid of ``uint8 [N, H, W, 3]`` images (with short labels under each when given)."""
     from PIL import Image, ImageDraw
@@ -81,10 +89,8 @@ def _add_generate(p):
     _infer_args(p)
     p.add_argument("--prompt", nargs="+", required=True, help="one or more prompts")
     p.add_argument("--per-prompt", type=int, default=4, help="samples per prompt")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--guidance", type=float, default=2.0)
+    _decode_args(p)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=Path, help="output PNG (default <out>/samples/generate.png)")
     return run_generate
 
@@ -100,19 +106,19 @@ def run_generate(args) -> dict:
 
 
 def _load_images(paths, size):
-    import numpy as np
+    """Image files -> ``uint8 [N, size, size, 3]``, checked by :func:`pipeline.check_images`."""
     from PIL import Image
+
+    from unif2ace.pipeline import check_images
 
     out = []
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"image not found: {p}")
-        im = Image.open(p)
-        if im.mode != "RGB":
-            raise ValueError(f"{p}: mode {im.mode}, expected an RGB image")
-        if im.size != (size, size):
-            raise ValueError(f"{p}: {im.size[0]}x{im.size[1]} px, the model takes {size}x{size}")
-        out.append(np.asarray(im))
+        try:
+            out.append(check_images(Image.open(p), size)[0])
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
     return np.stack(out)
 
 
@@ -157,9 +163,7 @@ def _add_eval(p):
     p.add_argument("--n-gen", type=int, default=256)
     p.add_argument("--n-vqa", type=int, default=512)
     p.add_argument("--n-cap", type=int, default=256)
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--guidance", type=float, default=2.0)
-    p.add_argument("--seed", type=int, default=0)
+    _decode_args(p)
     p.add_argument("--report", type=Path, help="folder (default <model-dir>/eval)")
     return run_evaluate
 

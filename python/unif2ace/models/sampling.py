@@ -100,9 +100,11 @@ def generate_text(
         for s in range(max_new_tokens):
             nxt = (last @ w.T + bias).argmax(-1)
             done |= nxt == st.EOT_ID
-            for b in (~done).nonzero().flatten().tolist():
-                out[b].append(int(nxt[b]))
-            if bool(done.all()) or s == max_new_tokens - 1:
+            toks, fin = torch.stack([nxt, done.long()]).tolist()  # one device -> host read a step
+            for b in range(B):
+                if not fin[b]:
+                    out[b].append(toks[b])
+            if all(fin) or s == max_new_tokens - 1:
                 break
             key_valid = torch.cat([key_valid, ~done[:, None]], 1)
             last = model.decode_step(nxt, lengths + s, cache, key_valid)
