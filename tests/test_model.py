@@ -189,6 +189,26 @@ def test_save_load_roundtrip_and_wrong_config(tmp_path):
         UniF2ace.from_pretrained(tmp_path / "m", expect=small_cfg(d_model=64))
 
 
+def test_generate_text_no_repeat_ngram():
+    cfg = small_cfg(max_text_len=40)
+    model = UniF2ace(cfg)
+    with torch.no_grad():  # a head that always prefers the same two tokens: plain greedy loops
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.copy_(-0.01 * torch.arange(cfg.vocab_size))
+        model.lm_head.bias[:9] = -100.0  # special tokens (end of text among them) never win
+        model.lm_head.bias[20], model.lm_head.bias[21] = 5.0, 4.0
+    codes = torch.randint(0, cfg.codebook_size, (2, cfg.image_tokens))
+    plain = generate_text(model, codes, [[30], [31, 32]], max_new_tokens=12)
+    assert plain[0] == [20] * 12
+    for n in (1, 2, 3):
+        for ans in generate_text(model, codes, [[30], [31, 32]], max_new_tokens=12, no_repeat_ngram=n):
+            grams = [tuple(ans[i : i + n]) for i in range(len(ans) - n + 1)]
+            assert len(grams) == len(set(grams)), (n, ans)
+            assert len(ans) == 12
+    with pytest.raises(ValueError, match="no_repeat_ngram"):
+        generate_text(model, codes, [[30], [31]], no_repeat_ngram=-1)
+
+
 def test_generate_images_and_text():
     cfg = small_cfg()
     model = UniF2ace(cfg)

@@ -105,3 +105,27 @@ def test_demo_fast(tmp_path):
     report = (out / "demo" / "README.md").read_text()
     assert "| VQA exact match |" in report and "chance" in report
     assert Image.open(out / "demo" / "prompts_to_faces.png").size[0] >= 64
+
+
+def test_unified_dataset_task_mix(run):
+    from unif2ace.models.layout import TASK_MMU, TASK_T2I
+    from unif2ace.pipeline import Assets, UnifiedDataset, prepare_split
+
+    assets = Assets(run)
+    split = prepare_split(assets, "train", progress=False)
+    n = len(split.ids)
+    per_image = {}
+    for i, *_rest in split.vqa:
+        per_image[i] = per_image.get(i, 0) + 1
+    base = UnifiedDataset(split, assets.tokenizer, vqa_per_image=1)
+    twice = UnifiedDataset(split, assets.tokenizer, vqa_per_image=1, t2i_per_image=2)
+    count = lambda ds, task, vqa: sum(t == task and (j >= 0) == vqa for t, _, j in ds.items)  # noqa: E731
+    assert count(base, TASK_T2I, False) == n and count(twice, TASK_T2I, False) == 2 * n
+    assert count(twice, TASK_MMU, False) == n  # one caption item per image
+    assert count(twice, TASK_MMU, True) == sum(min(c, 1) for c in per_image.values())
+    only = UnifiedDataset(split, assets.tokenizer, tasks=("caption",))
+    assert len(only) == n and all(ex.task == TASK_MMU for ex in (only[0], only[n - 1]))
+    with pytest.raises(ValueError, match="subset of t2i, caption, vqa"):
+        UnifiedDataset(split, assets.tokenizer, tasks=("t2i", "captions"))
+    with pytest.raises(ValueError, match="t2i_per_image"):
+        UnifiedDataset(split, assets.tokenizer, t2i_per_image=0)

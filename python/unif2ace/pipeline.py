@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unif2ace.models.layout import CAPTION_PROMPT, TASK_MMU, TASK_T2I, Example
+from unif2ace.models.layout import (
+    CAPTION_NO_REPEAT_NGRAM,
+    CAPTION_PROMPT,
+    TASK_MMU,
+    TASK_T2I,
+    Example,
+)
 
 
 def _need(path: Path, what: str) -> Path:
@@ -189,11 +195,17 @@ def prepare_split(assets: Assets, split: str, progress: bool = True) -> SplitDat
 
 
 class UnifiedDataset(torch.utils.data.Dataset):
-    """Training items of one split: per image a text→image example (its caption as prompt), a
-    captioning example, and its VQA pairs. Each item is an :class:`Example`."""
+    """Training items of one split: per image ``t2i_per_image`` text→image examples (its caption
+    as prompt; each copy draws its own mask time), a captioning example, and up to
+    ``vqa_per_image`` of its VQA pairs. Each item is an :class:`Example`."""
 
     def __init__(self, split: SplitData, tokenizer, *, vqa_per_image: int | None = None,
-                 tasks: tuple[str, ...] = ("t2i", "caption", "vqa")):  # fmt: skip
+                 tasks: tuple[str, ...] = ("t2i", "caption", "vqa"), t2i_per_image: int = 1):  # fmt: skip
+        unknown = set(tasks) - {"t2i", "caption", "vqa"}
+        if unknown or not tasks:
+            raise ValueError(f"tasks must be a non-empty subset of t2i, caption, vqa; got {list(tasks)}")
+        if t2i_per_image < 1:
+            raise ValueError(f"t2i_per_image must be >= 1, got {t2i_per_image}")
         self.split = split
         enc = tokenizer.encode
         self.caption_ids = [enc(c) for c in split.captions]
@@ -201,7 +213,7 @@ class UnifiedDataset(torch.utils.data.Dataset):
         self.items: list[tuple[int, int, int]] = []  # (task, image, vqa index or -1)
         for i in range(len(split.ids)):
             if "t2i" in tasks:
-                self.items.append((TASK_T2I, i, -1))
+                self.items += [(TASK_T2I, i, -1)] * t2i_per_image
             if "caption" in tasks:
                 self.items.append((TASK_MMU, i, -1))
         if "vqa" in tasks:
@@ -265,7 +277,7 @@ class Pipeline:
         return self.assets.decode_codes(torch.cat(codes))
 
     def answer(self, images, questions: list[str], *, max_new_tokens: int = 16,
-               batch: int = 32) -> list[str]:  # fmt: skip
+               batch: int = 32, no_repeat_ngram: int = 0) -> list[str]:  # fmt: skip
         """Answers to one question per image."""
         from unif2ace.models.sampling import generate_text
 
@@ -280,12 +292,15 @@ class Pipeline:
         for i in range(0, len(images), batch):
             codes, sem, ide = self.assets.encode_images(images[i : i + batch])
             ans = generate_text(self.model, codes, toks[i : i + batch], semantic=sem,
-                                identity=ide, max_new_tokens=max_new_tokens)  # fmt: skip
+                                identity=ide, max_new_tokens=max_new_tokens,
+                                no_repeat_ngram=no_repeat_ngram)  # fmt: skip
             out += [self.assets.tokenizer.decode(a).strip() for a in ans]
         return out
 
-    def caption(self, images, *, max_new_tokens: int = 64, batch: int = 32) -> list[str]:
-        """A fine-grained caption per image."""
+    def caption(self, images, *, max_new_tokens: int | None = None, batch: int = 32,
+                no_repeat_ngram: int = CAPTION_NO_REPEAT_NGRAM) -> list[str]:  # fmt: skip
+        """A fine-grained caption per image (greedy, no repeated ``no_repeat_ngram``-grams)."""
         images = check_images(images, self.assets.image_size)
         return self.answer(images, [CAPTION_PROMPT] * len(images),
-                           max_new_tokens=max_new_tokens, batch=batch)  # fmt: skip
+                           max_new_tokens=max_new_tokens or self.model.config.max_text_len,
+                           batch=batch, no_repeat_ngram=no_repeat_ngram)  # fmt: skip

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unif2ace.eval import metrics
-from unif2ace.models.layout import CAPTION_PROMPT
+from unif2ace.models.layout import CAPTION_NO_REPEAT_NGRAM, CAPTION_PROMPT
 from unif2ace.models.sampling import generate_images, generate_text
 
 
@@ -105,7 +105,8 @@ def evaluate_model(
             idx = torch.arange(i, min(i + batch, n))
             ans = generate_text(model, test.codes[idx].long(), [q] * len(idx),
                                 semantic=test.semantic[idx], identity=test.identity[idx],
-                                max_new_tokens=model.config.max_text_len)  # fmt: skip
+                                max_new_tokens=model.config.max_text_len,
+                                no_repeat_ngram=CAPTION_NO_REPEAT_NGRAM)  # fmt: skip
             caps += [tok.decode(a).strip() for a in ans]
         out["caption"] = metrics.caption_scores(caps, test.attributes[:n], test.caption_attributes[:n])
         # chance: the reference caption of another face of the split

@@ -159,7 +159,7 @@ def parameter_count(cfg: ModelConfig) -> dict:
         mlp = mlp_active = (fu + 1) * cfg.d_ff * D + (fu * cfg.d_ff + D)
     seq = 0
     if cfg.seq_moe:
-        seq = 2 * 4 * D + (cfg.semantic_dim + cfg.identity_dim) * D + 2 * (D * D + D) + 2 * D + 2
+        seq = 2 * 4 * D + (cfg.semantic_dim + cfg.identity_dim) * D + 2 * (D * D + D) + 2 * D + 4 * D + 2
     blocks = L * (attn + norm + mlp + seq)
     embed = V * D
     head = V * D + V + norm

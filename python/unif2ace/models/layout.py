@@ -27,6 +27,8 @@ import torch
 from unif2ace.data import special_tokens as st
 
 CAPTION_PROMPT = "Describe this face in detail."
+# captions are decoded greedily without repeating a 3-gram (tiny models otherwise loop on a phrase)
+CAPTION_NO_REPEAT_NGRAM = 3
 TASK_MMU, TASK_T2I = 0, 1
 IGNORE = -100
 

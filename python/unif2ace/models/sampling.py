@@ -70,9 +70,15 @@ def generate_text(
     semantic: torch.Tensor | None = None,
     identity: torch.Tensor | None = None,
     max_new_tokens: int = 48,
+    no_repeat_ngram: int = 0,
 ) -> list[list[int]]:
     """Greedy answers (token lists, without ``<|endoftext|>``) to ``questions`` about images given
-    by their codes ``[B, image_tokens]`` (and their encoder embeddings for the sequence MoE)."""
+    by their codes ``[B, image_tokens]`` (and their encoder embeddings for the sequence MoE).
+
+    ``no_repeat_ngram = n > 0``: a token that would repeat an n-gram already in the row's answer is
+    never chosen (captions: a small model's greedy decoding otherwise loops on one phrase)."""
+    if no_repeat_ngram < 0:
+        raise ValueError(f"no_repeat_ngram must be >= 0, got {no_repeat_ngram}")
     cfg = model.config
     B = codes.shape[0]
     if len(questions) != B:
@@ -98,7 +104,10 @@ def generate_text(
         key_valid = batch["valid"]
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         for s in range(max_new_tokens):
-            nxt = (last @ w.T + bias).argmax(-1)
+            logits = last @ w.T + bias
+            if no_repeat_ngram:
+                _block_repeats(logits, out, no_repeat_ngram)
+            nxt = logits.argmax(-1)
             done |= nxt == st.EOT_ID
             toks, fin = torch.stack([nxt, done.long()]).tolist()  # one device -> host read a step
             for b in range(B):
@@ -111,3 +120,15 @@ def generate_text(
     finally:
         model.train(was_training)
     return out
+
+
+def _block_repeats(logits: torch.Tensor, out: list[list[int]], n: int) -> None:
+    """Set to -inf, per row, the tokens that would complete an n-gram already in ``out[b]``."""
+    for b, toks in enumerate(out):
+        if len(toks) < n:
+            continue
+        prefix = tuple(toks[len(toks) - n + 1 :]) if n > 1 else ()
+        banned = [toks[i + n - 1] for i in range(len(toks) - n + 1)
+                  if tuple(toks[i : i + n - 1]) == prefix]  # fmt: skip
+        if banned:
+            logits[b, banned] = float("-inf")
