@@ -105,6 +105,35 @@ def test_unknown_config_key():
         get_config("huge")
 
 
+def test_sequence_moe_embedding_experts_follow_the_scale_of_m():
+    """The CLIP / Face experts' R(e) is scaled to the RMS of the sequence's own m, so it neither
+    vanishes in the residual stream nor dominates it, whatever scale m has."""
+    from unif2ace.models.moe import CLIP_SLOT, FACE_SLOT, SequenceMoE
+
+    cfg = small_cfg()
+    moe = SequenceMoE(cfg).eval()
+    torch.nn.init.zeros_(moe.router.weight)
+    moe.router.weight.data[[CLIP_SLOT, FACE_SLOT], 0] = 1.0  # understanding rows: CLIP + Face, 1/2 each
+    B, L, D = 3, 7, cfg.d_model
+    m = torch.randn(B, L, D)
+    m[..., 0] = m[..., 0].abs() + 1.0  # pooled feature 0 > 0: CLIP and Face win the top-2
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[1, 4:] = False
+    task = torch.zeros(B, dtype=torch.long)
+    sem, ide = torch.randn(B, cfg.semantic_dim), torch.randn(B, cfg.identity_dim)
+    with torch.no_grad():
+        a1, c1, _, _ = moe.mixture(m, valid, task, sem, ide)
+        a2, c2, _, _ = moe.mixture(m * 100.0, valid, task, sem, ide)
+        w = torch.sigmoid(moe.mix)
+        vf = valid.float()[..., None]
+        rms = ((m.pow(2).mean(-1, keepdim=True) * vf).sum(1) / vf.sum(1)).sqrt()
+        want = rms * 0.5 * ((1 - w[0]) * moe.clip(sem) + (1 - w[1]) * moe.face(ide))
+    torch.testing.assert_close(c1, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a1, 0.5 * (w[0] + w[1]).expand(B))
+    torch.testing.assert_close(a2, a1)
+    torch.testing.assert_close(c2, c1 * 100.0, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("moe", [(True, True), (False, True), (True, False), (False, False)])
 def test_loss_finite_and_every_parameter_gets_a_gradient(moe):
     cfg = small_cfg(token_moe=moe[0], seq_moe=moe[1], cond_drop=0.0, noise_std=0.0)

@@ -104,11 +104,10 @@ class TokenMoE(nn.Module):
 class Resampler(nn.Module):
     """R(e): an embedding of another encoder → a ``d_model`` vector (two layers, GELU, LayerNorm).
 
-    The encoders give unit vectors (entries ~ 1/√d_in) and the token MoE's output has entries of
-    order 1: without the input scale and the output LayerNorm, ``R(e)`` starts some hundred times
-    smaller than ``x`` and the understanding rows learned to ignore it (a trained tiny model's
-    caption loss moved by 0.2% when the embeddings were zeroed). The LayerNorm's gain lets
-    training scale it down again."""
+    The encoders give unit vectors (entries ~ 1/√d_in), hence the input scale; the output is
+    LayerNormed (RMS ~ 1) and :class:`SequenceMoE` scales it to the RMS of the sequence's own
+    token-MoE output. Without that, ``R(e)`` was some hundred times smaller than ``x`` and a
+    trained tiny model ignored it (its caption loss moved by 0.2% when the embeddings were zeroed)."""
 
     def __init__(self, d_in: int, d_model: int):
         super().__init__()
@@ -154,8 +153,13 @@ class SequenceMoE(nn.Module):
             identity = m.new_zeros(B, cfg.identity_dim)
         copy = gate[:, list(COPY_SLOTS)].sum(1) + gate[:, NOISE_SLOT]
         a = copy + gate[:, CLIP_SLOT] * w[0] + gate[:, FACE_SLOT] * w[1]  # [B]
-        c = (gate[:, CLIP_SLOT, None] * (1 - w[0]) * self.clip(semantic.to(m.dtype))
-             + gate[:, FACE_SLOT, None] * (1 - w[1]) * self.face(identity.to(m.dtype)))  # [B, D]  # fmt: skip
+        # R(e) comes out LayerNormed (RMS ~ 1); scaled to the RMS of the sequence's own ``m``,
+        # as ``w·x + (1−w)·R(e)`` mixes like with like (unscaled, R(e) was ~2% of the residual
+        # stream and a tiny model trained on VQA never learned to read it)
+        scale = ((m.float().pow(2).mean(-1, keepdim=True) * vf).sum(1) / vf.sum(1).clamp(min=1.0))
+        scale = scale.sqrt().to(m.dtype).detach()  # [B, 1]
+        c = scale * (gate[:, CLIP_SLOT, None] * (1 - w[0]) * self.clip(semantic.to(m.dtype))
+                     + gate[:, FACE_SLOT, None] * (1 - w[1]) * self.face(identity.to(m.dtype)))  # [B, D]  # fmt: skip
         aux = ops.moe_balance_loss(r.expert_counts, r.prob_sums, cfg.seq_top_k,
                                    experts_per_group=SEQ_EXPERTS, coef=cfg.seq_balance_coef)  # fmt: skip
         return a, c, gate[:, NOISE_SLOT], aux
