@@ -134,6 +134,32 @@ def test_sequence_moe_embedding_experts_follow_the_scale_of_m():
     torch.testing.assert_close(c2, c1 * 100.0, rtol=1e-4, atol=1e-3)
 
 
+def test_embedding_standardisation_is_fitted_saved_and_checked(tmp_path):
+    """fit_embedding_stats removes the encoders' shared mean direction: the fitted model sees
+    zero-mean, unit-variance entries, the statistics survive save/load, bad shapes raise."""
+    cfg = small_cfg()
+    model = UniF2ace(cfg)
+    g = torch.Generator().manual_seed(3)
+    common = torch.randn(cfg.semantic_dim, generator=g)
+    sem = torch.nn.functional.normalize(4 * common + torch.randn(500, cfg.semantic_dim, generator=g), dim=1)
+    ide = torch.nn.functional.normalize(torch.randn(500, cfg.identity_dim, generator=g), dim=1)
+    raw = model.standardize_embeddings("semantic", sem)
+    assert raw.mean(0).abs().mean() > 0.5  # unfitted: the shared direction dominates
+    model.fit_embedding_stats(sem, ide)
+    z = model.standardize_embeddings("semantic", sem).double()
+    torch.testing.assert_close(z.mean(0), torch.zeros(cfg.semantic_dim, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(cfg.semantic_dim, dtype=torch.float64), atol=1e-4, rtol=0)
+    assert model.standardize_embeddings("identity", None) is None
+    model.save_pretrained(tmp_path / "m")
+    back = UniF2ace.from_pretrained(tmp_path / "m", expect=cfg)
+    torch.testing.assert_close(back.semantic_mean, model.semantic_mean)
+    torch.testing.assert_close(back.identity_std, model.identity_std)
+    with pytest.raises(ValueError, match=r"semantic embeddings .* must be \[N >= 2"):
+        model.fit_embedding_stats(sem[:, :5], ide)
+    with pytest.raises(ValueError, match="identity embeddings"):
+        model.fit_embedding_stats(sem, ide[:1])
+
+
 @pytest.mark.parametrize("moe", [(True, True), (False, True), (True, False), (False, False)])
 def test_loss_finite_and_every_parameter_gets_a_gradient(moe):
     cfg = small_cfg(token_moe=moe[0], seq_moe=moe[1], cond_drop=0.0, noise_std=0.0)

@@ -104,25 +104,23 @@ class TokenMoE(nn.Module):
 class Resampler(nn.Module):
     """R(e): an embedding of another encoder → a ``d_model`` vector (two layers, GELU, LayerNorm).
 
-    The encoders give unit vectors (entries ~ 1/√d_in), hence the input scale; the output is
-    LayerNormed (RMS ~ 1) and :class:`SequenceMoE` scales it to the RMS of the sequence's own
-    token-MoE output. Without that, ``R(e)`` was some hundred times smaller than ``x`` and a
-    trained tiny model ignored it (its caption loss moved by 0.2% when the embeddings were zeroed)."""
+    ``e`` arrives standardised per entry by :meth:`UniF2ace.standardize_embeddings` (the encoders'
+    unit vectors share one large mean direction); the output is LayerNormed (RMS ~ 1) and
+    :class:`SequenceMoE` scales it to the RMS of the sequence's own token-MoE output."""
 
     def __init__(self, d_in: int, d_model: int):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(d_in, d_model), nn.Linear(d_model, d_model)
         self.norm = nn.LayerNorm(d_model)
-        self.d_in = d_in
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.fc2(F.gelu(self.fc1(e * math.sqrt(self.d_in)))))
+        return self.norm(self.fc2(F.gelu(self.fc1(e))))
 
 
 class SequenceMoE(nn.Module):
     """m ``[B, L, D]`` (the token MoE's output), valid ``[B, L]``, task ``[B]`` (0/1), semantic
-    ``[B, semantic_dim]`` and identity ``[B, identity_dim]`` embeddings (needed for understanding
-    rows; zeros are used where missing) → (y ``[B, L, D]``, balance loss)."""
+    ``[B, semantic_dim]`` and identity ``[B, identity_dim]`` embeddings, standardised (needed for
+    understanding rows; zeros are used where missing) → (y ``[B, L, D]``, balance loss)."""
 
     def __init__(self, cfg):
         super().__init__()

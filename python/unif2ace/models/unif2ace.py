@@ -95,6 +95,12 @@ class UniF2ace(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        # per-entry standardisation of the semantic / identity embeddings the sequence-MoE
+        # resamplers read (:meth:`fit_embedding_stats`); the default scales a unit vector's
+        # entries to ~1
+        for name, dim in (("semantic", cfg.semantic_dim), ("identity", cfg.identity_dim)):
+            self.register_buffer(f"{name}_mean", torch.zeros(dim))
+            self.register_buffer(f"{name}_std", torch.full((dim,), dim**-0.5))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -107,6 +113,28 @@ class UniF2ace(nn.Module):
                 nn.init.normal_(mod.weight, std=0.02)
             elif isinstance(mod, TokenMoE):
                 mod.reset_parameters()
+
+    @torch.no_grad()
+    def fit_embedding_stats(self, semantic: torch.Tensor, identity: torch.Tensor) -> None:
+        """Set the embedding standardisation from training embeddings ``[N, dim]``. The encoders
+        give unit vectors that share one mean direction (on SynthFace ~0.8 of their norm); left
+        in, it drowns the per-image part and a tiny model trained on VQA never learned to read
+        the resampled embeddings (answers were the same with the embeddings shuffled)."""
+        for name, e in (("semantic", semantic), ("identity", identity)):
+            mean, std = getattr(self, f"{name}_mean"), getattr(self, f"{name}_std")
+            if e.ndim != 2 or e.shape[1] != mean.numel() or e.shape[0] < 2:
+                raise ValueError(f"{name} embeddings for the statistics must be [N >= 2, "
+                                 f"{mean.numel()}], got {list(e.shape)}")  # fmt: skip
+            e = e.double()
+            sd = e.std(0)
+            mean.copy_(e.mean(0))
+            std.copy_(sd.clamp(min=float(sd.mean()) * 0.05 + 1e-12))
+
+    def standardize_embeddings(self, name: str, e: torch.Tensor | None) -> torch.Tensor | None:
+        if e is None:
+            return None
+        mean, std = getattr(self, f"{name}_mean"), getattr(self, f"{name}_std")
+        return (e.to(mean.dtype) - mean) / std
 
     def shard_units(self) -> list[nn.Module]:
         """The modules FSDP2 shards one by one (each block)."""
@@ -125,8 +153,8 @@ class UniF2ace(nn.Module):
             "group_flat": group,  # token MoE group: 0 understanding, 1 generation
             "pool": batch["pool"] & valid,
             "task": (task == TASK_T2I).long(),
-            "semantic": batch.get("semantic"),
-            "identity": batch.get("identity"),
+            "semantic": self.standardize_embeddings("semantic", batch.get("semantic")),
+            "identity": self.standardize_embeddings("identity", batch.get("identity")),
         }
 
     def hidden_states(self, input_ids: torch.Tensor, batch: dict, valid: torch.Tensor | None = None,

@@ -113,6 +113,7 @@ def train_unified(root, recipe: dict[str, dict], *, out=None, progress: bool = T
                              tasks=tuple(data["tasks"]),
                              t2i_per_image=int(data["t2i_per_image"]))  # fmt: skip
     model = UniF2ace(cfg)
+    model.fit_embedding_stats(split.semantic, split.identity)  # resumed runs load the same
     if budget is not None:
         steps_file = out / "train" / "steps.json"
         if steps_file.is_file():
