@@ -120,15 +120,17 @@ class UniF2ace(nn.Module):
         give unit vectors that share one mean direction (on SynthFace ~0.8 of their norm); left
         in, it drowns the per-image part and a tiny model trained on VQA never learned to read
         the resampled embeddings (answers were the same with the embeddings shuffled)."""
-        for name, e in (("semantic", semantic), ("identity", identity)):
-            mean, std = getattr(self, f"{name}_mean"), getattr(self, f"{name}_std")
-            if e.ndim != 2 or e.shape[1] != mean.numel() or e.shape[0] < 2:
+        pairs = (("semantic", semantic), ("identity", identity))
+        for name, e in pairs:  # check both before changing either
+            dim = getattr(self, f"{name}_mean").numel()
+            if e.ndim != 2 or e.shape[1] != dim or e.shape[0] < 2:
                 raise ValueError(f"{name} embeddings for the statistics must be [N >= 2, "
-                                 f"{mean.numel()}], got {list(e.shape)}")  # fmt: skip
+                                 f"{dim}], got {list(e.shape)}")  # fmt: skip
+        for name, e in pairs:
             e = e.double()
             sd = e.std(0)
-            mean.copy_(e.mean(0))
-            std.copy_(sd.clamp(min=float(sd.mean()) * 0.05 + 1e-12))
+            getattr(self, f"{name}_mean").copy_(e.mean(0))
+            getattr(self, f"{name}_std").copy_(sd.clamp(min=float(sd.mean()) * 0.05 + 1e-12))
 
     def standardize_embeddings(self, name: str, e: torch.Tensor | None) -> torch.Tensor | None:
         if e is None:
