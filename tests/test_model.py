@@ -160,6 +160,42 @@ def test_embedding_standardisation_is_fitted_saved_and_checked(tmp_path):
         model.fit_embedding_stats(sem, ide[:1])
 
 
+def test_image_position_and_code_vector_embeddings(tmp_path):
+    """image_pos_embed adds a learned embedding per grid position and code_vector_dim a linear map
+    of the tokenizer's code vector, to image tokens only (never the mask token or text)."""
+    cfg = small_cfg(image_pos_embed=True, code_vector_dim=3)
+    model = UniF2ace(cfg)
+    with pytest.raises(ValueError, match=r"code vectors must be \[37, 3\]"):
+        model.set_code_vectors(torch.randn(36, 3))
+    with pytest.raises(ValueError, match="code_vector_dim = 0"):
+        UniF2ace(small_cfg()).set_code_vectors(torch.randn(37, 3))
+    vec = torch.randn(cfg.codebook_size, 3, dtype=torch.float64) * 5 + 2
+    model.set_code_vectors(vec)
+    z = ((vec - vec.mean(0)) / vec.std(0)).float()
+    torch.testing.assert_close(model.code_vectors, z)
+    batch = collate(cfg, examples(cfg, 4))
+    ids, is_img = batch["input_ids"].clone(), batch["is_image"]
+    row = 1
+    where = is_img[row].nonzero().flatten()
+    ids[row, where[5]] = cfg.mask_id  # a masked image token: position embedding, no code vector
+    got = model.embed(ids, is_img)
+    base = model.embed_tokens(ids)
+    torch.testing.assert_close(got[~is_img], base[~is_img])
+    for k, p in enumerate(where.tolist()):
+        want = base[row, p] + model.image_pos.weight[k]
+        if k != 5:
+            want = want + model.code_proj(z[ids[row, p] - cfg.image_offset])
+        torch.testing.assert_close(got[row, p], want)
+    loss, _ = model.loss(batch, step=1, seed=0)
+    loss.backward()
+    assert model.image_pos.weight.grad.abs().sum() > 0 and model.code_proj.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path / "m")
+    back = UniF2ace.from_pretrained(tmp_path / "m", expect=cfg)
+    torch.testing.assert_close(back.code_vectors, model.code_vectors)
+    with pytest.raises(ValueError, match="another config"):
+        UniF2ace.from_pretrained(tmp_path / "m", expect=small_cfg())
+
+
 @pytest.mark.parametrize("moe", [(True, True), (False, True), (True, False), (False, False)])
 def test_loss_finite_and_every_parameter_gets_a_gradient(moe):
     cfg = small_cfg(token_moe=moe[0], seq_moe=moe[1], cond_drop=0.0, noise_std=0.0)

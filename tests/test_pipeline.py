@@ -129,3 +129,13 @@ def test_unified_dataset_task_mix(run):
         UnifiedDataset(split, assets.tokenizer, tasks=("t2i", "captions"))
     with pytest.raises(ValueError, match="t2i_per_image"):
         UnifiedDataset(split, assets.tokenizer, t2i_per_image=0)
+
+
+def test_vq_perceptual_loss_uses_the_semantic_encoder(run, tmp_path):
+    # data-all trains the encoders before the tokenizer, whose perceptual loss reads them
+    info = json.loads((run / "vq" / "metrics.json").read_text())
+    assert info["train"]["perceptual_weight"] == 0.2
+    assert info["perceptual_encoder"] == str(run / "encoders" / "semantic")
+    with pytest.raises(SystemExit, match="no model.safetensors"):
+        main(["train-vq", "--out", str(run), "--steps", "1", "--perceptual", str(tmp_path),
+              "--quiet"])  # fmt: skip

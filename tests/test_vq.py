@@ -114,3 +114,42 @@ def test_decoder_options_ema_edge_and_cpu_budget(faces, tmp_path):
     # a spent CPU budget stops after one step
     _, part = train_vq(faces, cfg, steps=4, batch=4, max_cpu_minutes=0.0, progress=False)
     assert part["stopped_early"] and part["steps_done"] == 1
+
+
+def test_semantic_perceptual_loss(faces, tmp_path):
+    from unif2ace.encoders.cnn import SemanticEncoder
+    from unif2ace.encoders.cnn import to_tensor as tt
+    from unif2ace.vq.train import SemanticPerceptualLoss
+
+    torch.manual_seed(0)
+    enc = SemanticEncoder(width=8, dim=32)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    loss = SemanticPerceptualLoss(enc)
+    loss.train()  # the encoder stays in eval mode: its BatchNorm statistics are not updated
+    assert not enc.training and not any(p.requires_grad for p in enc.parameters())
+    x = tt(faces[:4])
+    assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-6)
+    rec = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
+    d = loss(rec, x)
+    assert float(d) > 0
+    d.backward()
+    assert rec.grad is not None and rec.grad.abs().sum() > 0
+    assert all(p.grad is None for p in enc.parameters())
+    for k, v in enc.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    # a closer reconstruction is closer
+    assert float(loss(x + 0.05 * torch.randn_like(x), x)) < float(d)
+    with pytest.raises(ValueError, match="64 px"):
+        loss(x[..., :32, :32], x[..., :32, :32])
+    # in training: steps run, the weight is reported
+    m, info = train_vq(faces, VQConfig(), steps=2, batch=4, perceptual=loss,
+                       perceptual_weight=0.5, progress=False)  # fmt: skip
+    assert info["perceptual_weight"] == 0.5 and np.isfinite(info["final_loss"])
+
+
+def test_code_vectors_match_decode(faces):
+    m = VQAutoencoder(VQConfig(fsq_levels=(4, 3, 5)))
+    v = m.code_vectors()
+    assert v.shape == (60, 3) and len(torch.unique(v, dim=0)) == 60
+    ids = torch.tensor([[[7]]])
+    torch.testing.assert_close(m.quantizer.indices_to_codes(ids)[0, :, 0, 0], v[7])

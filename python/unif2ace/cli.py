@@ -7,8 +7,9 @@ writes under one output folder (``--out``); the data commands use these sub-fold
     <out>/synthface/        the dataset (make-data)
     <out>/text_tokenizer/   tokenizer.json (train-text-tokenizer)
     <out>/judge/            attribute judge + metrics.json (train-judge)
-    <out>/vq/               image tokenizer + metrics.json (train-vq)
     <out>/encoders/         semantic/, identity/, embeddings/, metrics.json (train-encoders)
+    <out>/vq/               image tokenizer + metrics.json (train-vq; its perceptual loss runs
+                            through encoders/semantic, so train-encoders comes first)
     <out>/report.json       everything measured (data-all)
 """
 
@@ -267,6 +268,18 @@ def _add_vq(p):
     p.add_argument("--decoder-stage-blocks", type=int, default=1, help="... at each upsampling")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights (0: off)")
     p.add_argument("--edge-weight", type=float, default=0.0, help="L1 on pixel differences")
+    p.add_argument(
+        "--perceptual-weight",
+        type=float,
+        default=0.2,
+        help="weight of the perceptual loss through the semantic encoder (0: off)",
+    )
+    p.add_argument(
+        "--perceptual",
+        type=Path,
+        help="semantic encoder folder for the perceptual loss (default <out>/encoders/semantic; "
+        "without one the loss is off, reported)",
+    )
     p.add_argument("--max-minutes", type=float, help="wall budget (default 30; fast: 4)")
     p.add_argument("--max-cpu-minutes", type=float, default=14.0, help="CPU-time budget")
     p.add_argument("--judge", type=Path, help="judge folder (default <out>/judge if present)")
@@ -303,6 +316,18 @@ def run_vq(args) -> dict:
         decoder_blocks=args.decoder_blocks,
         decoder_stage_blocks=args.decoder_stage_blocks,
     )
+    perceptual = None
+    sem_dir = args.perceptual or Path(args.out) / "encoders" / "semantic"
+    if args.perceptual_weight:
+        if (sem_dir / "model.safetensors").exists():
+            from unif2ace.vq.train import SemanticPerceptualLoss
+
+            perceptual = SemanticPerceptualLoss(load_encoder(sem_dir))
+        elif args.perceptual is not None:
+            raise SystemExit(f"--perceptual {sem_dir}: no model.safetensors there")
+        elif not args.quiet:
+            print(f"train-vq: no semantic encoder at {sem_dir}; training without the perceptual "
+                  "loss (run train-encoders first)")  # fmt: skip
     model, info = train_vq(
         images,
         cfg,
@@ -315,9 +340,12 @@ def run_vq(args) -> dict:
         ema_decay=args.ema,
         edge_weight=args.edge_weight,
         max_cpu_minutes=args.max_cpu_minutes,
+        perceptual=perceptual,
+        perceptual_weight=args.perceptual_weight,
     )
     res = {
         "train": info,
+        "perceptual_encoder": str(sem_dir) if perceptual is not None else None,
         "tokens": f"{cfg.tokens_side}x{cfg.tokens_side}",
         "codebook_size": cfg.codebook_size,
         "quantizer": cfg.quantizer,
@@ -457,7 +485,7 @@ def load_encoder(folder):
 @register(
     "data-all",
     "the whole data pipeline into one folder: data, text tokenizer, judge, "
-    "image tokenizer, encoders; writes <out>/report.json",
+    "encoders, image tokenizer; writes <out>/report.json",
 )
 def _add_all(p):
     _common(p)
@@ -491,8 +519,10 @@ def run_all(args) -> dict:
         ],
         "train-text-tokenizer": ["--vocab-size", "1024" if fast else "4096"],
         "train-judge": ["--steps", "20", "--num-images", "600"] if fast else [],
-        "train-vq": ["--steps", "20"] if fast else [],
+        # the encoders come before the image tokenizer: its perceptual loss runs through the
+        # semantic encoder
         "train-encoders": ["--semantic-steps", "10", "--identity-steps", "10"] if fast else [],
+        "train-vq": ["--steps", "20"] if fast else [],
     }
     report = {}
     for name, extra in steps.items():

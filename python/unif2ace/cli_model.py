@@ -298,9 +298,9 @@ def run_demo(args) -> dict:
         "make-data": ["--num-images", str(200 if fast else args.num_images)],
         "train-text-tokenizer": ["--vocab-size", "1024" if fast else "2048"],
         "train-judge": ["--steps", "30", "--num-images", "600"] if fast else ["--steps", "2500"],
-        "train-vq": ["--steps", "30"] if fast else ["--preset", "fast"],
         "train-encoders": (["--semantic-steps", "10", "--identity-steps", "10"] if fast
                            else ["--semantic-steps", "400", "--identity-steps", "800"]),
+        "train-vq": ["--steps", "30"] if fast else ["--preset", "fast"],  # perceptual: semantic
     }  # fmt: skip
     timing = {}
     for name, extra in steps.items():

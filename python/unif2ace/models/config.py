@@ -34,6 +34,12 @@ class ModelConfig:
     norm_eps: float = 1e-5
     d_ff: int = 512  # dense MLP width (token MoE off)
     activation: str = "gelu_tanh"  # Phi's gelu_new
+    # image-token input embeddings added to the token table: a learned embedding per grid
+    # position (MaskGIT's; rotary alone gives only 1-D offsets), and a learned linear map of the
+    # image tokenizer's code vector (FSQ/LFQ coordinates, :meth:`UniF2ace.set_code_vectors`), so
+    # codes that decode to similar colours start with similar embeddings
+    image_pos_embed: bool = False
+    code_vector_dim: int = 0  # 0: off
     # token-level grouped MoE: group 0 understanding, group 1 generation
     token_moe: bool = True
     routed_experts: int = 4  # per group

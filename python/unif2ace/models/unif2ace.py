@@ -95,6 +95,11 @@ class UniF2ace(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        if cfg.image_pos_embed:
+            self.image_pos = nn.Embedding(cfg.image_tokens, cfg.d_model)
+        if cfg.code_vector_dim:
+            self.code_proj = nn.Linear(cfg.code_vector_dim, cfg.d_model, bias=False)
+            self.register_buffer("code_vectors", torch.zeros(cfg.codebook_size, cfg.code_vector_dim))
         # per-entry standardisation of the semantic / identity embeddings the sequence-MoE
         # resamplers read (:meth:`fit_embedding_stats`); the default scales a unit vector's
         # entries to ~1
@@ -132,6 +137,35 @@ class UniF2ace(nn.Module):
             getattr(self, f"{name}_mean").copy_(e.mean(0))
             getattr(self, f"{name}_std").copy_(sd.clamp(min=float(sd.mean()) * 0.05 + 1e-12))
 
+    @torch.no_grad()
+    def set_code_vectors(self, vectors: torch.Tensor) -> None:
+        """The image tokenizer's code vector of every codebook entry, ``[codebook_size,
+        code_vector_dim]`` (``VQAutoencoder.code_vectors()``); standardised per coordinate."""
+        cfg = self.config
+        if not cfg.code_vector_dim:
+            raise ValueError("this model has code_vector_dim = 0 (no code-vector embedding)")
+        want = (cfg.codebook_size, cfg.code_vector_dim)
+        if tuple(vectors.shape) != want:
+            raise ValueError(f"code vectors must be {list(want)}, got {list(vectors.shape)}")
+        v = vectors.double()
+        self.code_vectors.copy_((v - v.mean(0)) / v.std(0).clamp(min=1e-6))
+
+    def embed(self, input_ids: torch.Tensor, is_image: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings ``[B, L, D]``: the token table, plus for image tokens (``is_image``,
+        each image row holding its ``image_tokens`` codes in raster order) the grid-position and
+        code-vector embeddings when the config has them."""
+        cfg = self.config
+        x = self.embed_tokens(input_ids)
+        if is_image is not None and cfg.image_pos_embed:
+            pos = (is_image.long().cumsum(1) - 1).clamp(0, cfg.image_tokens - 1)
+            x = x + self.image_pos(pos) * is_image[..., None]
+        if cfg.code_vector_dim:
+            code = input_ids - cfg.image_offset
+            is_code = (code >= 0) & (code < cfg.codebook_size)
+            vec = self.code_vectors[code.clamp(0, cfg.codebook_size - 1)]
+            x = x + self.code_proj(vec) * is_code[..., None]
+        return x
+
     def standardize_embeddings(self, name: str, e: torch.Tensor | None) -> torch.Tensor | None:
         if e is None:
             return None
@@ -166,7 +200,7 @@ class UniF2ace(nn.Module):
         :meth:`decode_step`)."""
         valid = batch["valid"] if valid is None else valid
         ctx = self._context(batch, valid)
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids, batch["is_image"])
         aux = x.new_zeros(())
         for layer in self.layers:
             c = None

@@ -56,7 +56,10 @@ def model_config(section: dict, assets=None) -> ModelConfig:
     preset = section.pop("preset", "tiny")
     if assets is not None:
         section = {**section, **assets.model_fields()}
-    return get_config(preset, **section)
+    cfg = get_config(preset, **section)
+    if assets is not None and cfg.code_vector_dim:  # any non-zero value: on, sized to the tokenizer
+        cfg = get_config(preset, **{**section, "code_vector_dim": assets.vq.config.code_dim})
+    return cfg
 
 
 def train_config(section: dict, out: Path) -> TrainConfig:
@@ -114,6 +117,8 @@ def train_unified(root, recipe: dict[str, dict], *, out=None, progress: bool = T
                              t2i_per_image=int(data["t2i_per_image"]))  # fmt: skip
     model = UniF2ace(cfg)
     model.fit_embedding_stats(split.semantic, split.identity)  # resumed runs load the same
+    if cfg.code_vector_dim:
+        model.set_code_vectors(assets.vq.code_vectors())
     if budget is not None:
         steps_file = out / "train" / "steps.json"
         if steps_file.is_file():

@@ -189,6 +189,12 @@ class VQAutoencoder(nn.Module):
         q = self.quantizer.indices_to_codes(ids)  # [B, d, h, w] (both built channel_first)
         return self.decoder(q.float()).clamp(-1, 1)
 
+    @torch.no_grad()
+    def code_vectors(self) -> torch.Tensor:
+        """The quantiser's vector of every codebook entry, ``float [codebook_size, code_dim]``."""
+        ids = torch.arange(self.config.codebook_size).view(1, -1, 1)
+        return self.quantizer.indices_to_codes(ids)[0, :, :, 0].T.float().contiguous()
+
     # --- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, folder) -> None:
         from unif2ace.data.io import save_pretrained
