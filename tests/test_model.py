@@ -168,7 +168,7 @@ def test_image_position_and_code_vector_embeddings(tmp_path):
     with pytest.raises(ValueError, match=r"code vectors must be \[37, 3\]"):
         model.set_code_vectors(torch.randn(36, 3))
     with pytest.raises(ValueError, match="code_vector_dim = 0"):
-        UniF2ace(small_cfg()).set_code_vectors(torch.randn(37, 3))
+        UniF2ace(small_cfg(code_vector_dim=0)).set_code_vectors(torch.randn(37, 3))
     vec = torch.randn(cfg.codebook_size, 3, dtype=torch.float64) * 5 + 2
     model.set_code_vectors(vec)
     z = ((vec - vec.mean(0)) / vec.std(0)).float()

@@ -38,8 +38,10 @@ class ModelConfig:
     # position (MaskGIT's; rotary alone gives only 1-D offsets), and a learned linear map of the
     # image tokenizer's code vector (FSQ/LFQ coordinates, :meth:`UniF2ace.set_code_vectors`), so
     # codes that decode to similar colours start with similar embeddings
-    image_pos_embed: bool = False
-    code_vector_dim: int = 0  # 0: off
+    # (demo recipe, 1050 steps on the same batches: the image-token loss over steps 500–1050 fell
+    # from 5.94 to 5.15 with the position embedding and to 4.52 with both)
+    image_pos_embed: bool = True
+    code_vector_dim: int = 4  # 0: off; training sets it to the tokenizer's code dimension
     # token-level grouped MoE: group 0 understanding, group 1 generation
     token_moe: bool = True
     routed_experts: int = 4  # per group
@@ -167,7 +169,7 @@ def parameter_count(cfg: ModelConfig) -> dict:
     if cfg.seq_moe:
         seq = 2 * 4 * D + (cfg.semantic_dim + cfg.identity_dim) * D + 2 * (D * D + D) + 2 * D + 4 * D + 2
     blocks = L * (attn + norm + mlp + seq)
-    embed = V * D
+    embed = V * D + cfg.image_pos_embed * cfg.image_tokens * D + cfg.code_vector_dim * D
     head = V * D + V + norm
     total = blocks + embed + head
     active = L * (attn + norm + mlp_active + seq) + embed + head
