@@ -102,7 +102,10 @@ def train_vq(
 
     config = config or VQConfig(size=images.shape[1])
     torch.manual_seed(seed)
-    model = VQAutoencoder(config)
+    # channels-last convolutions: ~8 % less CPU time a step (oneDNN, 1 thread, batch 24)
+    model = VQAutoencoder(config).to(memory_format=torch.channels_last)
+    if perceptual is not None:
+        perceptual.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     ema_params = [p.detach().clone() for p in model.parameters()] if ema_decay > 0 else None
@@ -151,6 +154,7 @@ def train_vq(
         x = to_tensor(images[idx])
         if torch.rand((), generator=g) < 0.5:  # faces are left-right symmetric enough
             x = x.flip(-1)
+        x = x.contiguous(memory_format=torch.channels_last)
         rec, _, aux = model(x)
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + aux
         if edge_weight:
@@ -197,7 +201,7 @@ def train_vq(
         with torch.no_grad():
             for e, p in zip(ema_params, model.parameters()):
                 p.copy_(e)
-    model.eval()
+    model = model.to(memory_format=torch.contiguous_format).eval()
     info = {
         "steps_done": step + 1 if steps > start else start,
         "steps": steps,
