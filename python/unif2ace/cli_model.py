@@ -278,7 +278,7 @@ def _add_demo(p):
     _common(p)
     _recipe_args(p)
     p.add_argument("--num-images", type=int, default=6000)
-    p.add_argument("--minutes", type=float, default=11.0, help="model training budget")
+    p.add_argument("--minutes", type=float, default=9.0, help="model training budget")
     p.add_argument("--fast", action="store_true", help="a smoke run of a minute or two")
     p.set_defaults(threads=2)
     return run_demo
