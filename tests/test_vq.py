@@ -147,7 +147,7 @@ def test_semantic_perceptual_loss(faces, tmp_path):
     assert info["perceptual_weight"] == 0.5 and np.isfinite(info["final_loss"])
 
 
-def test_code_vectors_match_decode(faces):
+def test_code_vectors_match_decode():
     m = VQAutoencoder(VQConfig(fsq_levels=(4, 3, 5)))
     v = m.code_vectors()
     assert v.shape == (60, 3) and len(torch.unique(v, dim=0)) == 60

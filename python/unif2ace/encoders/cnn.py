@@ -55,11 +55,19 @@ class ConvBackbone(nn.Module):
         self.proj = nn.Sequential(nn.Flatten(), nn.Dropout(0.1), nn.Linear(4 * w * 16, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] -> [B, dim]
+        return self.forward_with_maps(x)[0]
+
+    def forward_with_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(``[B, dim]`` output, the feature map after each conv stage)."""
         if x.shape[-1] != self.size:
             x = F.interpolate(
                 x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
             )
-        return self.proj(self.features(x))
+        maps = []
+        for stage in self.features:
+            x = stage(x)
+            maps.append(x)
+        return self.proj(x), maps
 
 
 class AttributeHeads(nn.Module):
@@ -96,6 +104,11 @@ class SemanticEncoder(nn.Module):
 
     def forward(self, x):
         return self.heads(F.relu(self.backbone(x)))
+
+    def forward_with_maps(self, x) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(per-category attribute logits, the backbone's feature map after each conv stage)."""
+        h, maps = self.backbone.forward_with_maps(x)
+        return self.heads(F.relu(h)), maps
 
     @torch.no_grad()
     def embed(self, x):

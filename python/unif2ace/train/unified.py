@@ -58,7 +58,7 @@ def model_config(section: dict, assets=None) -> ModelConfig:
         section = {**section, **assets.model_fields()}
     cfg = get_config(preset, **section)
     if assets is not None and cfg.code_vector_dim:  # any non-zero value: on, sized to the tokenizer
-        cfg = get_config(preset, **{**section, "code_vector_dim": assets.vq.config.code_dim})
+        cfg = dataclasses.replace(cfg, code_vector_dim=assets.vq.config.code_dim).validate()
     return cfg
 
 

@@ -47,15 +47,11 @@ class SemanticPerceptualLoss(torch.nn.Module):
         return self
 
     def _run(self, x: torch.Tensor):
-        bb = self.encoder.backbone
-        if x.shape[-1] != bb.size:
-            raise ValueError(f"perceptual encoder expects {bb.size} px images, got {x.shape[-1]}")
-        feats = []
-        for block in bb.features:
-            x = block(x)
-            feats.append(F.normalize(x, dim=1))
-        logits = self.encoder.heads(F.relu(bb.proj(x)))
-        return feats, logits
+        size = self.encoder.backbone.size
+        if x.shape[-1] != size:  # the backbone would resize; a loss must compare like with like
+            raise ValueError(f"perceptual encoder expects {size} px images, got {x.shape[-1]}")
+        logits, maps = self.encoder.forward_with_maps(x)
+        return [F.normalize(m, dim=1) for m in maps], logits
 
     def forward(self, rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
