@@ -154,6 +154,36 @@ def test_captions_mention_at_least_ten_attributes_and_say_them():
     assert len(openings) >= 5  # varied phrasing
 
 
+def test_captions_say_categories_in_a_fixed_order():
+    """Wording varies, the order does not: the hair, the rest of the face in taxonomy order
+    (absent accessories among them), what is worn, then the background."""
+    from unif2ace.eval.metrics import parse_caption
+
+    index = {c.name: i for i, c in enumerate(CATEGORIES)}
+    hair = ("hair_length", "hair_style", "hair_colour")
+    worn_names = ("glasses", "hat", "mask", "earrings", "clothing", "lipstick")
+
+    def rank(cat, attrs):
+        if cat in hair:
+            return -1
+        if cat == "background":
+            return 200
+        worn = cat in worn_names and attrs[cat] != BY_NAME[cat].none_value
+        return index[cat] + (100 if worn else 0)
+
+    sentence_orders = set()
+    for i in range(200):
+        _, img = sample_image(0, i, 8)
+        text, mentioned = make_caption(img["attrs"], img["text_seed"])
+        sentences = [s for s in text.split(". ") if s]
+        ranks = [sorted(rank(c, img["attrs"]) for c in parse_caption(s)) for s in sentences]
+        assert sum(len(r) for r in ranks) == len(mentioned), text
+        for a, b in zip(ranks, ranks[1:]):
+            assert max(a) < min(b), text
+        sentence_orders.add(tuple(len(r) for r in ranks))
+    assert len(sentence_orders) > 20  # the grouping into sentences still varies
+
+
 def test_vqa_answers_agree_with_attribute_file(small_set):
     n = Counter()
     for split in ("train", "val", "test"):

@@ -176,7 +176,13 @@ def _hair_phrase(a: dict, rng) -> tuple[str, list[str]]:
 
 def make_caption(attrs: dict, text_seed: int) -> tuple[str, list[str]]:
     """A fine-grained caption and the categories it mentions. Present accessories are always
-    mentioned; absent ones ("no glasses") about half of the time; order and wording vary."""
+    mentioned; absent ones ("no glasses") about half of the time; wording, sentence templates and
+    how phrases are grouped into sentences vary, the order of the categories does not (hair, then
+    the taxonomy's order, what is worn, the background last).
+
+    The fixed order is for the tiny models: trained on captions in shuffled order, a 4-layer
+    model's greedy captions were right about what they said (precision 0.96) but kept repeating
+    some attributes and never reaching others (recall 0.57 of the reference's mentions)."""
     rng = np.random.Generator(np.random.PCG64(text_seed))
     mentioned: list[str] = []
     body: list[str] = []
@@ -204,8 +210,6 @@ def make_caption(attrs: dict, text_seed: int) -> tuple[str, list[str]]:
             phrase = f"a {v} complexion"
         (worn if c.name in _WEARABLES and v != c.none_value else body).append(phrase)
         mentioned.append(c.name)
-    rng.shuffle(body)
-    rng.shuffle(worn)
     k = int(rng.integers(2, 4))
     sentences = [_pick(rng, _OPENINGS).format(x=_join(body[:k]))]
     rest = body[k:]
@@ -220,8 +224,6 @@ def make_caption(attrs: dict, text_seed: int) -> tuple[str, list[str]]:
             _pick(rng, _SETTING).format(x=BY_NAME["background"].words[attrs["background"]])
         )
         mentioned.append("background")
-    order = rng.permutation(len(sentences) - 1) + 1
-    sentences = [sentences[0]] + [sentences[i] for i in order]
     return " ".join(sentences), mentioned
 
 
