@@ -184,6 +184,19 @@ def test_captions_say_categories_in_a_fixed_order():
     assert len(sentence_orders) > 20  # the grouping into sentences still varies
 
 
+def test_yes_no_value_questions_are_balanced():
+    """A question's wording must not give its answer: on categories with no "absent" value
+    ("Does the person have blue eyes?") yes and no are equally likely."""
+    n = Counter()
+    for i in range(2000):
+        _, img = sample_image(0, i, 8)
+        for q in make_vqa(img["attrs"], img["text_seed"], 4):
+            if "asked" in q and BY_NAME[q["attribute"]].none_value is None:
+                n[q["answer"]] += 1
+    assert sum(n.values()) > 1000
+    assert 0.45 < n["yes"] / sum(n.values()) < 0.55, n
+
+
 def test_vqa_answers_agree_with_attribute_file(small_set):
     n = Counter()
     for split in ("train", "val", "test"):

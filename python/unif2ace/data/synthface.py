@@ -255,8 +255,10 @@ def _yes_no_question(c, value: str) -> str:
 
 def make_vqa(attrs: dict, text_seed: int, n: int = 4) -> list[dict]:
     """``n`` question/answer pairs, half open and half yes/no, each about a visible attribute.
-    Yes/no questions ask about the true value or another one with equal odds; categories with an
-    "absent" value also get presence questions ("Is the person wearing any glasses?")."""
+    Yes/no questions ask about the true value or another one with equal odds (about another one
+    when the attribute is absent, so "Is the person wearing a surgical mask?" is mostly "no", as
+    masks mostly are); categories with an "absent" value also get presence questions ("Is the
+    person wearing any glasses?")."""
     rng = np.random.Generator(np.random.PCG64(text_seed ^ 0x5A5A5A5A))
     visible = [c for c in CATEGORIES if attrs[c.name] is not None]
     chosen = [
@@ -286,8 +288,13 @@ def make_vqa(attrs: dict, text_seed: int, n: int = 4) -> list[dict]:
                     }
                 )
                 continue
-            candidates = [x for x in c.values if x != c.none_value]
-            ask = v if (rng.random() < 0.5 and v != c.none_value) else _pick(rng, candidates)
+            # the true value or another one, half and half: when the other was drawn from all
+            # values (the true one included), "Does the person have blue eyes?" was answered yes
+            # on ~2/3 of the faces, and a 60-minute model learned to say yes to every such
+            # question whatever the image (VQA v2 balances its pairs for the same reason)
+            candidates = [x for x in c.values if x not in (c.none_value, v)]
+            true = v != c.none_value and (rng.random() < 0.5 or not candidates)
+            ask = v if true else _pick(rng, candidates)  # (binary categories: the one present value)
             out.append(
                 {
                     "question": _yes_no_question(c, ask),
