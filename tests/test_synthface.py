@@ -157,18 +157,18 @@ def test_captions_mention_at_least_ten_attributes_and_say_them():
 def test_captions_say_categories_in_a_fixed_order():
     """Wording varies, the order does not: the hair, the rest of the face in taxonomy order
     (absent accessories among them), what is worn, then the background."""
+    from unif2ace.data.synthface import _WEARABLES
     from unif2ace.eval.metrics import parse_caption
 
     index = {c.name: i for i, c in enumerate(CATEGORIES)}
     hair = ("hair_length", "hair_style", "hair_colour")
-    worn_names = ("glasses", "hat", "mask", "earrings", "clothing", "lipstick")
 
     def rank(cat, attrs):
         if cat in hair:
             return -1
         if cat == "background":
             return 200
-        worn = cat in worn_names and attrs[cat] != BY_NAME[cat].none_value
+        worn = cat in _WEARABLES and attrs[cat] != BY_NAME[cat].none_value
         return index[cat] + (100 if worn else 0)
 
     sentence_orders = set()

@@ -262,7 +262,8 @@ def _add_vq(p):
     p.add_argument("--quantizer", choices=("fsq", "lfq"), default="fsq")
     p.add_argument("--codebook-bits", type=int, default=10)
     p.add_argument("--downsample", type=int, default=4, choices=(4, 8), help="4: 16x16, 8: 8x8")
-    p.add_argument("--fsq-levels", default="8,8,8,8", help="fsq: levels; codebook = product")
+    p.add_argument("--fsq-levels", default="",
+                   help="fsq: levels; codebook = product (default: VQConfig's, 8,8,8,8)")  # fmt: skip
     p.add_argument("--decoder-channels", default="", help="decoder widths (default: --channels)")
     p.add_argument("--decoder-blocks", type=int, default=2, help="residual blocks at token grid")
     p.add_argument("--decoder-stage-blocks", type=int, default=1, help="... at each upsampling")
@@ -311,7 +312,7 @@ def run_vq(args) -> dict:
         channels=ints(args.channels)[:n],
         quantizer=args.quantizer,
         codebook_bits=args.codebook_bits,
-        fsq_levels=ints(args.fsq_levels),
+        fsq_levels=ints(args.fsq_levels) or VQConfig.fsq_levels,
         decoder_channels=ints(args.decoder_channels)[:n],
         decoder_blocks=args.decoder_blocks,
         decoder_stage_blocks=args.decoder_stage_blocks,
