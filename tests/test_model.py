@@ -243,6 +243,39 @@ def test_answer_tokens_never_change_earlier_positions():
     assert not torch.allclose(l1[0, first_answer:], l2[0, first_answer:])
 
 
+def test_a_conversation_row_learns_every_answer_and_keeps_the_first_turn():
+    """Extra (question, answer) turns: targets on each answer and its <|endoftext|>, nothing else;
+    the first turn's logits are those of the single-turn row (text is causal); rows stop at a turn
+    boundary before outgrowing ``max_seq_len``."""
+    from unif2ace.data import special_tokens as st
+
+    cfg = small_cfg()
+    model = UniF2ace(cfg).eval()
+    ex = examples(cfg, 1)[0]
+    turns = (([11, 12, 13], [21]), ([14, 15], [22, 23]))
+    conv = Example(ex.task, ex.codes, ex.prompt, ex.answer, ex.semantic, ex.identity, turns=turns)
+    b1, b2 = collate(cfg, [ex]), collate(cfg, [conv])
+    t = b2["targets"][0]
+    assert t[t.ne(-100)].tolist() == ex.answer + [st.EOT_ID, 21, st.EOT_ID, 22, 23, st.EOT_ID]
+    ids = b2["input_ids"][0].tolist()
+    n1 = b1["input_ids"].shape[1]
+    assert ids[:n1] == b1["input_ids"][0].tolist()
+    assert ids[n1:] == [st.USER_ID, 11, 12, 13, st.ASSISTANT_ID, 21, st.EOT_ID,
+                        st.USER_ID, 14, 15, st.ASSISTANT_ID, 22, 23, st.EOT_ID]  # fmt: skip
+    for k in range(len(ids) - 1):  # each target is the next input token
+        if t[k] != -100:
+            assert t[k] == ids[k + 1]
+    with torch.no_grad():
+        l1, l2 = model(b1), model(b2)
+    torch.testing.assert_close(l1[0], l2[0, :n1])
+    many = tuple(([11] * 4, [21] * 3) for _ in range(6))  # 10 tokens a turn
+    b3 = collate(cfg, [Example(ex.task, ex.codes, ex.prompt, ex.answer, turns=many)])
+    assert b3["input_ids"].shape[1] <= cfg.max_seq_len < b3["input_ids"].shape[1] + 10
+    assert 2 <= (b3["targets"][0] == st.EOT_ID).sum() < 1 + len(many)
+    with pytest.raises(ValueError, match="first turn's answer"):
+        collate(cfg, [Example(ex.task, ex.codes, ex.prompt, None, turns=turns)])
+
+
 def test_image_tokens_are_bidirectional_in_the_model():
     cfg = small_cfg()
     model = UniF2ace(cfg).eval()

@@ -119,7 +119,7 @@ def test_unified_dataset_task_mix(run):
         per_image[i] = per_image.get(i, 0) + 1
     base = UnifiedDataset(split, assets.tokenizer, vqa_per_image=1)
     twice = UnifiedDataset(split, assets.tokenizer, vqa_per_image=1, t2i_per_image=2)
-    count = lambda ds, task, vqa: sum(t == task and (j >= 0) == vqa for t, _, j in ds.items)  # noqa: E731
+    count = lambda ds, task, vqa: sum(t == task and bool(js) == vqa for t, _, js in ds.items)  # noqa: E731
     assert count(base, TASK_T2I, False) == n and count(twice, TASK_T2I, False) == 2 * n
     assert count(twice, TASK_MMU, False) == n  # one caption item per image
     assert count(twice, TASK_MMU, True) == sum(min(c, 1) for c in per_image.values())
@@ -129,6 +129,33 @@ def test_unified_dataset_task_mix(run):
         UnifiedDataset(split, assets.tokenizer, tasks=("t2i", "captions"))
     with pytest.raises(ValueError, match="t2i_per_image"):
         UnifiedDataset(split, assets.tokenizer, t2i_per_image=0)
+    with pytest.raises(ValueError, match="vqa_turns"):
+        UnifiedDataset(split, assets.tokenizer, vqa_turns=0)
+
+
+def test_unified_dataset_packs_an_images_questions_into_conversations(run):
+    from unif2ace.pipeline import Assets, UnifiedDataset, prepare_split
+
+    assets = Assets(run)
+    split = prepare_split(assets, "train", progress=False)
+    ds = UnifiedDataset(split, assets.tokenizer, vqa_per_image=None, tasks=("vqa",), vqa_turns=3)
+    per_image: dict[int, list[int]] = {}
+    for j, (i, *_rest) in enumerate(split.vqa):
+        per_image.setdefault(i, []).append(j)
+    assert len(ds) == sum(-(-len(js) // 3) for js in per_image.values())
+    seen: dict[int, list[int]] = {}
+    first_types = set()
+    for n in range(len(ds)):
+        _, i, js = ds.items[n]
+        assert 1 <= len(js) <= 3 and all(split.vqa[j][0] == i for j in js)
+        seen.setdefault(i, []).extend(js)
+        first_types.add(split.vqa[js[0]][3])
+        ex = ds[n]
+        enc = assets.tokenizer.encode
+        pairs = [(ex.prompt, ex.answer), *ex.turns]
+        assert pairs == [(enc(split.vqa[j][1]), enc(split.vqa[j][2])) for j in js]
+    assert {i: sorted(v) for i, v in seen.items()} == per_image  # each question once
+    assert first_types == {"open", "yes_no"}  # SynthFace's order alternates; rows do not
 
 
 def test_vq_perceptual_loss_uses_the_semantic_encoder(run, tmp_path):

@@ -197,31 +197,43 @@ def prepare_split(assets: Assets, split: str, progress: bool = True) -> SplitDat
 class UnifiedDataset(torch.utils.data.Dataset):
     """Training items of one split: per image ``t2i_per_image`` text→image examples (its caption
     as prompt; each copy draws its own mask time), a captioning example, and up to
-    ``vqa_per_image`` of its VQA pairs. Each item is an :class:`Example`."""
+    ``vqa_per_image`` of its VQA pairs, ``vqa_turns`` to a row (a conversation about the image,
+    in an order drawn once per image, so any kind of question comes first in some rows). Each
+    item is an :class:`Example`."""
 
     def __init__(self, split: SplitData, tokenizer, *, vqa_per_image: int | None = None,
-                 tasks: tuple[str, ...] = ("t2i", "caption", "vqa"), t2i_per_image: int = 1):  # fmt: skip
+                 tasks: tuple[str, ...] = ("t2i", "caption", "vqa"), t2i_per_image: int = 1,
+                 vqa_turns: int = 1):  # fmt: skip
         unknown = set(tasks) - {"t2i", "caption", "vqa"}
         if unknown or not tasks:
             raise ValueError(f"tasks must be a non-empty subset of t2i, caption, vqa; got {list(tasks)}")
         if t2i_per_image < 1:
             raise ValueError(f"t2i_per_image must be >= 1, got {t2i_per_image}")
+        if vqa_turns < 1:
+            raise ValueError(f"vqa_turns must be >= 1, got {vqa_turns}")
         self.split = split
         enc = tokenizer.encode
         self.caption_ids = [enc(c) for c in split.captions]
         self.caption_prompt = enc(CAPTION_PROMPT)
-        self.items: list[tuple[int, int, int]] = []  # (task, image, vqa index or -1)
+        # (task, image, VQA record indices: () for t2i and captions)
+        self.items: list[tuple[int, int, tuple[int, ...]]] = []
         for i in range(len(split.ids)):
             if "t2i" in tasks:
-                self.items += [(TASK_T2I, i, -1)] * t2i_per_image
+                self.items += [(TASK_T2I, i, ())] * t2i_per_image
             if "caption" in tasks:
-                self.items.append((TASK_MMU, i, -1))
+                self.items.append((TASK_MMU, i, ()))
         if "vqa" in tasks:
-            seen: dict[int, int] = {}
+            per_image: dict[int, list[int]] = {}
             for j, (i, *_rest) in enumerate(split.vqa):
-                seen[i] = seen.get(i, 0) + 1
-                if vqa_per_image is None or seen[i] <= vqa_per_image:
-                    self.items.append((TASK_MMU, i, j))
+                js = per_image.setdefault(i, [])
+                if vqa_per_image is None or len(js) < vqa_per_image:
+                    js.append(j)
+            for i, js in per_image.items():
+                if vqa_turns > 1:  # SynthFace alternates open and yes/no: mix the order
+                    g = np.random.default_rng(i)
+                    js = [js[k] for k in g.permutation(len(js))]
+                self.items += [(TASK_MMU, i, tuple(js[k : k + vqa_turns]))
+                               for k in range(0, len(js), vqa_turns)]  # fmt: skip
         self.vqa_ids = {j: (enc(q), enc(a)) for j, (_, q, a, *_r) in enumerate(split.vqa)
                         if "vqa" in tasks}  # fmt: skip
 
@@ -229,13 +241,16 @@ class UnifiedDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, n: int) -> Example:
-        task, i, j = self.items[n]
+        task, i, js = self.items[n]
         s = self.split
         codes = s.codes[i].long()
         if task == TASK_T2I:
             return Example(TASK_T2I, codes, self.caption_ids[i], index=n)
-        q, a = (self.caption_prompt, self.caption_ids[i]) if j < 0 else self.vqa_ids[j]
-        return Example(TASK_MMU, codes, q, a, s.semantic[i], s.identity[i], index=n)
+        if not js:
+            q, a, more = self.caption_prompt, self.caption_ids[i], ()
+        else:
+            (q, a), more = self.vqa_ids[js[0]], tuple(self.vqa_ids[j] for j in js[1:])
+        return Example(TASK_MMU, codes, q, a, s.semantic[i], s.identity[i], index=n, turns=more)
 
 
 class Pipeline:

@@ -11,7 +11,9 @@
       <|mmu|> <|soi|> image <|eoi|> <|user|> question <|assistant|> answer <|endoftext|> <|pad|>…
 
   the loss is next-token cross-entropy on ``answer <|endoftext|>``. A caption is the answer to the
-  fixed instruction :data:`CAPTION_PROMPT`.
+  fixed instruction :data:`CAPTION_PROMPT`. A training row may go on with more turns about the
+  same image, ``<|user|> question <|assistant|> answer <|endoftext|>`` each (``Example.turns``),
+  with the loss on every answer: the image's 256 tokens are paid once for all its questions.
 
 Image codes ``c ∈ [0, K)`` become token ids ``text_vocab + c``; ``c = K`` is the mask token.
 :func:`collate` pads a list of :class:`Example` into the tensors the model takes:
@@ -42,6 +44,8 @@ class Example:
     semantic: torch.Tensor | None = None  # [semantic_dim]
     identity: torch.Tensor | None = None  # [identity_dim]
     index: int = 0  # sample index (seeds the per-sample noise)
+    # mmu: more (question, answer) turns about the same image after the first (a conversation)
+    turns: tuple[tuple[list[int], list[int]], ...] = ()
 
 
 def t2i_length(cfg) -> int:
@@ -72,11 +76,19 @@ def _row(cfg, ex: Example):
         raise ValueError(f"example {ex.index}: task must be 0 (mmu) or 1 (t2i), got {ex.task}")
     head = [st.MMU_ID, st.SOI_ID] + img + [st.EOI_ID, st.USER_ID] + text + [st.ASSISTANT_ID]
     answer = [] if ex.answer is None else list(ex.answer)[: cfg.max_text_len] + [st.EOT_ID]
-    ids = head + answer
+    if ex.turns and ex.answer is None:
+        raise ValueError(f"example {ex.index}: more turns need the first turn's answer")
+    ids, lab = head + answer, [IGNORE] * len(head) + answer  # lab: the answer tokens to learn
+    for q, a in ex.turns:
+        q, a = list(q)[: cfg.max_text_len], list(a)[: cfg.max_text_len] + [st.EOT_ID]
+        if len(ids) + len(q) + len(a) + 2 > cfg.max_seq_len:
+            break  # a conversation never outgrows the longest single-turn row
+        ids += [st.USER_ID] + q + [st.ASSISTANT_ID] + a
+        lab += [IGNORE] * (len(q) + 2) + a
     is_img = [False, False] + [True] * N + [False] * (len(ids) - N - 2)
-    pool = [True] * len(head) + [False] * len(answer)
+    pool = [True] * len(head) + [False] * (len(ids) - len(head))  # the first question's context
     # targets[i] = the token position i predicts (i + 1), on answer tokens only
-    targets = [IGNORE] * (len(head) - 1) + answer + [IGNORE]
+    targets = lab[1:] + [IGNORE]
     return ids, is_img, [True] * len(ids), pool, [False] * len(ids), targets
 
 
