@@ -57,6 +57,11 @@ def test_cli_generate_answer_caption_evaluate(run, capsys):
     assert {"generation", "vqa", "caption"} <= set(m)
     assert 0 <= m["generation"]["mean"] <= 1 and 0 <= m["vqa"]["accuracy"] <= 1
     assert (run / "model" / "eval" / "metrics.md").read_text().startswith("| metric |")
+    # no generation asked: VQA and captions only (it crashed sizing an empty set of real faces)
+    assert main(["evaluate", "--out", str(run), "--n-gen", "0", "--n-vqa", "4", "--n-cap", "2",
+                 "--report", str(run / "vqa_only"), "--quiet"]) == 0  # fmt: skip
+    m = json.loads((run / "vqa_only" / "metrics.json").read_text())
+    assert "generation" not in m and {"vqa", "caption"} <= set(m)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -294,7 +294,7 @@ def load_split(
     """Load a SynthFace split (images + attribute labels) into memory."""
     from tqdm.auto import tqdm
 
-    from unif2ace.data.taxonomy import encode_attributes
+    from unif2ace.data.taxonomy import CATEGORIES, encode_attributes
 
     path = find_split_file(root, "attributes", split)
     recs, _ = read_records(path, kind="attributes", image_root=root)
@@ -307,7 +307,7 @@ def load_split(
     return FaceArrays(
         images=np.stack(images) if images else np.zeros((0, size or 64, size or 64, 3), np.uint8),
         labels=np.array([encode_attributes(r.attributes) for r in recs], dtype=np.int64).reshape(
-            len(recs), -1
+            len(recs), len(CATEGORIES)  # (-1 cannot size an empty split)
         ),
         identities=np.array(
             [-1 if r.identity is None else r.identity for r in recs], dtype=np.int64
