@@ -200,10 +200,21 @@ def test_vqa_accuracy(records):
     assert s["accuracy"] == 1.0 and s["n"] == len(gold)
     assert set(s["per_type"]) == {"open", "yes_no"}
     assert sum(d["n"] for d in s["per_type"].values()) == len(gold)
-    # flip every yes/no answer: yes/no accuracy 0, open stays 1
-    flipped = [({"yes": "no", "no": "yes"}[g] if t == "yes_no" else g) for g, t in zip(gold, types)]
+    assert s["per_type"]["yes_no"]["decision_accuracy"] == 1.0
+    # flip every yes/no decision ("brown, so no" -> "brown, so yes"): yes/no accuracy 0, open 1
+    flip = {"yes": "no", "no": "yes"}
+    flipped = [
+        (g[: g.rindex(g.split()[-1])] + flip[g.split()[-1]] if t == "yes_no" else g)
+        for g, t in zip(gold, types)
+    ]
+    assert any("so" in g.split() for g in flipped)  # the explained form is among them
     s = vqa_accuracy(flipped, gold, types)
     assert s["per_type"]["yes_no"]["accuracy"] == 0.0 and s["per_type"]["open"]["accuracy"] == 1.0
+    assert s["per_type"]["yes_no"]["decision_accuracy"] == 0.0
+    # the right decision with a wrong value: not an exact match, a right decision
+    yn = [g for g, t in zip(gold, types) if g.endswith(", so no")]
+    s2 = vqa_accuracy(["zzz, so no" for _ in yn], yn, ["yes_no"] * len(yn))
+    assert s2["accuracy"] == 0.0 and s2["per_type"]["yes_no"]["decision_accuracy"] == 1.0
     n_open = s["per_type"]["open"]["n"]
     assert s["accuracy"] == pytest.approx(n_open / len(gold))
     assert vqa_accuracy(["a"], ["b"])["per_type"] == {}

@@ -11,12 +11,14 @@ import pytest
 
 from unif2ace.data.readers import dataset_stats, iter_rows, load_split
 from unif2ace.data.synthface import (
+    _YES_NO_OPEN,
     SynthFaceConfig,
     draw_image,
     expected_answer,
     generate,
     make_caption,
     make_vqa,
+    open_answer,
     sample_image,
     split_of_identity,
 )
@@ -192,7 +194,7 @@ def test_yes_no_value_questions_are_balanced():
         _, img = sample_image(0, i, 8)
         for q in make_vqa(img["attrs"], img["text_seed"], 4):
             if "asked" in q and BY_NAME[q["attribute"]].none_value is None:
-                n[q["answer"]] += 1
+                n[q["answer"].split()[-1]] += 1  # "brown, so no": the decision comes last
     assert sum(n.values()) > 1000
     assert 0.45 < n["yes"] / sum(n.values()) < 0.55, n
 
@@ -209,13 +211,21 @@ def test_vqa_answers_agree_with_attribute_file(small_set):
             assert a[rec["attribute"]] is not None, "asked about a hidden attribute"
             assert rec["answer"] == expected_answer(rec, a), (line, rec)
             if rec["type"] == "yes_no":
-                assert rec["answer"] in ("yes", "no")
+                decision = rec["answer"].split()[-1]
+                assert decision in ("yes", "no")
+                if "asked" in rec and rec["attribute"] not in _YES_NO_OPEN:
+                    # what the face has, then the decision
+                    value = open_answer(rec["attribute"], a[rec["attribute"]])
+                    assert rec["answer"] == f"{value}, so {decision}", rec
+                    assert (decision == "yes") == (rec["asked"] == a[rec["attribute"]])
+                else:
+                    assert rec["answer"] == decision
                 if "asked" in rec:
                     assert (
                         BY_NAME[rec["attribute"]].words[rec["asked"]] in rec["question"]
                         or rec["asked"] in rec["question"]
                     )
-            n[rec["type"], rec["answer"] if rec["type"] == "yes_no" else "open"] += 1
+            n[rec["type"], rec["answer"].split()[-1] if rec["type"] == "yes_no" else "open"] += 1
     assert n["open", "open"] > 0 and n["yes_no", "yes"] > 0 and n["yes_no", "no"] > 0
 
 
@@ -257,7 +267,8 @@ def test_parquet_output_matches_jsonl(small_set, tmp_path):
     strip = lambda r: {k: v for k, v in r.items() if v is not None}  # noqa: E731
     assert [strip(r) for _, r in a] == [strip(r) for _, r in b]
     arr = load_split(tmp_path / "pq", "test")
-    assert arr.images.shape[1:] == (64, 64, 3) and len(arr.ids) == len(a) // 4
+    per_image = SynthFaceConfig.vqa_per_image
+    assert arr.images.shape[1:] == (64, 64, 3) and len(arr.ids) == len(a) // per_image
 
 
 def test_load_split_and_stats(small_set):

@@ -63,7 +63,7 @@ def _add_make_data(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="image side, 32..256 (default 64)")
     p.add_argument("--images-per-identity", type=int, default=8)
-    p.add_argument("--vqa-per-image", type=int, default=4)
+    p.add_argument("--vqa-per-image", type=int, default=8, help="questions per image (default 8)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
     return run_make_data

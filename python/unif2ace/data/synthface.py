@@ -253,12 +253,26 @@ def _yes_no_question(c, value: str) -> str:
     return f"Does the person have {phrase}?"
 
 
+def value_answer(category: str, value: str, asked: str) -> str:
+    """The answer to "Does the person have <asked>?": what the face has, then the decision
+    ("brown, so no"; "curly, so yes"), the way explain-then-answer VQA data reads. A model that
+    answered a bare yes/no had to compare the asked value with the image in one token, and a
+    60-minute tiny model did not learn to (it said "no" to 1 of 12 "yes" hair-colour questions
+    while naming the hair colour right 30/30). Binary categories ("Does the person have bangs?")
+    keep a bare yes/no: there the open answer is the decision."""
+    decision = "yes" if asked == value else "no"
+    if category in _YES_NO_OPEN:
+        return decision
+    return f"{open_answer(category, value)}, so {decision}"
+
+
 def make_vqa(attrs: dict, text_seed: int, n: int = 4) -> list[dict]:
     """``n`` question/answer pairs, half open and half yes/no, each about a visible attribute.
     Yes/no questions ask about the true value or another one with equal odds (about another one
     when the attribute is absent, so "Is the person wearing a surgical mask?" is mostly "no", as
-    masks mostly are); categories with an "absent" value also get presence questions ("Is the
-    person wearing any glasses?")."""
+    masks mostly are) and are answered by :func:`value_answer` ("brown, so no"); categories with
+    an "absent" value also get presence questions ("Is the person wearing any glasses?"),
+    answered yes or no."""
     rng = np.random.Generator(np.random.PCG64(text_seed ^ 0x5A5A5A5A))
     visible = [c for c in CATEGORIES if attrs[c.name] is not None]
     chosen = [
@@ -298,7 +312,7 @@ def make_vqa(attrs: dict, text_seed: int, n: int = 4) -> list[dict]:
             out.append(
                 {
                     "question": _yes_no_question(c, ask),
-                    "answer": "yes" if ask == v else "no",
+                    "answer": value_answer(c.name, v, ask),
                     "type": "yes_no",
                     "attribute": c.name,
                     "asked": ask,
@@ -314,7 +328,8 @@ def expected_answer(record: dict, attrs: dict) -> str:
     v = attrs[c.name]
     if record["type"] == "yes_no":
         if "asked" in record:
-            return "yes" if record["asked"] == v else "no"
+            decision = "yes" if record["asked"] == v else "no"
+            return decision if c.name in _YES_NO_OPEN else f"{open_answer(c.name, v)}, so {decision}"
         return "yes" if v != c.none_value else "no"
     return open_answer(c.name, v)
 
@@ -329,7 +344,7 @@ class SynthFaceConfig:
     seed: int = 0
     size: int = 64
     images_per_identity: int = 8
-    vqa_per_image: int = 4
+    vqa_per_image: int = 8  # training rows hold them all (data.vqa_turns): more are nearly free
 
 
 def _work(args) -> list[tuple]:

@@ -277,21 +277,30 @@ def vqa_accuracy(
     records' ``type``: ``"yes_no"`` / ``"open"``), per type.
 
     Returns ``{"accuracy", "n", "correct", "per_type": {type: {"accuracy", "n", "correct"}}}``
-    (``per_type`` empty without ``types``; accuracy 0 when ``n == 0``).
+    (``per_type`` empty without ``types``; accuracy 0 when ``n == 0``). ``"yes_no"`` also gets
+    ``"decision_accuracy"``: the last word alone (SynthFace answers "brown, so no"; exact match
+    needs the value too).
     """
     if len(pred) != len(gold):
         raise ValueError(f"{len(pred)} predictions for {len(gold)} answers")
     if types is not None and len(types) != len(gold):
         raise ValueError(f"{len(types)} types for {len(gold)} answers")
-    hits = [normalize_answer(p) == normalize_answer(g) for p, g in zip(pred, gold)]
+    pn, gn = [normalize_answer(p) for p in pred], [normalize_answer(g) for g in gold]
+    hits = [p == g for p, g in zip(pn, gn)]
     per: dict[str, dict] = {}
     if types is not None:
-        for t, h in zip(types, hits):
+        for t, h, p, g in zip(types, hits, pn, gn):
             d = per.setdefault(str(t), {"n": 0, "correct": 0})
             d["n"] += 1
             d["correct"] += int(h)
+            if t == "yes_no":
+                d["decision_correct"] = d.get("decision_correct", 0) + int(
+                    p.split()[-1:] == g.split()[-1:]
+                )
         for d in per.values():
             d["accuracy"] = _ratio(d["correct"], d["n"])
+            if "decision_correct" in d:
+                d["decision_accuracy"] = _ratio(d["decision_correct"], d["n"])
     return {
         "accuracy": _ratio(sum(hits), len(hits)),
         "n": len(hits),

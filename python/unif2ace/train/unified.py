@@ -6,7 +6,7 @@ A YAML file with three sections (each optional), overridden from the command lin
     model: {preset: tiny, d_model: 128, token_moe: true, alpha: 0.01, ...}   # ModelConfig fields
     train: {steps: 2000, batch_size: 16, lr: 1e-3, ...}                      # TrainConfig fields
                                           # + max_minutes: steps from a timed step (below)
-    data:  {vqa_per_image: 2, vqa_turns: 1, t2i_per_image: 2, tasks: [t2i, caption, vqa]}
+    data:  {vqa_per_image: 8, vqa_turns: 8, t2i_per_image: 2, tasks: [t2i, caption, vqa]}
 
 ``train.max_minutes`` replaces ``train.steps`` by as many steps as fit the budget on this machine:
 three steps are timed before training and the count is written to ``out/train/steps.json``, so a
@@ -31,7 +31,8 @@ from unif2ace.train.config import (
 )
 
 SECTIONS = ("model", "train", "data")
-DATA_DEFAULTS = {"vqa_per_image": 4, "vqa_turns": 1, "t2i_per_image": 1,
+# per image: two text->image rows, a caption row, and one row holding up to 8 of its questions
+DATA_DEFAULTS = {"vqa_per_image": 8, "vqa_turns": 8, "t2i_per_image": 2,
                  "tasks": ["t2i", "caption", "vqa"]}
 
 
