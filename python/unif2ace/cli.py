@@ -63,7 +63,8 @@ def _add_make_data(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="image side, 32..256 (default 64)")
     p.add_argument("--images-per-identity", type=int, default=8)
-    p.add_argument("--vqa-per-image", type=int, default=8, help="questions per image (default 8)")
+    p.add_argument("--vqa-per-image", type=int, default=None,
+                   help="questions per image (default: SynthFaceConfig's, 8)")  # fmt: skip
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
     return run_make_data
@@ -73,9 +74,11 @@ def run_make_data(args) -> dict:
     from unif2ace.data.readers import dataset_stats
     from unif2ace.data.synthface import SynthFaceConfig, generate
 
+    per_image = args.vqa_per_image
     cfg = SynthFaceConfig(
-        args.num_images, args.seed, args.size, args.images_per_identity, args.vqa_per_image
-    )
+        args.num_images, args.seed, args.size, args.images_per_identity,
+        SynthFaceConfig.vqa_per_image if per_image is None else per_image,
+    )  # fmt: skip
     meta = generate(
         Path(args.out) / "synthface",
         cfg,

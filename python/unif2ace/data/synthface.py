@@ -328,8 +328,7 @@ def expected_answer(record: dict, attrs: dict) -> str:
     v = attrs[c.name]
     if record["type"] == "yes_no":
         if "asked" in record:
-            decision = "yes" if record["asked"] == v else "no"
-            return decision if c.name in _YES_NO_OPEN else f"{open_answer(c.name, v)}, so {decision}"
+            return value_answer(c.name, v, record["asked"])
         return "yes" if v != c.none_value else "no"
     return open_answer(c.name, v)
 
