@@ -53,7 +53,7 @@ train-tiny: setup
 
 ablate: setup
 	$(RUN_ENV) $(PY) -m unif2ace.cli ablate --out $(RUN) --threads 2 --config configs/tiny.yaml \
-		--set train.steps=600 train.warmup_steps=50
+		--set train.steps=800
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"

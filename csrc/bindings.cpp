@@ -226,6 +226,35 @@ stride.)doc");
                                                   std::to_string(F));
       },
       "dh (and a) from h and da for a = silu(gate) * up (see moe.h).");
+  m.def(
+      "moe_gelu_fwd",
+      [](std::uintptr_t h, int64_t n_rows, int64_t F, int64_t h_row_stride, bool tanh_form,
+         int dtype, std::uintptr_t a) {
+        int s;
+        {
+          py::gil_scoped_release nogil;
+          s = unif2ace::moe_gelu_fwd_cpu(ptr<const void>(h), n_rows, F, h_row_stride, tanh_form,
+                                         dtype, ptr<void>(a));
+        }
+        raise_if_error(s, "moe_gelu_fwd", "n_rows=" + std::to_string(n_rows) + ", F=" +
+                                              std::to_string(F));
+      },
+      "a = gelu(h), erf or tanh form (see moe.h).");
+  m.def(
+      "moe_gelu_bwd",
+      [](std::uintptr_t h, std::uintptr_t da, int64_t n_rows, int64_t F, int64_t h_row_stride,
+         bool tanh_form, int dtype, std::uintptr_t dh, std::uintptr_t a) {
+        int s;
+        {
+          py::gil_scoped_release nogil;
+          s = unif2ace::moe_gelu_bwd_cpu(ptr<const void>(h), ptr<const void>(da), n_rows, F,
+                                         h_row_stride, tanh_form, dtype, ptr<void>(dh),
+                                         ptr<void>(a));
+        }
+        raise_if_error(s, "moe_gelu_bwd", "n_rows=" + std::to_string(n_rows) + ", F=" +
+                                              std::to_string(F));
+      },
+      "dh = da * gelu'(h) (and a = gelu(h)), erf or tanh form (see moe.h).");
   // ---- end MoE dispatch ---------------------------------------------------------------------
 
   // ---- mask sampling (python/unif2ace/ops/mask_sampling.py has the contract) ----------------

@@ -112,6 +112,21 @@ def test_demo_fast(tmp_path):
     assert Image.open(out / "demo" / "prompts_to_faces.png").size[0] >= 64
 
 
+def test_ablate_writes_the_table(run):
+    """`unif2ace ablate` on a subset: one model per variant, the variant's override applied, a
+    table row each plus the chance row."""
+    assert main(["ablate", "--out", str(run), "--quiet", "--only", "0", "3", "--n-gen", "4",
+                 "--n-vqa", "4", "--n-cap", "2", "--set", *SMALL]) == 0  # fmt: skip
+    folder = run / "ablations"
+    table = (folder / "table.md").read_text().splitlines()
+    assert table[0].startswith("| variant |") and len(table) == 2 + 2 + 1
+    assert table[2].startswith("| D3Diff") and table[3].startswith("| no token MoE")
+    assert table[4].startswith("| chance |")
+    assert set(json.loads((folder / "results.json").read_text())) == {"D3Diff (alpha=0.01)", "no token MoE"}
+    assert json.loads((folder / "3" / "config.json").read_text())["token_moe"] is False
+    assert json.loads((folder / "0" / "config.json").read_text())["token_moe"] is True
+
+
 def test_unified_dataset_task_mix(run):
     from unif2ace.models.layout import TASK_MMU, TASK_T2I
     from unif2ace.pipeline import Assets, UnifiedDataset, prepare_split

@@ -76,4 +76,15 @@ Status moe_silu_glu_fwd_cpu(const void* h, int64_t n_rows, int64_t F, int64_t h_
 Status moe_silu_glu_bwd_cpu(const void* h, const void* da, int64_t n_rows, int64_t F,
                             int64_t h_row_stride, int dtype, void* dh, void* a);
 
+// GELU of the up projection h [n_rows, F] (row stride h_row_stride): a = x·Φ(x) (tanh_form false,
+// erf GELU) or Phi's tanh approximation 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) (tanh_form
+// true)  ->  a [n_rows, F] contiguous. One pass, fp32 math (erf within 2.2e-7 of fp64).
+Status moe_gelu_fwd_cpu(const void* h, int64_t n_rows, int64_t F, int64_t h_row_stride,
+                        bool tanh_form, int dtype, void* a);
+
+// Its backward fused with the recomputation of a: dh = da · gelu'(h) [n_rows, F] contiguous and,
+// when a != nullptr, a = gelu(h). dh may be h itself (h_row_stride == F).
+Status moe_gelu_bwd_cpu(const void* h, const void* da, int64_t n_rows, int64_t F,
+                        int64_t h_row_stride, bool tanh_form, int dtype, void* dh, void* a);
+
 }  // namespace unif2ace

@@ -229,6 +229,32 @@ def _add_ablate(p):
     return run_ablate
 
 
+def ablation_table(res: dict) -> str:
+    """The markdown table of ``{variant: {"metrics", "seconds"}}``, with a last row of the chance
+    levels (they depend on the test items only, the same for every variant)."""
+    nan = float("nan")
+    lines = ["| variant | gen. attribute acc. | Fréchet (judge) | VQA | caption F1 | minutes |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    order = list(ABLATIONS)  # results.json comes back with its keys sorted
+    for name in sorted(res, key=lambda n: order.index(n) if n in order else len(order)):
+        r, m = res[name], res[name]["metrics"]
+        g, v, c = m.get("generation", {}), m.get("vqa", {}), m.get("caption", {})
+        lines.append(f"| {name} | {g.get('mean', nan):.3f} | {m.get('frechet_judge', nan):.0f} | "
+                     f"{v.get('accuracy', nan):.3f} | {c.get('f1', nan):.3f} | "
+                     f"{r['seconds'] / 60:.1f} |")  # fmt: skip
+    if res:
+        m = next(iter(res.values()))["metrics"]
+        ch = m.get("generation", {}).get("chance", {})
+        floor = m.get("frechet_judge_real_vs_real")
+        lines.append(
+            f"| chance | {ch.get('majority_mean', nan):.3f} (majority value) | "
+            f"{'–' if floor is None else f'{floor:.0f} (real vs real)'} | "
+            f"{m.get('vqa', {}).get('chance', nan):.3f} (blind) | "
+            f"{m.get('caption', {}).get('chance_f1', nan):.3f} | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def run_ablate(args) -> dict:
     from unif2ace.data.io import atomic_write_bytes
     from unif2ace.train.unified import read_recipe, train_unified
@@ -236,25 +262,21 @@ def run_ablate(args) -> dict:
     names = list(ABLATIONS)
     if args.only:
         names = [names[int(i)] for i in args.only]
-    rows, res = [], {}
+    folder = Path(args.out) / "ablations"
+    res = {}
     for name in names:
         recipe = read_recipe(args.config, [*args.set, *ABLATIONS[name]])
-        model_dir = Path(args.out) / "ablations" / f"{list(ABLATIONS).index(name)}"
+        model_dir = folder / f"{list(ABLATIONS).index(name)}"
         t0 = time.perf_counter()
         train_unified(args.out, recipe, out=model_dir, progress=not args.quiet)
         m, _ = evaluate_run(args.out, model_dir, n_gen=args.n_gen, n_vqa=args.n_vqa,
                             n_cap=args.n_cap, progress=not args.quiet)  # fmt: skip
         res[name] = {"metrics": m, "seconds": round(time.perf_counter() - t0, 1)}
-        g, v, c = m.get("generation", {}), m.get("vqa", {}), m.get("caption", {})
-        rows.append(f"| {name} | {g.get('mean', float('nan')):.3f} | "
-                    f"{m.get('frechet_judge', float('nan')):.2f} | {v.get('accuracy', float('nan')):.3f} | "
-                    f"{c.get('f1', float('nan')):.3f} |")  # fmt: skip
-        table = ("| variant | gen. attribute acc. | Fréchet (judge) | VQA | caption F1 |\n"
-                 "|---|---|---|---|---|\n" + "\n".join(rows) + "\n")  # fmt: skip
-        atomic_write_bytes(Path(args.out) / "ablations" / "table.md", table.encode())
-        _save_metrics(Path(args.out) / "ablations" / "results.json", res)
-    print(table)
-    return {"table": str(Path(args.out) / "ablations" / "table.md")}
+        # after every variant, so a killed run keeps the rows it finished
+        atomic_write_bytes(folder / "table.md", ablation_table(res).encode())
+        _save_metrics(folder / "results.json", res)
+    print(ablation_table(res))
+    return {"table": str(folder / "table.md")}
 
 
 # ---------------------------------------------------------------------------------------------
