@@ -23,11 +23,12 @@ loss and every parameter gradient against the torch provider's (same weights).
 
 ``--profile`` adds one torch.profiler step per provider and the top ops by self CPU time.
 
-Measured 2026-11-28 on the shared 2-core EPYC (load average 5–7 from other jobs), tiny, B = 8
-(2613 tokens), fp32: 1 thread torch 481 ms / engine 471 ms per step (1.02×), peak 194 / 159 MiB;
-2 threads with the default OpenMP spin-wait, 4–13 s per step and ratios from 0.46× to 2.15× run to
-run (threads spinning at barriers while preempted); OMP_WAIT_POLICY=PASSIVE, 2 threads: 1053 / 984
-ms (1.07×). On a busy box measure at --threads 1 or with OMP_WAIT_POLICY=PASSIVE.
+Measured 2026-11-29 on the idle 2-core EPYC, OMP_WAIT_POLICY=PASSIVE, fp32, B = 8 (2613 tokens):
+tiny 1 thread torch 408 ms / engine 377 ms (1.08×), peak 194 / 154 MiB; tiny 2 threads 371 / 303
+ms (1.22×; 1.22-1.27× over 7 runs); small 1 thread 1.05×, 2 threads 1.16×. ``--profile`` adds
+the GEMM / attention / other split and the speed-up the engine would reach with "other" at zero
+(tiny, 1 thread: 1.39×). With the default OpenMP spin-wait on a busy box, 2-thread steps varied
+4-13 s and the ratio 0.46-2.15× run to run: measure with OMP_WAIT_POLICY=PASSIVE or --threads 1.
 
 Run::
 

@@ -197,6 +197,26 @@ def test_bench_d3diff_loss_quick(tmp_path):
     assert doc["targets"]
 
 
+def test_bench_e2e_quick_with_profile(tmp_path):
+    """The end-to-end benchmark on a one-layer model: both providers run, agree, and the profile
+    splits each step into GEMM / attention / other with the bound it puts on the speed-up."""
+    from benchmarks import bench_e2e as bench
+
+    rc = bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--reps", "2",
+                     "--profile", "--model-set", "n_layers=1", "d_model=32", "n_heads=2",
+                     "expert_ffn=32"])  # fmt: skip
+    assert rc == 0
+    doc = json.loads((tmp_path / "e2e.json").read_text())
+    rows = {r["provider"]: r for r in doc["rows"]}
+    assert rows["torch"]["status"] == "ok" and rows["engine"]["status"] == "ok"
+    assert rows["engine"]["rel_err"] < 1e-3 and rows["engine"]["tokens_per_s"] > 0
+    md = (tmp_path / "e2e.md").read_text()
+    assert "GEMM" in md and "attention" in md and "with 'other' at 0" in md
+    assert bench.op_category("aten::addmm") == "GEMM"
+    assert bench.op_category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
+    assert bench.op_category("aten::gelu") == "other"
+
+
 def test_report_summarises_a_suite_folder(tmp_path):
     from benchmarks import report
 
