@@ -555,23 +555,14 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void gelu_bwd_r
     const S* x = h + i * ld_h;
     const S* d = da + i * F;
     S* g = dh + i * F;
-    S* o = a ? a + i * F : nullptr;
+    S* o = a + i * F;
     // each element is read before its slot is written, so dh may be h itself (in place)
-    if (o) {
 #pragma omp simd
-      for (int64_t f = 0; f < F; ++f) {
-        float dy;
-        const float y = gelu_and_grad<kTanh>(ld(x + f), &dy);
-        st(o + f, y);
-        st(g + f, ld(d + f) * dy);
-      }
-    } else {
-#pragma omp simd
-      for (int64_t f = 0; f < F; ++f) {
-        float dy;
-        gelu_and_grad<kTanh>(ld(x + f), &dy);
-        st(g + f, ld(d + f) * dy);
-      }
+    for (int64_t f = 0; f < F; ++f) {
+      float dy;
+      const float y = gelu_and_grad<kTanh>(ld(x + f), &dy);
+      st(o + f, y);
+      st(g + f, ld(d + f) * dy);
     }
   }
 }
@@ -726,9 +717,10 @@ Status moe_gelu_bwd_cpu(const void* h, const void* da, int64_t n_rows, int64_t F
   if (n_rows < 0 || F < 0) return kBadShape;
   if (n_rows > 1 && h_row_stride < F) return kBadStride;
   if (dh == h && n_rows > 1 && h_row_stride != F) return kBadStride;  // in place needs rows = F
+  if (a == nullptr) return kBadArgument;
   const size_t elt = dtype == kFloat32 ? 4 : 2;
   advise_huge_pages(dh, static_cast<size_t>(n_rows * F) * elt);
-  if (a) advise_huge_pages(a, static_cast<size_t>(n_rows * F) * elt);
+  advise_huge_pages(a, static_cast<size_t>(n_rows * F) * elt);
   return with_dtype(dtype, [&](auto* tag) {
     using S = std::remove_pointer_t<decltype(tag)>;
     const S* hp = static_cast<const S*>(h);

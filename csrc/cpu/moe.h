@@ -82,8 +82,9 @@ Status moe_silu_glu_bwd_cpu(const void* h, const void* da, int64_t n_rows, int64
 Status moe_gelu_fwd_cpu(const void* h, int64_t n_rows, int64_t F, int64_t h_row_stride,
                         bool tanh_form, int dtype, void* a);
 
-// Its backward fused with the recomputation of a: dh = da · gelu'(h) [n_rows, F] contiguous and,
-// when a != nullptr, a = gelu(h). dh may be h itself (h_row_stride == F).
+// Its backward fused with the recomputation of a (needed for the down projection's weight
+// gradient): dh = da · gelu'(h) and a = gelu(h), both [n_rows, F] contiguous (a required). dh may
+// be h itself (h_row_stride == F).
 Status moe_gelu_bwd_cpu(const void* h, const void* da, int64_t n_rows, int64_t F,
                         int64_t h_row_stride, bool tanh_form, int dtype, void* dh, void* a);
 
