@@ -100,6 +100,8 @@ def train_unified(root, recipe: dict[str, dict], *, out=None, progress: bool = T
     import json
     import os
 
+    import torch
+
     from unif2ace.data.io import atomic_write_json
     from unif2ace.pipeline import Assets, UnifiedDataset, prepare_split
     from unif2ace.train.checkpoint import load_checkpoint
@@ -118,6 +120,9 @@ def train_unified(root, recipe: dict[str, dict], *, out=None, progress: bool = T
                              tasks=tuple(data["tasks"]),
                              t2i_per_image=int(data["t2i_per_image"]),
                              vqa_turns=int(data["vqa_turns"]))  # fmt: skip
+    # the initial weights come from train.seed: torch seeds its default generator at random in
+    # every process, and FSDP2 ranks must start from the same model (DDP would broadcast rank 0's)
+    torch.manual_seed(tcfg.seed)
     model = UniF2ace(cfg)
     model.fit_embedding_stats(split.semantic, split.identity)  # resumed runs load the same
     if cfg.code_vector_dim:
