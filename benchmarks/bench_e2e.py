@@ -29,6 +29,9 @@ ms (1.22×; 1.22-1.27× over 7 runs); small 1 thread 1.05×, 2 threads 1.16×. `
 the GEMM / attention / other split and the speed-up the engine would reach with "other" at zero
 (tiny, 1 thread: 1.39×). With the default OpenMP spin-wait on a busy box, 2-thread steps varied
 4-13 s and the ratio 0.46-2.15× run to run: measure with OMP_WAIT_POLICY=PASSIVE or --threads 1.
+On the idle box a short spin (GOMP_SPINCOUNT=3000) made both providers faster (torch ~260 ms,
+engine ~228 ms at 2 threads) and the ratio 1.16×: half the engine's PASSIVE gain is fewer OpenMP
+wake-ups (README, "End-to-end training step").
 
 Run::
 
@@ -261,7 +264,8 @@ def main(argv=None):
     unif2ace.set_checks(device.type == "cpu")
     meta = machine_info(device)
     meta.update(sizes=sizes, warmup=warmup, max_reps=reps,
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))  # fmt: skip
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                gomp_spincount=os.environ.get("GOMP_SPINCOUNT"))  # fmt: skip
     print(f"# e2e on {meta.get('gpu') or meta['cpu_model']} ({device}), torch {meta['torch']}, "
           f"{meta['torch_threads']} threads")  # fmt: skip
     report = E2EReport("e2e", args.out, meta, size_keys=SIZE_KEYS)
