@@ -2,10 +2,12 @@
 // sizes, strides and scalars in; the launchers return a Status and the binding raises. The GIL is
 // released while a kernel runs.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
 
+#include "cpu/attention.h"  // omni-attention
 #include "cpu/d3diff_loss.h"
 #include "cpu/mask_sampling.h"  // mask sampling
 #include "cpu/moe.h"  // MoE dispatch
@@ -18,6 +20,12 @@ namespace {
 template <class T>
 T* ptr(std::uintptr_t p) {
   return reinterpret_cast<T*>(p);
+}
+
+// A [B, L, H, Dh] operand from Python: (data_ptr, stride(0), stride(1), stride(2)).
+using BLHDArg = std::tuple<std::uintptr_t, int64_t, int64_t, int64_t>;
+unif2ace::BLHD blhd(const BLHDArg& a) {
+  return {ptr<const float>(std::get<0>(a)), std::get<1>(a), std::get<2>(a), std::get<3>(a)};
 }
 
 // Bad arguments are ValueError (the Python layer validates first; this is the second line), any
@@ -256,6 +264,48 @@ stride.)doc");
       },
       "dh = da * gelu'(h) (and a = gelu(h)), erf or tanh form (see moe.h).");
   // ---- end MoE dispatch ---------------------------------------------------------------------
+
+  // ---- omni-attention (python/unif2ace/ops/attention.py has the contract) --------------------
+  m.def("omni_attention_supported", &unif2ace::omni_attention_supported, py::arg("head_dim"),
+        "Whether a kernel is compiled for this head size.");
+  m.def(
+      "omni_attention_fwd",
+      [](const BLHDArg& q, const BLHDArg& k, const BLHDArg& v, int64_t B, int64_t L, int64_t H,
+         int64_t Dh, std::uintptr_t limit, std::uintptr_t key_valid, float scale,
+         std::uintptr_t out, std::uintptr_t lse) {
+        int s;
+        {
+          py::gil_scoped_release nogil;
+          s = unif2ace::omni_attention_fwd_cpu(blhd(q), blhd(k), blhd(v), B, L, H, Dh,
+                                               ptr<const int32_t>(limit),
+                                               ptr<const uint8_t>(key_valid), scale,
+                                               ptr<float>(out), ptr<float>(lse));
+        }
+        raise_if_error(s, "omni_attention_fwd", "B=" + std::to_string(B) + ", L=" +
+                                                    std::to_string(L) + ", H=" + std::to_string(H) +
+                                                    ", Dh=" + std::to_string(Dh));
+      },
+      "out [B, L, H, Dh] contiguous and lse [B, H, L] (see attention.h); operands are "
+      "(ptr, stride_b, stride_l, stride_h) tuples, fp32, head dimension contiguous.");
+  m.def(
+      "omni_attention_bwd",
+      [](const BLHDArg& q, const BLHDArg& k, const BLHDArg& v, const BLHDArg& out,
+         const BLHDArg& grad_out, int64_t B, int64_t L, int64_t H, int64_t Dh,
+         std::uintptr_t limit, std::uintptr_t key_valid, float scale, std::uintptr_t lse,
+         std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv) {
+        int s;
+        {
+          py::gil_scoped_release nogil;
+          s = unif2ace::omni_attention_bwd_cpu(
+              blhd(q), blhd(k), blhd(v), blhd(out), blhd(grad_out), B, L, H, Dh,
+              ptr<const int32_t>(limit), ptr<const uint8_t>(key_valid), scale,
+              ptr<const float>(lse), ptr<float>(dq), ptr<float>(dk), ptr<float>(dv));
+        }
+        raise_if_error(s, "omni_attention_bwd", "B=" + std::to_string(B) + ", L=" +
+                                                    std::to_string(L) + ", H=" + std::to_string(H) +
+                                                    ", Dh=" + std::to_string(Dh));
+      },
+      "dq, dk, dv [B, L, H, Dh] contiguous from the forward's out and lse (see attention.h).");
 
   // ---- mask sampling (python/unif2ace/ops/mask_sampling.py has the contract) ----------------
   m.def(

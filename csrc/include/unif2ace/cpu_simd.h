@@ -85,5 +85,28 @@ struct ElemF16 {
   static U2A_ALWAYS_INLINE T store(float f) { return float_to_fp16_simd(f); }  // nearest even
 };
 
+// exp(x) in fp32 for x <= 0 (a softmax's y − max), Cephes expf: x = n·ln2 + r, |r| <= ln2/2,
+// degree-5 polynomial, 2^n in the exponent bits. Relative error ~1.2e-7. Below -87.3 (and for
+// -inf) the result is 0. Used by mask_sampling.cpp and attention.cpp.
+U2A_ALWAYS_INLINE float exp_nonpositive(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.f;  // 1.5·2^23
+  const float xc = x > -87.3f ? x : -87.3f;  // NaN -> clamp; n stays in [-126, 0]
+  const float n = (xc * kLog2e + kRound) - kRound;
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  const float two_n = bits_as_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  const float y = p * two_n;
+  return x > -87.3f ? y : 0.f;
+}
+
 }  // namespace cpu
 }  // namespace unif2ace

@@ -5,8 +5,13 @@ Token i may attend to key j when
     key_valid[j]  and  (j <= i  or  (is_image[i] and is_image[j]))
 
 (one image per sequence; padding keys never attended; a padding query attends to itself so no row
-is empty). Three ways to compute it, all equal to :func:`omni_attention_ref`:
+is empty). Four ways to compute it, all equal to :func:`omni_attention_ref`:
 
+* the engine's **kernel** (:func:`unif2ace.ops.omni_attention`, C++ on CPU, fp32) when the ops'
+  backend resolves to ``cpu`` and every row's image is one contiguous span: the rule is then a
+  per-query key limit (the image's end for image tokens, ``i + 1`` for text), and the kernel reads
+  only the keys a block of queries may see. ``use_backend("torch")`` keeps the SDPA paths below
+  (the baseline of ``benchmarks/bench_e2e.py``);
 * **split** — when every row of the batch has its image at the same positions ``[s, e)`` and there is
   no padding: one causal call over the whole sequence, then one non-causal call for the image
   queries over the keys ``[0, e)`` that overwrites rows ``[s, e)``. Text after the image sees the
@@ -24,6 +29,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from unif2ace.ops import attention as attention_op
 
 try:  # optional: pip install unif2ace[gpu]
     from flash_attn import flash_attn_func as _flash_attn_func
@@ -89,10 +96,16 @@ def flash_available(x: torch.Tensor) -> bool:
 
 def omni_attention(q, k, v, is_image, key_valid=None, *, impl: str = "auto") -> torch.Tensor:
     """Omni-attention of ``q, k, v [B, H, L, Dh]`` with ``is_image [B, L]`` and optional
-    ``key_valid [B, L]``. ``impl``: ``"auto"`` (split when the layout allows, else masked),
+    ``key_valid [B, L]``. ``impl``: ``"auto"`` (the kernel, else split when the layout allows,
+    else masked),
     ``"split"``, ``"masked"`` or ``"ref"``."""
     if impl == "ref":
         return omni_attention_ref(q, k, v, is_image, key_valid)
+    if impl == "auto" and attention_op.uses_kernel(q):
+        limit = attention_op.omni_limit(is_image)
+        if limit is not None:
+            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # the op's [B, L, H, Dh]
+            return attention_op.omni_attention(qt, kt, vt, limit, key_valid).transpose(1, 2)
     span = None
     if impl in ("auto", "split") and (key_valid is None or bool(key_valid.all())):
         span = uniform_image_span(is_image)

@@ -8,11 +8,15 @@ Grouped MoE dispatch (:mod:`unif2ace.ops.moe`): :func:`moe_route`, :func:`moe_pl
 :func:`moe_balance_loss`, :func:`moe_z_loss`; the Hugging Face drop-in in
 :mod:`unif2ace.ops.moe_hf`.
 
+Omni-attention (:mod:`unif2ace.ops.attention`): :func:`omni_attention` with per-query key limits
+(:func:`omni_limit` gives Show-o's), reference :func:`omni_attention_ref`.
+
 Mask sampling: :func:`mask_tokens` (training-time masking), :func:`sample_times`,
 :func:`maskgit_step` (the fused decode step) and :func:`maskgit_decode` (the decode loop).
 """
 
 from unif2ace.ops import schedules
+from unif2ace.ops.attention import omni_attention, omni_attention_ref, omni_limit
 from unif2ace.ops.d3diff_loss import (
     d3diff_linear_loss,
     d3diff_linear_loss_ref,
@@ -70,6 +74,9 @@ __all__ = [
     "moe_route_ref",
     "moe_shared_experts",
     "moe_z_loss",
+    "omni_attention",  # omni-attention
+    "omni_attention_ref",
+    "omni_limit",
     "schedule",
     "schedules",
 ]

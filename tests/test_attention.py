@@ -1,0 +1,178 @@
+"""ops.omni_attention: every backend against the fp64 reference (outputs and gradients, padding
+rows included), the limits of Show-o's layout against the model's boolean mask, opcheck and
+torch.compile, and one test per validation rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import unif2ace
+from unif2ace import _backend
+from unif2ace.models.attention import omni_mask
+from unif2ace.ops.attention import (
+    kernel_supports,
+    limit_mask,
+    omni_attention,
+    omni_attention_ref,
+    omni_limit,
+)
+
+needs_kernel = pytest.mark.skipif(_backend.cpu_ext() is None, reason="C++ CPU kernels not built")
+BACKENDS = ["torch", pytest.param("cpu", marks=needs_kernel)]
+
+
+def layout(B: int, L: int, g: torch.Generator, drop: bool = True):
+    """Random Show-o rows: text, an image span, text, then padding; some rows with invalid keys
+    inside (a dropped prompt), one row without an image."""
+    is_image = torch.zeros(B, L, dtype=torch.bool)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    for b in range(B):
+        n = int(torch.randint(max(1, L // 2), L + 1, (1,), generator=g))
+        valid[b, n:] = False
+        if b != 1:  # row 1: text only
+            s = int(torch.randint(0, max(1, n // 2), (1,), generator=g))
+            e = int(torch.randint(s + 1, n + 1, (1,), generator=g))
+            is_image[b, s:e] = True
+        if drop and b == 2 and n > 3:
+            valid[b, 1:3] = False
+    return is_image, valid
+
+
+def qkv(B, L, H, Dh, dtype=torch.float32):
+    return [torch.randn(B, L, H, Dh, dtype=dtype) for _ in range(3)]
+
+
+def test_omni_limit_gives_the_models_mask():
+    g = torch.Generator().manual_seed(0)
+    for L in (1, 7, 40):
+        is_image, valid = layout(5, L, g)
+        limit = omni_limit(is_image)
+        assert limit is not None and limit.dtype == torch.int32
+        for kv in (None, valid):
+            assert torch.equal(limit_mask(limit, kv), omni_mask(is_image, kv))
+    gap = torch.tensor([[False, True, False, True]])  # two image spans: not a per-query limit
+    assert omni_limit(gap) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Dh", [16, 32, 64, 128])
+def test_matches_fp64_reference_with_gradients(backend, Dh):
+    g = torch.Generator().manual_seed(Dh)
+    B, L, H = 4, 37, 3
+    is_image, valid = layout(B, L, g)
+    limit = omni_limit(is_image)
+    q, k, v = (x.requires_grad_() for x in qkv(B, L, H, Dh))
+    go = torch.randn(B, L, H, Dh)
+    out = omni_attention(q, k, v, limit, valid, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = omni_attention_ref(q64, k64, v64, limit, valid)
+    want = torch.autograd.grad(ref, (q64, k64, v64), go.double())
+    assert out.shape == (B, L, H, Dh)
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    for got, w in zip(grads, want):
+        torch.testing.assert_close(got.double(), w, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_full_and_strided_inputs(backend):
+    """limit = i + 1 is causal attention, limit = L full attention; q, k, v may be views of the
+    [B, H, L, Dh] layout (the model's) and scale is honoured."""
+    B, L, H, Dh = 2, 29, 2, 32
+    base = [torch.randn(B, H, L, Dh) for _ in range(3)]
+    q, k, v = (x.transpose(1, 2) for x in base)  # [B, L, H, Dh] views
+    idx = torch.arange(L, dtype=torch.int32)
+    causal = (idx + 1).expand(B, L)
+    full = torch.full((B, L), L, dtype=torch.int32)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    for limit, is_causal in ((causal, True), (full, False)):
+        got = omni_attention(q, k, v, limit, scale=0.3, backend=backend)
+        want = sdpa(*(x.double() for x in base), is_causal=is_causal, scale=0.3).transpose(1, 2)
+        torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_kernel_on_the_model_layout_many_threads():
+    """A full Show-o batch (one image span per row, prompts dropped in some) through the kernel at
+    every thread count gives the same bits."""
+    g = torch.Generator().manual_seed(3)
+    B, L, H, Dh = 6, 70, 4, 32
+    is_image, valid = layout(B, L, g)
+    limit = omni_limit(is_image)
+    q, k, v = qkv(B, L, H, Dh)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(omni_attention(q, k, v, limit, valid, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_kernel
+def test_auto_falls_back_for_other_dtypes_and_head_sizes():
+    B, L, H = 2, 9, 2
+    limit = omni_limit(torch.zeros(B, L, dtype=torch.bool))
+    for dtype, Dh in ((torch.float64, 32), (torch.float32, 24), (torch.bfloat16, 32)):
+        q, k, v = qkv(B, L, H, Dh, dtype)
+        assert not kernel_supports(q)
+        with unif2ace.use_backend("auto"):
+            got = omni_attention(q, k, v, limit)
+        want = omni_attention_ref(q.double(), k.double(), v.double(), limit)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+        if dtype != torch.float64:
+            with pytest.raises(ValueError, match="cpu kernel takes fp32"):
+                omni_attention(q, k, v, limit, backend="cpu")
+
+
+@needs_kernel
+def test_opcheck_and_torch_compile():
+    g = torch.Generator().manual_seed(5)
+    B, L, H, Dh = 2, 19, 2, 16
+    is_image, valid = layout(B, L, g)
+    limit = omni_limit(is_image)
+    kv = valid.to(torch.uint8)
+    q, k, v = qkv(B, L, H, Dh)
+    torch.library.opcheck(torch.ops.unif2ace.omni_attention_fwd.default,
+                          (q.requires_grad_(), k, v, limit, kv, 0.25))  # fmt: skip
+
+    def step(q, k, v):
+        return omni_attention(q, k, v, limit, valid, backend="cpu").square().sum()
+
+    args = [x.detach().clone().requires_grad_() for x in qkv(B, L, H, Dh)]
+    _backend.set_checks(False)  # value checks read the data: not part of a compiled graph
+    try:
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        got = compiled(*args)
+    finally:
+        _backend.set_checks(True)
+    want = step(*args)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, args), torch.autograd.grad(want, args)):
+        torch.testing.assert_close(a, b)
+
+
+# ---- validation: one test per rule ---------------------------------------------------------------
+
+
+def test_errors():
+    q, k, v = qkv(2, 5, 2, 16)
+    limit = torch.full((2, 5), 5, dtype=torch.int32)
+    with pytest.raises(ValueError, match="must be \\[B, L, H, Dh\\]"):
+        omni_attention(q[0], k[0], v[0], limit)
+    with pytest.raises(ValueError, match="one shape"):
+        omni_attention(q, k[:, :4], v, limit)
+    with pytest.raises(TypeError, match="one floating dtype"):
+        omni_attention(q, k.double(), v, limit)
+    with pytest.raises(ValueError, match="limit must be an integer tensor"):
+        omni_attention(q, k, v, limit.float())
+    with pytest.raises(ValueError, match="limit must be an integer tensor"):
+        omni_attention(q, k, v, limit[:, :4])
+    with pytest.raises(ValueError, match="limit must lie in"):
+        omni_attention(q, k, v, limit + 1)
+    with pytest.raises(ValueError, match="key_valid must be a bool tensor"):
+        omni_attention(q, k, v, limit, torch.ones(2, 5))
