@@ -11,9 +11,11 @@
 // accumulators while each V row is loaded once. No online softmax: one row of scores is at most L
 // floats, so the block's scores stay in L1/L2 and every row is normalised once.
 // Backward (FlashAttention-2's algebra, D_i = dO_i · O_i): the block's S and dP = dO Vᵀ in one
-// pass over 16 keys, P = exp(S − lse), dS = P ∘ (dP − D), then one pass over the keys that forms
-// dQ_blk = scale · dS K and adds scale · dSᵀ Q_blk and Pᵀ dO_blk into the pair's dK, dV
-// accumulators (fp32, [L, Dh], per thread); nothing is atomic.
+// pass over 16 keys, P = exp(S − lse), dS = P ∘ (dP − D), then dQ_blk = scale · dS K (each key row
+// loaded once for the block) and, 16 keys at a time with the block's dS and P columns in
+// registers, dKᵀ += (scale·Q_blk)ᵀ dS and dVᵀ += dO_blkᵀ P into the pair's transposed fp32
+// accumulators (per thread, [Dh, L]; one load and store per accumulator vector and row block, a
+// quarter of the loads of row-wise accumulation, 0-3 % faster); nothing is atomic.
 //
 // Measured (AMD EPYC, AVX-512 clone, 1 thread, the tiny model's batch: B 8, L 371, H 4, Dh 32,
 // omni mask with padding) against torch's SDPA with the boolean mask (its flash CPU kernel):
@@ -46,11 +48,12 @@ inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; 
 
 // Per-thread scratch, sized for one (sequence, head) pair.
 struct Scratch {
-  std::vector<float> kt, vt, dka, dva, s, ds;
+  std::vector<float> kt, vt, dka, dva, s, ds;  // dka, dva: dKᵀ, dVᵀ accumulators [Dh][Lp]
   std::vector<uint8_t> kv;  // key_valid row, zero-padded to Lp (the simd loops read whole vectors)
   Scratch(int64_t L, int64_t Dh, int R, bool backward)
-      : kt(Dh * round_up(L)), vt(backward ? Dh * round_up(L) : 0), dka(backward ? L * Dh : 0),
-        dva(backward ? L * Dh : 0), s(R * round_up(L)), ds(backward ? R * round_up(L) : 0),
+      : kt(Dh * round_up(L)), vt(backward ? Dh * round_up(L) : 0),
+        dka(backward ? Dh * round_up(L) : 0), dva(backward ? Dh * round_up(L) : 0),
+        s(R * round_up(L)), ds(backward ? R * round_up(L) : 0),
         kv(round_up(L), 0) {}
 };
 
@@ -153,8 +156,8 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void bwd_pair(
   const uint8_t* kv = w.kv.data();
   transpose_head(k, sl_k, L, DH, kt);
   transpose_head(v, sl_v, L, DH, vt);
-  std::memset(dka, 0, sizeof(float) * L * DH);
-  std::memset(dva, 0, sizeof(float) * L * DH);
+  std::memset(dka, 0, sizeof(float) * DH * Lp);
+  std::memset(dva, 0, sizeof(float) * DH * Lp);
   for (int64_t i0 = 0; i0 < L; i0 += R) {
     const int nr = static_cast<int>(std::min<int64_t>(R, L - i0));
     const int64_t hi = block_keys(lim, i0, nr, L), hp = round_up(hi);
@@ -202,6 +205,7 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void bwd_pair(
         dsr[j] = pj * (dsr[j] - d_i);
       }
     }
+    // dQ_blk = scale · dS K: each key row loaded once for the block's R rows
     v16 qa[R][DH / kLanes];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < DH / kLanes; ++c) qa[r][c] = v16{};
@@ -212,24 +216,34 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void bwd_pair(
         const float g = ds[r * Lp + j];
         for (int c = 0; c < DH / kLanes; ++c) qa[r][c] += g * kk[c];
       }
-      for (int c = 0; c < DH / kLanes; ++c) {
-        v16 a = U2A_LOAD(dka + j * DH + kLanes * c), b = U2A_LOAD(dva + j * DH + kLanes * c);
+    }
+    // dKᵀ += (scale·Q_blk)ᵀ dS and dVᵀ += dO_blkᵀ P, 16 keys at a time: the block's dS and P
+    // columns stay in registers, each accumulator vector is loaded and stored once per row block
+    for (int64_t j = 0; j < hp; j += kLanes) {
+      v16 dsv[R], pv[R];
+      for (int r = 0; r < R; ++r) {
+        dsv[r] = U2A_LOAD(ds + r * Lp + j);
+        pv[r] = U2A_LOAD(p + r * Lp + j);
+      }
+      for (int d = 0; d < DH; ++d) {
+        v16 a = U2A_LOAD(dka + d * Lp + j), b = U2A_LOAD(dva + d * Lp + j);
         for (int r = 0; r < R; ++r) {
-          a += ds[r * Lp + j] * U2A_LOAD(&qs[r][kLanes * c]);
-          b += p[r * Lp + j] * U2A_LOAD(&dos[r][kLanes * c]);
+          a += qs[r][d] * dsv[r];
+          b += dos[r][d] * pv[r];
         }
-        U2A_STORE(dka + j * DH + kLanes * c, a);
-        U2A_STORE(dva + j * DH + kLanes * c, b);
+        U2A_STORE(dka + d * Lp + j, a);
+        U2A_STORE(dva + d * Lp + j, b);
       }
     }
     for (int r = 0; r < nr; ++r)
       for (int c = 0; c < DH / kLanes; ++c)
         U2A_STORE(dq + (i0 + r) * sl_d + kLanes * c, qa[r][c] * scale);
   }
-  for (int64_t j = 0; j < L; ++j) {
-    std::memcpy(dk + j * sl_d, dka + j * DH, sizeof(float) * DH);
-    std::memcpy(dv + j * sl_d, dva + j * DH, sizeof(float) * DH);
-  }
+  for (int64_t j = 0; j < L; ++j)
+    for (int d = 0; d < DH; ++d) {
+      dk[j * sl_d + d] = dka[d * Lp + j];
+      dv[j * sl_d + d] = dva[d * Lp + j];
+    }
 }
 
 // Rows per query block: R × Dh/16 accumulators stay within the 32 AVX-512 registers.
