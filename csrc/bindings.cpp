@@ -271,34 +271,38 @@ stride.)doc");
   m.def(
       "omni_attention_fwd",
       [](const BLHDArg& q, const BLHDArg& k, const BLHDArg& v, int64_t B, int64_t L, int64_t H,
-         int64_t Dh, std::uintptr_t limit, std::uintptr_t key_valid, float scale,
-         std::uintptr_t out, std::uintptr_t lse) {
+         int64_t Dh, std::uintptr_t limit, std::uintptr_t key_valid, std::uintptr_t rope_cos,
+         std::uintptr_t rope_sin, int64_t rope_half, float scale, std::uintptr_t out,
+         std::uintptr_t lse) {
         int s;
         {
           py::gil_scoped_release nogil;
-          s = unif2ace::omni_attention_fwd_cpu(blhd(q), blhd(k), blhd(v), B, L, H, Dh,
-                                               ptr<const int32_t>(limit),
-                                               ptr<const uint8_t>(key_valid), scale,
-                                               ptr<float>(out), ptr<float>(lse));
+          s = unif2ace::omni_attention_fwd_cpu(
+              blhd(q), blhd(k), blhd(v), B, L, H, Dh, ptr<const int32_t>(limit),
+              ptr<const uint8_t>(key_valid), ptr<const float>(rope_cos),
+              ptr<const float>(rope_sin), rope_half, scale, ptr<float>(out), ptr<float>(lse));
         }
         raise_if_error(s, "omni_attention_fwd", "B=" + std::to_string(B) + ", L=" +
                                                     std::to_string(L) + ", H=" + std::to_string(H) +
                                                     ", Dh=" + std::to_string(Dh));
       },
       "out [B, L, H, Dh] contiguous and lse [B, H, L] (see attention.h); operands are "
-      "(ptr, stride_b, stride_l, stride_h) tuples, fp32, head dimension contiguous.");
+      "(ptr, stride_b, stride_l, stride_h) tuples, fp32, head dimension contiguous; rope_half = 0 "
+      "or rope_cos / rope_sin [B, L, rope_half] turn q and k first.");
   m.def(
       "omni_attention_bwd",
       [](const BLHDArg& q, const BLHDArg& k, const BLHDArg& v, const BLHDArg& out,
          const BLHDArg& grad_out, int64_t B, int64_t L, int64_t H, int64_t Dh,
-         std::uintptr_t limit, std::uintptr_t key_valid, float scale, std::uintptr_t lse,
+         std::uintptr_t limit, std::uintptr_t key_valid, std::uintptr_t rope_cos,
+         std::uintptr_t rope_sin, int64_t rope_half, float scale, std::uintptr_t lse,
          std::uintptr_t dq, std::uintptr_t dk, std::uintptr_t dv) {
         int s;
         {
           py::gil_scoped_release nogil;
           s = unif2ace::omni_attention_bwd_cpu(
               blhd(q), blhd(k), blhd(v), blhd(out), blhd(grad_out), B, L, H, Dh,
-              ptr<const int32_t>(limit), ptr<const uint8_t>(key_valid), scale,
+              ptr<const int32_t>(limit), ptr<const uint8_t>(key_valid),
+              ptr<const float>(rope_cos), ptr<const float>(rope_sin), rope_half, scale,
               ptr<const float>(lse), ptr<float>(dq), ptr<float>(dk), ptr<float>(dv));
         }
         raise_if_error(s, "omni_attention_bwd", "B=" + std::to_string(B) + ", L=" +

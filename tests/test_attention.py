@@ -11,6 +11,7 @@ import unif2ace
 from unif2ace import _backend
 from unif2ace.models.attention import omni_mask
 from unif2ace.ops.attention import (
+    apply_rotary,
     kernel_supports,
     limit_mask,
     omni_attention,
@@ -75,6 +76,49 @@ def test_matches_fp64_reference_with_gradients(backend, Dh):
         torch.testing.assert_close(got.double(), w, atol=2e-5, rtol=1e-5)
 
 
+def rope_tables(B, L, half, g):
+    """cos, sin [B, L, half] of increasing positions with gaps (padding / dropped prompts)."""
+    pos = torch.randint(0, 3, (B, L), generator=g).cumsum(1).double()
+    inv = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
+    ang = pos[..., None] * inv
+    return ang.cos().float(), ang.sin().float()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("Dh,half", [(32, 8), (64, 32), (16, 4)])
+def test_rotary_inside_matches_fp64_reference(backend, Dh, half):
+    """rotary=(cos, sin) turns q and k first (Phi's partial rotary: half = Dh / 4); gradients are
+    those of the un-rotated inputs."""
+    g = torch.Generator().manual_seed(half)
+    B, L, H = 3, 41, 2
+    is_image, valid = layout(B, L, g)
+    limit = omni_limit(is_image)
+    rot = rope_tables(B, L, half, g)
+    q, k, v = (x.requires_grad_() for x in qkv(B, L, H, Dh))
+    go = torch.randn(B, L, H, Dh)
+    out = omni_attention(q, k, v, limit, valid, rotary=rot, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = omni_attention_ref(q64, k64, v64, limit, valid, rotary=tuple(t.double() for t in rot))
+    want = torch.autograd.grad(ref, (q64, k64, v64), go.double())
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    for got, w in zip(grads, want):
+        torch.testing.assert_close(got.double(), w, atol=2e-5, rtol=1e-5)
+
+
+def test_apply_rotary_is_the_models_rotary():
+    from unif2ace.models.attention import Rotary
+
+    g = torch.Generator().manual_seed(0)
+    B, L, H, Dh = 2, 9, 3, 32
+    rotary = Rotary(16, 10000.0)
+    positions = torch.randint(0, 3, (B, L), generator=g).cumsum(1)
+    x = torch.randn(B, L, H, Dh, dtype=torch.float64)
+    cos, sin = rotary.tables(positions)
+    want = rotary(x.transpose(1, 2), positions).transpose(1, 2)
+    torch.testing.assert_close(apply_rotary(x, cos, sin), want, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_causal_full_and_strided_inputs(backend):
     """limit = i + 1 is causal attention, limit = L full attention; q, k, v may be views of the
@@ -137,8 +181,10 @@ def test_opcheck_and_torch_compile():
     limit = omni_limit(is_image)
     kv = valid.to(torch.uint8)
     q, k, v = qkv(B, L, H, Dh)
-    torch.library.opcheck(torch.ops.unif2ace.omni_attention_fwd.default,
-                          (q.requires_grad_(), k, v, limit, kv, 0.25))  # fmt: skip
+    cos, sin = rope_tables(B, L, 4, g)
+    for rope in ((None, None), (cos, sin)):
+        torch.library.opcheck(torch.ops.unif2ace.omni_attention_fwd.default,
+                              (q.requires_grad_(), k, v, limit, kv, *rope, 0.25))  # fmt: skip
 
     def step(q, k, v):
         return omni_attention(q, k, v, limit, valid, backend="cpu").square().sum()
@@ -176,3 +222,7 @@ def test_errors():
         omni_attention(q, k, v, limit + 1)
     with pytest.raises(ValueError, match="key_valid must be a bool tensor"):
         omni_attention(q, k, v, limit, torch.ones(2, 5))
+    with pytest.raises(ValueError, match="rotary \\(cos, sin\\) must be two floating tensors"):
+        omni_attention(q, k, v, limit, rotary=(torch.ones(2, 5, 9), torch.ones(2, 5, 9)))
+    with pytest.raises(ValueError, match="rotary must be a pair"):
+        omni_attention(q, k, v, limit, rotary=torch.ones(2, 5, 4))

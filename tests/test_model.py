@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model_data import examples, small_cfg
-from unif2ace import use_backend
+from unif2ace import _backend, use_backend
 from unif2ace.models import Example, UniF2ace, collate, get_config, parameter_count
 from unif2ace.models.attention import omni_attention, omni_attention_ref, uniform_image_span
 from unif2ace.models.layout import TASK_MMU, TASK_T2I
@@ -222,6 +222,35 @@ def test_loss_and_gradients_match_the_torch_backend(backend, experts):
             loss.backward()
         grads[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     (l0, g0), (l1, g1) = grads["torch"], grads[backend]
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for n in g0:
+        err = (g1[n] - g0[n]).norm() / g0[n].norm().clamp(min=1e-12)
+        assert err < 1e-4, (n, float(err))
+
+
+@pytest.mark.skipif(_backend.cpu_ext() is None, reason="C++ CPU kernels not built")
+def test_attention_kernel_in_the_model_matches_the_torch_backend(monkeypatch):
+    """At a head size the C++ omni-attention kernel takes (16), the engine's layers run it with
+    the rotary embedding inside, and the loss and every gradient equal the torch backend's (SDPA
+    with the boolean mask, rotary in PyTorch)."""
+    import unif2ace.ops.attention as attention_op
+
+    calls = []
+    fwd = attention_op._omni_fwd
+    monkeypatch.setattr(attention_op, "_omni_fwd", lambda *a: (calls.append(1), fwd(*a))[1])
+    cfg = small_cfg(n_heads=2, noise_std=0.0)
+    assert cfg.head_dim == 16
+    model = UniF2ace(cfg)
+    batch = collate(cfg, examples(cfg, 8))
+    grads = {}
+    for name in ("torch", "cpu"):
+        model.zero_grad()
+        with use_backend(name):
+            loss, _ = model.loss(batch, step=5, seed=2)
+            loss.backward()
+        grads[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert len(calls) == cfg.n_layers  # the cpu pass only
+    (l0, g0), (l1, g1) = grads["torch"], grads["cpu"]
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
     for n in g0:
         err = (g1[n] - g0[n]).norm() / g0[n].norm().clamp(min=1e-12)

@@ -49,11 +49,12 @@ inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; 
 // Per-thread scratch, sized for one (sequence, head) pair.
 struct Scratch {
   std::vector<float> kt, vt, dka, dva, s, ds;  // dka, dva: dKᵀ, dVᵀ accumulators [Dh][Lp]
+  std::vector<float> kr;                       // backward: the rotated K rows [L][Dh]
   std::vector<uint8_t> kv;  // key_valid row, zero-padded to Lp (the simd loops read whole vectors)
   Scratch(int64_t L, int64_t Dh, int R, bool backward)
       : kt(Dh * round_up(L)), vt(backward ? Dh * round_up(L) : 0),
         dka(backward ? Dh * round_up(L) : 0), dva(backward ? Dh * round_up(L) : 0),
-        s(R * round_up(L)), ds(backward ? R * round_up(L) : 0),
+        s(R * round_up(L)), ds(backward ? R * round_up(L) : 0), kr(backward ? L * Dh : 0),
         kv(round_up(L), 0) {}
 };
 
@@ -64,14 +65,51 @@ inline int64_t block_keys(const int32_t* lim, int64_t i0, int nr, int64_t L) {
   return std::min(hi, L);
 }
 
-// Transposed copy of one head's [L, Dh] rows into t[Dh][Lp], zero columns beyond L.
-inline void transpose_head(const float* x, int64_t sl, int64_t L, int64_t Dh, float* t) {
-  const int64_t Lp = round_up(L);
-  for (int64_t d = 0; d < Dh; ++d) {
-    float* row = t + d * Lp;
-    for (int64_t j = 0; j < L; ++j) row[j] = x[j * sl + d];
-    for (int64_t j = L; j < Lp; ++j) row[j] = 0.f;
+// Rotary position embedding of one sequence (rotate-half convention, transformers' Phi): the
+// first 2·half elements of a row at position-table row i turn by the angles whose cos / sin are
+// cos[i·half + d], sin[i·half + d]; half = 0: none.
+struct Rope {
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int64_t half = 0;
+};
+
+// dst = mul · rope(x row i), Dh elements.
+inline void load_row(const float* x, int64_t i, const Rope& rp, int64_t Dh, float mul, float* dst) {
+  for (int64_t d = 0; d < Dh; ++d) dst[d] = x[d] * mul;
+  const int64_t h = rp.half;
+  const float *c = rp.cos + i * h, *sn = rp.sin + i * h;
+  for (int64_t d = 0; d < h; ++d) {
+    const float a = x[d], b = x[d + h];
+    dst[d] = (a * c[d] - b * sn[d]) * mul;
+    dst[d + h] = (b * c[d] + a * sn[d]) * mul;
   }
+}
+
+// The gradient through the rotation, in place: g = ropeᵀ(g) for row i.
+inline void unrotate_row(float* g, int64_t i, const Rope& rp) {
+  const int64_t h = rp.half;
+  const float *c = rp.cos + i * h, *sn = rp.sin + i * h;
+  for (int64_t d = 0; d < h; ++d) {
+    const float a = g[d], b = g[d + h];
+    g[d] = a * c[d] + b * sn[d];
+    g[d + h] = b * c[d] - a * sn[d];
+  }
+}
+
+// Transposed copy of one head's [L, Dh] rows (rotated by rp) into t[Dh][Lp], zero columns
+// beyond L; rows: a [L, Dh] copy of the rotated rows as well, or nullptr.
+inline void transpose_head(const float* x, int64_t sl, int64_t L, int64_t Dh, const Rope& rp,
+                           float* t, float* rows) {
+  const int64_t Lp = round_up(L);
+  float tmp[128];
+  for (int64_t j = 0; j < L; ++j) {
+    float* r = rows ? rows + j * Dh : tmp;
+    load_row(x + j * sl, j, rp, Dh, 1.f, r);
+    for (int64_t d = 0; d < Dh; ++d) t[d * Lp + j] = r[d];
+  }
+  for (int64_t d = 0; d < Dh; ++d)
+    for (int64_t j = L; j < Lp; ++j) t[d * Lp + j] = 0.f;
 }
 
 inline bool allowed(int64_t i, int64_t j, int64_t li, const uint8_t* kv) {
@@ -81,18 +119,23 @@ inline bool allowed(int64_t i, int64_t j, int64_t li, const uint8_t* kv) {
 template <int DH, int R>
 __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void fwd_pair(
     const float* q, const float* k, const float* v, int64_t sl_q, int64_t sl_k, int64_t sl_v,
-    int64_t L, const int32_t* lim, float scale, float* out, int64_t sl_o, float* lse, Scratch& w) {
+    int64_t L, const int32_t* lim, const Rope& rp, float scale, float* out, int64_t sl_o,
+    float* lse, Scratch& w) {
   const int64_t Lp = round_up(L);
   float* kt = w.kt.data();
   float* s = w.s.data();
   const uint8_t* kv = w.kv.data();
-  transpose_head(k, sl_k, L, DH, kt);
+  transpose_head(k, sl_k, L, DH, rp, kt, nullptr);
   for (int64_t i0 = 0; i0 < L; i0 += R) {
     const int nr = static_cast<int>(std::min<int64_t>(R, L - i0));
     const int64_t hi = block_keys(lim, i0, nr, L), hp = round_up(hi);
     float qs[R][DH];
-    for (int r = 0; r < R; ++r)
-      for (int d = 0; d < DH; ++d) qs[r][d] = r < nr ? q[(i0 + r) * sl_q + d] * scale : 0.f;
+    for (int r = 0; r < R; ++r) {
+      if (r < nr)
+        load_row(q + (i0 + r) * sl_q, i0 + r, rp, DH, scale, qs[r]);
+      else
+        std::memset(qs[r], 0, sizeof(qs[r]));
+    }
     for (int64_t j = 0; j < hp; j += kLanes) {
       v16 acc[R];
       for (int r = 0; r < R; ++r) acc[r] = v16{};
@@ -149,13 +192,14 @@ template <int DH, int R>
 __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void bwd_pair(
     const float* q, const float* k, const float* v, const float* o, const float* go, int64_t sl_q,
     int64_t sl_k, int64_t sl_v, int64_t sl_o, int64_t sl_go, int64_t L, const int32_t* lim,
-    float scale, const float* lse, float* dq, float* dk, float* dv, int64_t sl_d, Scratch& w) {
+    const Rope& rp, float scale, const float* lse, float* dq, float* dk, float* dv, int64_t sl_d,
+    Scratch& w) {
   const int64_t Lp = round_up(L);
   float *kt = w.kt.data(), *vt = w.vt.data(), *dka = w.dka.data(), *dva = w.dva.data();
-  float *p = w.s.data(), *ds = w.ds.data();
+  float *p = w.s.data(), *ds = w.ds.data(), *kr = w.kr.data();
   const uint8_t* kv = w.kv.data();
-  transpose_head(k, sl_k, L, DH, kt);
-  transpose_head(v, sl_v, L, DH, vt);
+  transpose_head(k, sl_k, L, DH, rp, kt, kr);  // kr: the rotated K rows, for dQ
+  transpose_head(v, sl_v, L, DH, Rope{}, vt, nullptr);
   std::memset(dka, 0, sizeof(float) * DH * Lp);
   std::memset(dva, 0, sizeof(float) * DH * Lp);
   for (int64_t i0 = 0; i0 < L; i0 += R) {
@@ -163,12 +207,17 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void bwd_pair(
     const int64_t hi = block_keys(lim, i0, nr, L), hp = round_up(hi);
     float qs[R][DH], dos[R][DH], dr[R];
     for (int r = 0; r < R; ++r) {
+      if (r >= nr) {
+        std::memset(qs[r], 0, sizeof(qs[r]));
+        std::memset(dos[r], 0, sizeof(dos[r]));
+        dr[r] = 0.f;
+        continue;
+      }
+      load_row(q + (i0 + r) * sl_q, i0 + r, rp, DH, scale, qs[r]);
       float acc = 0.f;
       for (int d = 0; d < DH; ++d) {
-        const bool in = r < nr;
-        qs[r][d] = in ? q[(i0 + r) * sl_q + d] * scale : 0.f;
-        dos[r][d] = in ? go[(i0 + r) * sl_go + d] : 0.f;
-        acc += in ? dos[r][d] * o[(i0 + r) * sl_o + d] : 0.f;
+        dos[r][d] = go[(i0 + r) * sl_go + d];
+        acc += dos[r][d] * o[(i0 + r) * sl_o + d];
       }
       dr[r] = acc;
     }
@@ -211,7 +260,7 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void bwd_pair(
       for (int c = 0; c < DH / kLanes; ++c) qa[r][c] = v16{};
     for (int64_t j = 0; j < hi; ++j) {
       v16 kk[DH / kLanes];
-      for (int c = 0; c < DH / kLanes; ++c) kk[c] = U2A_LOAD(k + j * sl_k + kLanes * c);
+      for (int c = 0; c < DH / kLanes; ++c) kk[c] = U2A_LOAD(kr + j * DH + kLanes * c);
       for (int r = 0; r < R; ++r) {
         const float g = ds[r * Lp + j];
         for (int c = 0; c < DH / kLanes; ++c) qa[r][c] += g * kk[c];
@@ -235,15 +284,20 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void bwd_pair(
         U2A_STORE(dva + d * Lp + j, b);
       }
     }
-    for (int r = 0; r < nr; ++r)
-      for (int c = 0; c < DH / kLanes; ++c)
-        U2A_STORE(dq + (i0 + r) * sl_d + kLanes * c, qa[r][c] * scale);
-  }
-  for (int64_t j = 0; j < L; ++j)
-    for (int d = 0; d < DH; ++d) {
-      dk[j * sl_d + d] = dka[d * Lp + j];
-      dv[j * sl_d + d] = dva[d * Lp + j];
+    for (int r = 0; r < nr; ++r) {
+      float* row = dq + (i0 + r) * sl_d;
+      for (int c = 0; c < DH / kLanes; ++c) U2A_STORE(row + kLanes * c, qa[r][c] * scale);
+      unrotate_row(row, i0 + r, rp);
     }
+  }
+  for (int64_t j = 0; j < L; ++j) {
+    float *dkr = dk + j * sl_d, *dvr = dv + j * sl_d;
+    for (int d = 0; d < DH; ++d) {
+      dkr[d] = dka[d * Lp + j];
+      dvr[d] = dva[d * Lp + j];
+    }
+    unrotate_row(dkr, j, rp);
+  }
 }
 
 // Rows per query block: R × Dh/16 accumulators stay within the 32 AVX-512 registers.
@@ -255,6 +309,17 @@ Status check_args(BLHD q, BLHD k, BLHD v, int64_t B, int64_t L, int64_t H, int64
   if (!omni_attention_supported(Dh)) return kBadShape;
   if (B * L * H > 0 && (!q.p || !k.p || !v.p || !limit || !key_valid)) return kBadArgument;
   return kOk;
+}
+
+Status check_rope(const float* cos, const float* sin, int64_t half, int64_t Dh) {
+  if (half < 0 || 2 * half > Dh) return kBadShape;
+  if (half > 0 && (!cos || !sin)) return kBadArgument;
+  return kOk;
+}
+
+Rope rope_of(const float* cos, const float* sin, int64_t half, int64_t b, int64_t L) {
+  if (half == 0) return Rope{};
+  return Rope{cos + b * L * half, sin + b * L * half, half};
 }
 
 template <class F>
@@ -273,8 +338,10 @@ bool omni_attention_supported(int64_t head_dim) {
 
 Status omni_attention_fwd_cpu(BLHD q, BLHD k, BLHD v, int64_t B, int64_t L, int64_t H,
                               int64_t Dh, const int32_t* limit, const uint8_t* key_valid,
+                              const float* rope_cos, const float* rope_sin, int64_t rope_half,
                               float scale, float* out, float* lse) {
   if (const Status st = check_args(q, k, v, B, L, H, Dh, limit, key_valid); st != kOk) return st;
+  if (const Status st = check_rope(rope_cos, rope_sin, rope_half, Dh); st != kOk) return st;
   if (B * L * H == 0) return kOk;
   if (!out || !lse) return kBadArgument;
   const int R = rows_for(Dh);
@@ -287,21 +354,27 @@ Status omni_attention_fwd_cpu(BLHD q, BLHD k, BLHD v, int64_t B, int64_t L, int6
     float* op = out + (b * L * H + h) * Dh;
     const int32_t* lim = limit + b * L;
     float* lp = lse + (b * H + h) * L;
+    const Rope rp = rope_of(rope_cos, rope_sin, rope_half, b, L);
+#define U2A_FWD(DH, RR) \
+  fwd_pair<DH, RR>(qp, kp, vp, q.sl, k.sl, v.sl, L, lim, rp, scale, op, H * Dh, lp, w)
     switch (Dh) {
-      case 16: fwd_pair<16, 8>(qp, kp, vp, q.sl, k.sl, v.sl, L, lim, scale, op, H * Dh, lp, w); break;
-      case 32: fwd_pair<32, 8>(qp, kp, vp, q.sl, k.sl, v.sl, L, lim, scale, op, H * Dh, lp, w); break;
-      case 64: fwd_pair<64, 4>(qp, kp, vp, q.sl, k.sl, v.sl, L, lim, scale, op, H * Dh, lp, w); break;
-      default: fwd_pair<128, 2>(qp, kp, vp, q.sl, k.sl, v.sl, L, lim, scale, op, H * Dh, lp, w);
+      case 16: U2A_FWD(16, 8); break;
+      case 32: U2A_FWD(32, 8); break;
+      case 64: U2A_FWD(64, 4); break;
+      default: U2A_FWD(128, 2);
     }
+#undef U2A_FWD
   });
   return kOk;
 }
 
 Status omni_attention_bwd_cpu(BLHD q, BLHD k, BLHD v, BLHD out, BLHD grad_out, int64_t B,
                               int64_t L, int64_t H, int64_t Dh, const int32_t* limit,
-                              const uint8_t* key_valid, float scale, const float* lse,
-                              float* dq, float* dk, float* dv) {
+                              const uint8_t* key_valid, const float* rope_cos,
+                              const float* rope_sin, int64_t rope_half, float scale,
+                              const float* lse, float* dq, float* dk, float* dv) {
   if (const Status st = check_args(q, k, v, B, L, H, Dh, limit, key_valid); st != kOk) return st;
+  if (const Status st = check_rope(rope_cos, rope_sin, rope_half, Dh); st != kOk) return st;
   if (B * L * H == 0) return kOk;
   if (!out.p || !grad_out.p || !lse || !dq || !dk || !dv) return kBadArgument;
   const int R = rows_for(Dh);
@@ -316,8 +389,9 @@ Status omni_attention_bwd_cpu(BLHD q, BLHD k, BLHD v, BLHD out, BLHD grad_out, i
     const int64_t off = (b * L * H + h) * Dh;
     const int32_t* lim = limit + b * L;
     const float* lp = lse + (b * H + h) * L;
-#define U2A_BWD(DH, RR)                                                                     \
-  bwd_pair<DH, RR>(qp, kp, vp, op, gp, q.sl, k.sl, v.sl, out.sl, grad_out.sl, L, lim, scale, \
+    const Rope rp = rope_of(rope_cos, rope_sin, rope_half, b, L);
+#define U2A_BWD(DH, RR)                                                                         \
+  bwd_pair<DH, RR>(qp, kp, vp, op, gp, q.sl, k.sl, v.sl, out.sl, grad_out.sl, L, lim, rp, scale, \
                    lp, dq + off, dk + off, dv + off, H * Dh, w)
     switch (Dh) {
       case 16: U2A_BWD(16, 8); break;

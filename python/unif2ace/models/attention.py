@@ -130,6 +130,12 @@ class Rotary(nn.Module):
         inv = 1.0 / theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim)
         self.register_buffer("inv_freq", inv, persistent=False)
 
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin [B, L, rot_dim / 2]`` (fp32) of ``positions [B, L]``: the ``rotary`` argument
+        of :func:`unif2ace.ops.omni_attention`, which turns q and k inside its kernel."""
+        ang = positions[..., None].float() * self.inv_freq
+        return ang.cos(), ang.sin()
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x ``[B, H, L, Dh]``, positions ``[B, L]``."""
         r = self.rot_dim
@@ -160,6 +166,13 @@ class Attention(nn.Module):
         """``cache``: a dict that receives this layer's rotated keys and values (prefill)."""
         B, L, D = x.shape
         shape = (B, L, self.n_heads, self.head_dim)
+        if cache is None and self.impl == "auto" and attention_op.uses_kernel(x, self.head_dim):
+            limit = attention_op.omni_limit(is_image)
+            if limit is not None:  # the engine's kernel, rotary inside: [B, L, H, Dh] in and out
+                q, k, v = (p(x).view(shape) for p in (self.q_proj, self.k_proj, self.v_proj))
+                rot = self.rotary.tables(positions) if self.rotary.rot_dim else None
+                o = attention_op.omni_attention(q, k, v, limit, key_valid, rotary=rot)
+                return self.dense(o.reshape(B, L, D))
         q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = self.rotary(q, positions), self.rotary(k, positions)  # [B, H, L, Dh]
         if cache is not None:
