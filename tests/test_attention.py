@@ -136,6 +136,22 @@ def test_causal_full_and_strided_inputs(backend):
         torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_sizes_and_limits(backend):
+    """limit 0 or no valid key: a query sees only itself (out = v); L = 1; an empty batch."""
+    B, L, H, Dh = 2, 13, 2, 32
+    q, k, v = qkv(B, L, H, Dh)
+    zero = torch.zeros(B, L, dtype=torch.int32)
+    torch.testing.assert_close(omni_attention(q, k, v, zero, backend=backend), v)
+    full = torch.full((B, L), L, dtype=torch.int32)
+    none_valid = torch.zeros(B, L, dtype=torch.bool)
+    torch.testing.assert_close(omni_attention(q, k, v, full, none_valid, backend=backend), v)
+    one = [x[:, :1] for x in (q, k, v)]
+    torch.testing.assert_close(omni_attention(*one, full[:, :1].clamp(max=1), backend=backend), one[2])
+    empty = [x[:0] for x in (q, k, v)]
+    assert omni_attention(*empty, full[:0], backend=backend).shape == (0, L, H, Dh)
+
+
 @needs_kernel
 def test_kernel_on_the_model_layout_many_threads():
     """A full Show-o batch (one image span per row, prompts dropped in some) through the kernel at

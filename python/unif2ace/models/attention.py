@@ -10,8 +10,11 @@ is empty). Four ways to compute it, all equal to :func:`omni_attention_ref`:
 * the engine's **kernel** (:func:`unif2ace.ops.omni_attention`, C++ on CPU, fp32) when the ops'
   backend resolves to ``cpu`` and every row's image is one contiguous span: the rule is then a
   per-query key limit (the image's end for image tokens, ``i + 1`` for text), and the kernel reads
-  only the keys a block of queries may see. ``use_backend("torch")`` keeps the SDPA paths below
-  (the baseline of ``benchmarks/bench_e2e.py``);
+  only the keys a block of queries may see. :class:`Attention` passes it the projections'
+  ``[B, L, H, Dh]`` views and the rotary tables, so q and k are turned inside the kernel and its
+  output feeds the dense projection without a copy. ``use_backend("torch")`` keeps the SDPA
+  paths below (the baseline of ``benchmarks/bench_e2e.py``), and so does the prefill of a KV
+  cache (which stores the rotated keys);
 * **split** — when every row of the batch has its image at the same positions ``[s, e)`` and there is
   no padding: one causal call over the whole sequence, then one non-causal call for the image
   queries over the keys ``[0, e)`` that overwrites rows ``[s, e)``. Text after the image sees the
