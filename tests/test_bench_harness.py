@@ -211,8 +211,9 @@ def test_bench_e2e_quick_with_profile(tmp_path):
     assert rows["torch"]["status"] == "ok" and rows["engine"]["status"] == "ok"
     assert rows["engine"]["rel_err"] < 1e-3 and rows["engine"]["tokens_per_s"] > 0
     md = (tmp_path / "e2e.md").read_text()
-    assert "GEMM" in md and "attention" in md and "with 'other' at 0" in md
+    assert "GEMM" in md and "attention" in md and "'other' at 0" in md
     assert bench.op_category("aten::addmm") == "GEMM"
+    assert bench.op_category("unif2ace::omni_attention_fwd") == "attention"
     assert bench.op_category("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention"
     assert bench.op_category("aten::gelu") == "other"
 
@@ -252,3 +253,18 @@ def test_roofline_uses_the_best_ceiling():
     harness.apply_roofline(rows, c)
     assert rows[0]["bw_fraction"] == pytest.approx(0.25)
     assert rows[1]["flops_fraction"] == pytest.approx(0.25)
+
+
+def test_bench_attention_quick(tmp_path):
+    """The omni-attention benchmark: both providers run and agree, forward and backward."""
+    from benchmarks import bench_attention as bench
+
+    rc = bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--reps", "2"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "attention.json").read_text())
+    rows = {(r["case"], r["provider"]): r for r in doc["rows"]}
+    for case in ("fwd[tiny]", "fwd+bwd[tiny]"):
+        assert rows[(case, "torch-sdpa")]["status"] == "ok"
+        if rows[(case, "cpu")]["status"] != "skipped":
+            assert rows[(case, "cpu")]["rel_err"] < 1e-4 and rows[(case, "cpu")]["median_ms"] > 0
+    assert 0 < rows[("fwd[tiny]", "cpu")]["score_fraction"] < 1
