@@ -25,15 +25,16 @@ loss and every parameter gradient against the torch provider's (same weights).
 
 ``--profile`` adds one torch.profiler step per provider and the top ops by self CPU time.
 
-Measured 2026-11-29 on the idle 2-core EPYC, OMP_WAIT_POLICY=PASSIVE, fp32, B = 8 (2613 tokens):
-tiny 1 thread torch 408 ms / engine 377 ms (1.08×), peak 194 / 154 MiB; tiny 2 threads 371 / 303
-ms (1.22×; 1.22-1.27× over 7 runs); small 1 thread 1.05×, 2 threads 1.16×. ``--profile`` adds
-the GEMM / attention / other split and the speed-up the engine would reach with "other" at zero
-(tiny, 1 thread: 1.39×). With the default OpenMP spin-wait on a busy box, 2-thread steps varied
-4-13 s and the ratio 0.46-2.15× run to run: measure with OMP_WAIT_POLICY=PASSIVE or --threads 1.
-On the idle box a short spin (GOMP_SPINCOUNT=3000) made both providers faster (torch ~260 ms,
-engine ~228 ms at 2 threads) and the ratio 1.16×: half the engine's PASSIVE gain is fewer OpenMP
-wake-ups (README, "End-to-end training step").
+Measured 2026-11-29 on the idle 2-core EPYC, OMP_WAIT_POLICY=PASSIVE, fp32, B = 8 (2613 tokens),
+with the omni-attention kernel: tiny 1 thread torch 394 ms / engine 331 ms (1.19×), peak 194 / 129
+MiB; tiny 2 threads 361 / 245 ms (1.47×, twice); tiny B = 16, 2 threads 1.37×; small 1 thread
+1.14×, 2 threads 1.21×. ``--profile`` adds the GEMM / attention / other split and the speed-up the
+engine would reach with "other" at zero (tiny, 1 thread: 1.46×). With the default OpenMP
+spin-wait on a busy box, 2-thread steps varied 4-13 s and the ratio 0.46-2.15× run to run:
+measure with OMP_WAIT_POLICY=PASSIVE or --threads 1. On the idle box a short spin
+(GOMP_SPINCOUNT=3000) made both providers faster (tiny, 2 threads: torch 255 ms, engine 200 ms,
+1.27×): part of the engine's PASSIVE gain is fewer OpenMP wake-ups (README, "End-to-end training
+step").
 
 Run::
 

@@ -3,7 +3,7 @@
 // One (sequence, head) pair per OpenMP task. Queries go in blocks of R rows; a block reads the keys
 // [0, hi) only, hi = the largest limit in the block (rounded up to 16), so keys no query of the
 // block may see are skipped, not masked: on the tiny model's training batch (text prompt, then
-// a 256-token image, then padding) that is about two thirds of the dense L × L scores.
+// a 256-token image, then padding) the kernel reads about 74 % of the dense L × L scores.
 //
 // Forward, per block: S = (scale·Q_blk) Kᵀ over 16 keys at a time from a transposed copy of K
 // (R accumulators, one broadcast-FMA per row and head element), the mask, the row max and
@@ -17,9 +17,10 @@
 // accumulators (per thread, [Dh, L]; one load and store per accumulator vector and row block, a
 // quarter of the loads of row-wise accumulation, 0-3 % faster); nothing is atomic.
 //
-// Measured (AMD EPYC, AVX-512 clone, 1 thread, the tiny model's batch: B 8, L 371, H 4, Dh 32,
-// omni mask with padding) against torch's SDPA with the boolean mask (its flash CPU kernel):
-// forward 4.6 vs 9.1 ms, forward + backward 18.5 vs 26.6 ms; small (H 6, Dh 64) 49 vs 70 ms.
+// Measured (benchmarks/bench_attention.py: AMD EPYC, AVX-512 clone, idle, the tiny model's batch:
+// B 8, L 371, H 4, Dh 32, omni mask with padding, rotary inside) against torch's SDPA with the
+// boolean mask (its flash CPU kernel), 1 thread: forward 4.74 vs 11.04 ms, forward + backward
+// 19.5 vs 30.1 ms; small (H 6, Dh 64) 11.7 vs 27.8 and 50.6 vs 76.3 ms. 2 threads: 1.7-2.9×.
 #include "attention.h"
 
 #include <omp.h>
