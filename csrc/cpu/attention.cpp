@@ -113,8 +113,10 @@ inline void transpose_head(const float* x, int64_t sl, int64_t L, int64_t Dh, co
     for (int64_t j = L; j < Lp; ++j) t[d * Lp + j] = 0.f;
 }
 
+// Bitwise, not && / || (no control flow in the simd loops); kv is padded to Lp, so reading kv[j]
+// unconditionally is in bounds.
 inline bool allowed(int64_t i, int64_t j, int64_t li, const uint8_t* kv) {
-  return (j < li && kv[j] != 0) || j == i;
+  return ((j < li) & (kv[j] != 0)) | (j == i);
 }
 
 template <int DH, int R>
@@ -247,10 +249,12 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void bwd_pair(
       }
       const int64_t i = i0 + r, li = std::min<int64_t>(std::max(lim[i], 0), L);
       const float l = lse[i], d_i = dr[r];
+      // two passes, each of the forward's vectorisable shape: mask to -inf, then exp (0 there)
+#pragma omp simd
+      for (int64_t j = 0; j < hp; ++j) pr[j] = allowed(i, j, li, kv) ? pr[j] - l : -INFINITY;
 #pragma omp simd
       for (int64_t j = 0; j < hp; ++j) {
-        const float e = exp_nonpositive(pr[j] - l);
-        const float pj = allowed(i, j, li, kv) ? e : 0.f;
+        const float pj = exp_nonpositive(pr[j]);
         pr[j] = pj;
         dsr[j] = pj * (dsr[j] - d_i);
       }
