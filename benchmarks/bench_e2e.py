@@ -26,14 +26,14 @@ loss and every parameter gradient against the torch provider's (same weights).
 ``--profile`` adds one torch.profiler step per provider and the top ops by self CPU time.
 
 Measured 2026-11-29 on the idle 2-core EPYC, OMP_WAIT_POLICY=PASSIVE, fp32, B = 8 (2613 tokens),
-with the omni-attention kernel: tiny 1 thread torch 394 ms / engine 331 ms (1.19×), peak 194 / 129
-MiB; tiny 2 threads 361 / 245 ms (1.47×, twice); tiny B = 16, 2 threads 1.37×; small 1 thread
-1.14×, 2 threads 1.21×. ``--profile`` adds the GEMM / attention / other split and the speed-up the
-engine would reach with "other" at zero (tiny, 1 thread: 1.46×). With the default OpenMP
+with the omni-attention kernel: tiny 1 thread torch 412 ms / engine 324 ms (1.27×), peak 194 / 129
+MiB; tiny 2 threads 383 / 259 ms (1.48×); tiny B = 16, 2 threads 1.50×; small 1 thread 1.25×,
+2 threads 1.31×. ``--profile`` adds the GEMM / attention / other split and the speed-up the
+engine would reach with "other" at zero (tiny, 1 thread: 1.58×). With the default OpenMP
 spin-wait on a busy box, 2-thread steps varied 4-13 s and the ratio 0.46-2.15× run to run:
 measure with OMP_WAIT_POLICY=PASSIVE or --threads 1. On the idle box a short spin
-(GOMP_SPINCOUNT=3000) made both providers faster (tiny, 2 threads: torch 255 ms, engine 200 ms,
-1.27×): part of the engine's PASSIVE gain is fewer OpenMP wake-ups (README, "End-to-end training
+(GOMP_SPINCOUNT=3000) made both providers faster (tiny, 2 threads: torch 264 ms, engine 197 ms,
+1.34×): part of the engine's PASSIVE gain is fewer OpenMP wake-ups (README, "End-to-end training
 step").
 
 Run::

@@ -19,8 +19,8 @@
 //
 // Measured (benchmarks/bench_attention.py: AMD EPYC, AVX-512 clone, idle, the tiny model's batch:
 // B 8, L 371, H 4, Dh 32, omni mask with padding, rotary inside) against torch's SDPA with the
-// boolean mask (its flash CPU kernel), 1 thread: forward 4.74 vs 11.04 ms, forward + backward
-// 19.5 vs 30.1 ms; small (H 6, Dh 64) 11.7 vs 27.8 and 50.6 vs 76.3 ms. 2 threads: 1.7-2.9×.
+// boolean mask (its flash CPU kernel), 1 thread: forward 4.98 vs 11.17 ms, forward + backward
+// 15.2 vs 30.4 ms; small (H 6, Dh 64) 11.5 vs 26.0 and 41.7 vs 78.1 ms. 2 threads: 2.0-2.7×.
 #include "attention.h"
 
 #include <omp.h>
