@@ -7,7 +7,7 @@
 //
 // Forward, per block: S = (scale·Q_blk) Kᵀ over 16 keys at a time from a transposed copy of K
 // (R accumulators, one broadcast-FMA per row and head element), the mask, the row max and
-// exp/sum in place (exp_nonpositive: our vectorisable exp), then O = P V with R × Dh/16
+// exp/sum in place (exp_simd: our vectorisable exp, cpu_simd.h), then O = P V with R × Dh/16
 // accumulators while each V row is loaded once. No online softmax: one row of scores is at most L
 // floats, so the block's scores stay in L1/L2 and every row is normalised once.
 // Backward (FlashAttention-2's algebra, D_i = dO_i · O_i): the block's S and dP = dO Vᵀ in one
@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "unif2ace/cpu_simd.h"
@@ -35,7 +36,9 @@
 namespace unif2ace {
 namespace {
 
-using cpu::exp_nonpositive;
+using cpu::exp_range;
+using cpu::exp_simd;
+using cpu::ExpRange;
 
 // 16 floats; GCC lowers the arithmetic to one zmm (AVX-512 clone), two ymm or four xmm.
 typedef float v16 __attribute__((vector_size(64)));
@@ -47,16 +50,19 @@ constexpr int64_t kLanes = 16;
 
 inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-// Per-thread scratch, sized for one (sequence, head) pair.
+// Rows per query block: R × Dh/16 accumulators stay within the 32 AVX-512 registers.
+constexpr int rows_for(int64_t Dh) { return Dh <= 32 ? 8 : (Dh == 64 ? 4 : 2); }
+
+// Per-thread scratch, sized for one (sequence, head) pair and reused for every pair a thread runs.
 struct Scratch {
   std::vector<float> kt, vt, dka, dva, s, ds;  // dka, dva: dKᵀ, dVᵀ accumulators [Dh][Lp]
   std::vector<float> kr;                       // backward: the rotated K rows [L][Dh]
   std::vector<uint8_t> kv;  // key_valid row, zero-padded to Lp (the simd loops read whole vectors)
-  Scratch(int64_t L, int64_t Dh, int R, bool backward)
+  Scratch(int64_t L, int64_t Dh, bool backward)
       : kt(Dh * round_up(L)), vt(backward ? Dh * round_up(L) : 0),
         dka(backward ? Dh * round_up(L) : 0), dva(backward ? Dh * round_up(L) : 0),
-        s(R * round_up(L)), ds(backward ? R * round_up(L) : 0), kr(backward ? L * Dh : 0),
-        kv(round_up(L), 0) {}
+        s(rows_for(Dh) * round_up(L)), ds(backward ? rows_for(Dh) * round_up(L) : 0),
+        kr(backward ? L * Dh : 0), kv(round_up(L), 0) {}
 };
 
 // Keys of the block [i0, i0 + nr): [0, hi), hi = max over rows of max(limit, i + 1), within [1, L].
@@ -119,12 +125,14 @@ inline bool allowed(int64_t i, int64_t j, int64_t li, const uint8_t* kv) {
   return ((j < li) & (kv[j] != 0)) | (j == i);
 }
 
-template <int DH, int R>
+template <int DH>
 __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void fwd_pair(
     const float* q, const float* k, const float* v, int64_t sl_q, int64_t sl_k, int64_t sl_v,
     int64_t L, const int32_t* lim, const Rope& rp, float scale, float* out, int64_t sl_o,
     float* lse, Scratch& w) {
+  constexpr int R = rows_for(DH);
   const int64_t Lp = round_up(L);
+  const ExpRange er = exp_range();
   float* kt = w.kt.data();
   float* s = w.s.data();
   const uint8_t* kv = w.kv.data();
@@ -167,7 +175,7 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void fwd_pair(
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < hp; ++j) {
-        const float e = exp_nonpositive(sr[j] - m);
+        const float e = exp_simd(sr[j] - m, er);
         sr[j] = e;
         sum += e;
       }
@@ -191,13 +199,15 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void fwd_pair(
   }
 }
 
-template <int DH, int R>
+template <int DH>
 __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void bwd_pair(
     const float* q, const float* k, const float* v, const float* o, const float* go, int64_t sl_q,
     int64_t sl_k, int64_t sl_v, int64_t sl_o, int64_t sl_go, int64_t L, const int32_t* lim,
     const Rope& rp, float scale, const float* lse, float* dq, float* dk, float* dv, int64_t sl_d,
     Scratch& w) {
+  constexpr int R = rows_for(DH);
   const int64_t Lp = round_up(L);
+  const ExpRange er = exp_range();
   float *kt = w.kt.data(), *vt = w.vt.data(), *dka = w.dka.data(), *dva = w.dva.data();
   float *p = w.s.data(), *ds = w.ds.data(), *kr = w.kr.data();
   const uint8_t* kv = w.kv.data();
@@ -254,7 +264,7 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void bwd_pair(
       for (int64_t j = 0; j < hp; ++j) pr[j] = allowed(i, j, li, kv) ? pr[j] - l : -INFINITY;
 #pragma omp simd
       for (int64_t j = 0; j < hp; ++j) {
-        const float pj = exp_nonpositive(pr[j]);
+        const float pj = exp_simd(pr[j], er);
         pr[j] = pj;
         dsr[j] = pj * (dsr[j] - d_i);
       }
@@ -305,9 +315,6 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void bwd_pair(
   }
 }
 
-// Rows per query block: R × Dh/16 accumulators stay within the 32 AVX-512 registers.
-constexpr int rows_for(int64_t Dh) { return Dh <= 32 ? 8 : (Dh == 64 ? 4 : 2); }
-
 Status check_args(BLHD q, BLHD k, BLHD v, int64_t B, int64_t L, int64_t H, int64_t Dh,
                   const int32_t* limit, const uint8_t* key_valid) {
   if (B < 0 || L < 0 || H < 0) return kBadShape;
@@ -327,12 +334,34 @@ Rope rope_of(const float* cos, const float* sin, int64_t half, int64_t b, int64_
   return Rope{cos + b * L * half, sin + b * L * half, half};
 }
 
+// f(b, h, scratch) for every (sequence, head) pair, pairs spread over the threads; each thread
+// allocates its scratch once and fills in the pair's key_valid row.
 template <class F>
-void for_each_pair(int64_t B, int64_t H, F&& f) {
+void for_each_pair(int64_t B, int64_t L, int64_t H, int64_t Dh, const uint8_t* key_valid,
+                   bool backward, F&& f) {
   const int64_t pairs = B * H;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), pairs)));
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-  for (int64_t bh = 0; bh < pairs; ++bh) f(bh / H, bh % H);
+#pragma omp parallel num_threads(nt)
+  {
+    Scratch w(L, Dh, backward);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t bh = 0; bh < pairs; ++bh) {
+      const int64_t b = bh / H;
+      for (int64_t j = 0; j < L; ++j) w.kv[j] = key_valid[b * L + j] != 0;
+      f(b, bh % H, w);
+    }
+  }
+}
+
+// f(std::integral_constant<int, Dh>{}) for a compiled head size (omni_attention_supported).
+template <class F>
+void with_head_size(int64_t Dh, F&& f) {
+  switch (Dh) {
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    default: f(std::integral_constant<int, 128>{});
+  }
 }
 
 }  // namespace
@@ -349,10 +378,7 @@ Status omni_attention_fwd_cpu(BLHD q, BLHD k, BLHD v, int64_t B, int64_t L, int6
   if (const Status st = check_rope(rope_cos, rope_sin, rope_half, Dh); st != kOk) return st;
   if (B * L * H == 0) return kOk;
   if (!out || !lse) return kBadArgument;
-  const int R = rows_for(Dh);
-  for_each_pair(B, H, [&](int64_t b, int64_t h) {
-    Scratch w(L, Dh, R, false);
-    for (int64_t j = 0; j < L; ++j) w.kv[j] = key_valid[b * L + j] != 0;
+  for_each_pair(B, L, H, Dh, key_valid, false, [&](int64_t b, int64_t h, Scratch& w) {
     const float* qp = q.p + b * q.sb + h * q.sh;
     const float* kp = k.p + b * k.sb + h * k.sh;
     const float* vp = v.p + b * v.sb + h * v.sh;
@@ -360,15 +386,9 @@ Status omni_attention_fwd_cpu(BLHD q, BLHD k, BLHD v, int64_t B, int64_t L, int6
     const int32_t* lim = limit + b * L;
     float* lp = lse + (b * H + h) * L;
     const Rope rp = rope_of(rope_cos, rope_sin, rope_half, b, L);
-#define U2A_FWD(DH, RR) \
-  fwd_pair<DH, RR>(qp, kp, vp, q.sl, k.sl, v.sl, L, lim, rp, scale, op, H * Dh, lp, w)
-    switch (Dh) {
-      case 16: U2A_FWD(16, 8); break;
-      case 32: U2A_FWD(32, 8); break;
-      case 64: U2A_FWD(64, 4); break;
-      default: U2A_FWD(128, 2);
-    }
-#undef U2A_FWD
+    with_head_size(Dh, [&](auto dh) {
+      fwd_pair<dh()>(qp, kp, vp, q.sl, k.sl, v.sl, L, lim, rp, scale, op, H * Dh, lp, w);
+    });
   });
   return kOk;
 }
@@ -382,10 +402,7 @@ Status omni_attention_bwd_cpu(BLHD q, BLHD k, BLHD v, BLHD out, BLHD grad_out, i
   if (const Status st = check_rope(rope_cos, rope_sin, rope_half, Dh); st != kOk) return st;
   if (B * L * H == 0) return kOk;
   if (!out.p || !grad_out.p || !lse || !dq || !dk || !dv) return kBadArgument;
-  const int R = rows_for(Dh);
-  for_each_pair(B, H, [&](int64_t b, int64_t h) {
-    Scratch w(L, Dh, R, true);
-    for (int64_t j = 0; j < L; ++j) w.kv[j] = key_valid[b * L + j] != 0;
+  for_each_pair(B, L, H, Dh, key_valid, true, [&](int64_t b, int64_t h, Scratch& w) {
     const float* qp = q.p + b * q.sb + h * q.sh;
     const float* kp = k.p + b * k.sb + h * k.sh;
     const float* vp = v.p + b * v.sb + h * v.sh;
@@ -395,16 +412,10 @@ Status omni_attention_bwd_cpu(BLHD q, BLHD k, BLHD v, BLHD out, BLHD grad_out, i
     const int32_t* lim = limit + b * L;
     const float* lp = lse + (b * H + h) * L;
     const Rope rp = rope_of(rope_cos, rope_sin, rope_half, b, L);
-#define U2A_BWD(DH, RR)                                                                         \
-  bwd_pair<DH, RR>(qp, kp, vp, op, gp, q.sl, k.sl, v.sl, out.sl, grad_out.sl, L, lim, rp, scale, \
-                   lp, dq + off, dk + off, dv + off, H * Dh, w)
-    switch (Dh) {
-      case 16: U2A_BWD(16, 8); break;
-      case 32: U2A_BWD(32, 8); break;
-      case 64: U2A_BWD(64, 4); break;
-      default: U2A_BWD(128, 2);
-    }
-#undef U2A_BWD
+    with_head_size(Dh, [&](auto dh) {
+      bwd_pair<dh()>(qp, kp, vp, op, gp, q.sl, k.sl, v.sl, out.sl, grad_out.sl, L, lim, rp, scale,
+                     lp, dq + off, dk + off, dv + off, H * Dh, w);
+    });
   });
   return kOk;
 }

@@ -13,8 +13,8 @@
 // (m − log K near 88: huge logits with a score-entropy term) the row falls back to the unfactored
 // form, one more exp per element, so no finite gradient turns into inf or NaN.
 //
-// The exp in the inner loops is our own (exp_simd below): libm's expf does not vectorise without
-// -ffast-math, which the build does not use. Each row routine is compiled several times for
+// The exp in the inner loops is our own (exp_simd, cpu_simd.h): libm's expf does not vectorise
+// without -ffast-math, which the build does not use. Each row routine is compiled several times for
 // different instruction sets (target attributes) and one is picked at run time from the CPU.
 #include "d3diff_loss.h"
 
@@ -36,51 +36,6 @@ namespace unif2ace {
 namespace {
 
 using namespace cpu;  // NOLINT: the shared SIMD helpers
-
-// exp(x) in fp32 (Cephes expf): x = n·ln2 + r with n = round(x·log2 e), |r| <= ln2/2;
-// e^r = 1 + r + r²·P(r), P of degree 5; 2^n assembled in the exponent bits. Under 1 ulp over the
-// normal-result range: max relative error 8.2e-8 (8.5e-8 with FMA contraction), checked against
-// double exp on every float in [-87.33, 88.37].
-// x is clamped to [-88, 89] first, which is all the special-casing there is:
-//   x < -87.68 gives n = -127, 2^n = +0 and so 0 (true values there are < 2^-126.5: fp32
-//   subnormals, flushed), -inf -> 0; x > 88.38 gives n = 128, 2^n = +inf and so +inf (true values
-//   in (88.38, 88.72] are up to FLT_MAX: returned as inf), +inf -> +inf; NaN stays NaN (the
-//   comparisons are false for NaN, so the clamps pass it through to the polynomial).
-// No select on the result, and the clamp bounds hidden from the optimiser (ExpRange below): with
-// constant bounds gcc folds the whole function to 0 / inf for a clamped input, which moves the
-// polynomial into one arm of a branch; the SSE/AVX2 vectorisers then reject the loop ("control
-// flow in loop": the moved fp ops could trap) and only AVX-512, with masked ops, vectorises it.
-struct ExpRange {
-  float lo, hi;
-};
-// Call once outside the loop: the empty asm makes the bounds unknown values (no code in the loop).
-U2A_ALWAYS_INLINE ExpRange exp_range() {
-  ExpRange b{-88.f, 89.f};
-  __asm__("" : "+g"(b.lo), "+g"(b.hi));
-  return b;
-}
-U2A_ALWAYS_INLINE float exp_simd(float x, ExpRange b) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;  // ln 2 = kLn2Hi + kLn2Lo; 9 bits: n·kLn2Hi exact
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  // 1.5·2^23 + 127: adding it rounds x·log2 e to an integer n (ulp 1 there, ties to even) and
-  // leaves n + 127 (in [0, 255] after the clamp) in the low mantissa bits of t.
-  constexpr float kBias = 12582912.f + 127.f;
-  float xc = x < b.lo ? b.lo : x;
-  xc = xc > b.hi ? b.hi : xc;
-  const float t = xc * kLog2e + kBias;
-  const float n = t - kBias;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.f;
-  // 2^n: n + 127 shifted into the exponent field (the bits above it fall off the top).
-  return p * bits_as_float(float_as_bits(t) << 23);
-}
 
 struct Args {
   const void* logits;

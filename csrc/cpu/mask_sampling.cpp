@@ -21,7 +21,7 @@
 // next step if the CPU step ever matters more than memory bandwidth. log/exp are our own branch-free polynomials (libm's do not
 // vectorise without -ffast-math); each position routine is compiled for several instruction sets
 // and one is picked at run time, as in d3diff_loss.cpp (whose exp_simd and fp16 loader are
-// repeated here; a shared header for them is a follow-up). exp_nonpositive is in cpu_simd.h.
+// repeated here; a shared header for them is a follow-up).
 #include "mask_sampling.h"
 
 #include <omp.h>
@@ -46,6 +46,29 @@ using namespace cpu;  // NOLINT: the shared SIMD helpers
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
+
+// exp(x) in fp32, Cephes expf (as d3diff_loss.cpp): x = n·ln2 + r, |r| <= ln2/2, degree-5
+// polynomial, 2^n in the exponent bits. Relative error ~1.2e-7. Here x = y − m <= 0 always; below
+// -87.3 the result is 0 (such a token has probability < e^-87 of being drawn).
+U2A_ALWAYS_INLINE float exp_simd(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kRound = 12582912.f;  // 1.5·2^23
+  const float xc = x > -87.3f ? x : -87.3f;  // NaN -> clamp; n stays in [-126, 0]
+  const float n = (xc * kLog2e + kRound) - kRound;
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  const float two_n = bits_as_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  const float y = p * two_n;
+  return x > -87.3f ? y : 0.f;
+}
 
 // log(x) for positive normal fp32 x, Cephes logf: x = 2^e·f with f ∈ [√½, √2), log f by a degree-8
 // polynomial in f − 1. Relative error ~1e-7 over the range used here ([2^-33, 1]).
@@ -139,7 +162,7 @@ U2A_ALWAYS_INLINE std::pair<int64_t, float> race_philox(const float* y, int64_t 
       const int32_t k0 = static_cast<int32_t>(kb + sub * kLanes);
 #pragma omp simd
       for (int j = 0; j < kLanes; ++j) {
-        const float e = exp_nonpositive(yb[j] - m);
+        const float e = exp_simd(yb[j] - m);
         sum[j] += e;
         const float E = exponential_simd(wb[j]);
         const bool better = e * best_E[j] > best_e[j] * E;  // strict: earliest column of a lane wins
@@ -163,7 +186,7 @@ U2A_ALWAYS_INLINE std::pair<int64_t, float> race_philox(const float* y, int64_t 
   for (; kb < K; kb += 4) {  // tail (< 64 columns), scalar
     const Philox4 p = philox4x32_10(static_cast<uint32_t>(kb >> 2), l, b, c3, seed);
     for (int64_t j = 0; j < 4 && kb + j < K; ++j) {
-      const float e = exp_nonpositive(y[kb + j] - m);
+      const float e = exp_simd(y[kb + j] - m);
       s += e;
       const float E = exponential_simd(p.w[j]);
       if (e * bE > be * E) {
@@ -192,7 +215,7 @@ U2A_ALWAYS_INLINE std::pair<int64_t, float> gumbel_max_explicit(const float* y, 
 #pragma omp simd
     for (int j = 0; j < kLanes; ++j) {
       const float v = y[kb + j] + g[kb + j];
-      sum[j] += exp_nonpositive(y[kb + j] - m);
+      sum[j] += exp_simd(y[kb + j] - m);
       const bool better = v > best[j];
       best[j] = better ? v : best[j];
       besti[j] = better ? static_cast<int32_t>(kb + j) : besti[j];
@@ -209,7 +232,7 @@ U2A_ALWAYS_INLINE std::pair<int64_t, float> gumbel_max_explicit(const float* y, 
   }
   for (; kb < K; ++kb) {
     const float v = y[kb] + g[kb];
-    s += exp_nonpositive(y[kb] - m);
+    s += exp_simd(y[kb] - m);
     if (bi < 0 || v > bv) {
       bv = v;
       bi = kb;

@@ -12,9 +12,9 @@ is empty). Four ways to compute it, all equal to :func:`omni_attention_ref`:
   per-query key limit (the image's end for image tokens, ``i + 1`` for text), and the kernel reads
   only the keys a block of queries may see. :class:`Attention` passes it the projections'
   ``[B, L, H, Dh]`` views and the rotary tables, so q and k are turned inside the kernel and its
-  output feeds the dense projection without a copy. ``use_backend("torch")`` keeps the SDPA
-  paths below (the baseline of ``benchmarks/bench_e2e.py``), and so does the prefill of a KV
-  cache (which stores the rotated keys);
+  output feeds the dense projection without a copy (a KV-cache prefill rotates in PyTorch, since
+  the cache keeps the rotated keys, and calls the kernel without tables). ``use_backend("torch")``
+  keeps the SDPA paths below (the baseline of ``benchmarks/bench_e2e.py``);
 * **split** — when every row of the batch has its image at the same positions ``[s, e)`` and there is
   no padding: one causal call over the whole sequence, then one non-causal call for the image
   queries over the keys ``[0, e)`` that overwrites rows ``[s, e)``. Text after the image sees the
@@ -99,16 +99,11 @@ def flash_available(x: torch.Tensor) -> bool:
 
 def omni_attention(q, k, v, is_image, key_valid=None, *, impl: str = "auto") -> torch.Tensor:
     """Omni-attention of ``q, k, v [B, H, L, Dh]`` with ``is_image [B, L]`` and optional
-    ``key_valid [B, L]``. ``impl``: ``"auto"`` (the kernel, else split when the layout allows,
-    else masked),
-    ``"split"``, ``"masked"`` or ``"ref"``."""
+    ``key_valid [B, L]``. ``impl``: ``"auto"`` (split when the layout allows, else masked),
+    ``"split"``, ``"masked"`` or ``"ref"``. The engine's kernel is chosen by :class:`Attention`,
+    which holds the un-rotated projections it takes."""
     if impl == "ref":
         return omni_attention_ref(q, k, v, is_image, key_valid)
-    if impl == "auto" and attention_op.uses_kernel(q):
-        limit = attention_op.omni_limit(is_image)
-        if limit is not None:
-            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # the op's [B, L, H, Dh]
-            return attention_op.omni_attention(qt, kt, vt, limit, key_valid).transpose(1, 2)
     span = None
     if impl in ("auto", "split") and (key_valid is None or bool(key_valid.all())):
         span = uniform_image_span(is_image)
@@ -169,19 +164,24 @@ class Attention(nn.Module):
         """``cache``: a dict that receives this layer's rotated keys and values (prefill)."""
         B, L, D = x.shape
         shape = (B, L, self.n_heads, self.head_dim)
-        if cache is None and self.impl == "auto" and attention_op.uses_kernel(x, self.head_dim):
+        q, k, v = (p(x).view(shape) for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, L, H, Dh]
+        limit = None  # set when the engine's kernel runs
+        if self.impl == "auto" and attention_op.uses_kernel(q):
             limit = attention_op.omni_limit(is_image)
-            if limit is not None:  # the engine's kernel, rotary inside: [B, L, H, Dh] in and out
-                q, k, v = (p(x).view(shape) for p in (self.q_proj, self.k_proj, self.v_proj))
-                rot = self.rotary.tables(positions) if self.rotary.rot_dim else None
-                o = attention_op.omni_attention(q, k, v, limit, key_valid, rotary=rot)
-                return self.dense(o.reshape(B, L, D))
-        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if limit is not None and cache is None:  # rotary inside the kernel, no copies
+            rot = self.rotary.tables(positions) if self.rotary.rot_dim else None
+            o = attention_op.omni_attention(q, k, v, limit, key_valid, rotary=rot)
+            return self.dense(o.reshape(B, L, D))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = self.rotary(q, positions), self.rotary(k, positions)  # [B, H, L, Dh]
         if cache is not None:
             cache["k"], cache["v"] = k, v
-        o = omni_attention(q, k, v, is_image, key_valid, impl=self.impl)
-        return self.dense(o.transpose(1, 2).reshape(B, L, D))
+        if limit is not None:  # prefill: the kernel on the rotated keys the cache keeps
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            o = attention_op.omni_attention(qt, kt, vt, limit, key_valid)
+        else:
+            o = omni_attention(q, k, v, is_image, key_valid, impl=self.impl).transpose(1, 2)
+        return self.dense(o.reshape(B, L, D))
 
     def decode(self, x, positions, cache: dict, key_valid):
         """One new text token per row: x ``[B, 1, D]`` at ``positions [B, 1]``, attending to the

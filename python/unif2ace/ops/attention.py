@@ -103,18 +103,15 @@ def _kernel_head_size(head_dim: int) -> bool:
 
 def kernel_supports(q: torch.Tensor) -> bool:
     """Whether the C++ kernel takes this query tensor (CPU, fp32, a compiled head size)."""
-    return q.dim() == 4 and _takes(q.device, q.dtype, int(q.shape[-1]))
+    return (
+        q.device.type == "cpu" and q.dtype == torch.float32 and q.dim() == 4
+        and _kernel_head_size(int(q.shape[-1]))
+    )  # fmt: skip
 
 
-def _takes(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    return device.type == "cpu" and dtype == torch.float32 and _kernel_head_size(head_dim)
-
-
-def uses_kernel(x: torch.Tensor, head_dim: int | None = None, backend: str | None = None) -> bool:
-    """Whether :func:`omni_attention` with ``backend`` runs the C++ kernel for queries of ``x``'s
-    device and dtype (``head_dim``: default ``x.shape[-1]``, i.e. ``x`` is the query tensor)."""
-    head_dim = int(x.shape[-1]) if head_dim is None else head_dim
-    return _backend.resolve(backend, x.device, OP) == "cpu" and _takes(x.device, x.dtype, head_dim)
+def uses_kernel(q: torch.Tensor, backend: str | None = None) -> bool:
+    """Whether :func:`omni_attention` with ``backend`` runs the C++ kernel for ``q``."""
+    return _backend.resolve(backend, q.device, OP) == "cpu" and kernel_supports(q)
 
 
 # ------------------------------------------------------------------------------------------------
