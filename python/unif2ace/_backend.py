@@ -1,8 +1,12 @@
-"""Backend selection shared by every op: names, the process-wide default, what is built here.
+"""Backend selection shared by every op: names, the process-wide default, what is built here, and
+the one launcher registry.
 
-Every public op takes ``backend=`` with one of :data:`BACKENDS`. ``"auto"`` resolves per op and
-device through :data:`AUTO_ORDER` (first available wins); the process-wide default comes from
-:func:`set_backend` or the ``UNIF2ACE_BACKEND`` environment variable.
+Every public op takes ``backend=`` with one of :data:`BACKENDS`. A backend's launcher for a kernel
+registers itself with :func:`register` (``@register("moe.route", "cpu")``); :func:`resolve` turns
+``backend=`` into the concrete backend that will run (``"auto"``: the first of
+:data:`AUTO_ORDER` that is available on the device *and* has a launcher for the kernel), and
+:func:`launcher` returns the function. The process-wide default comes from :func:`set_backend` or
+the ``UNIF2ACE_BACKEND`` environment variable.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import contextlib
 import functools
 import importlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -121,27 +125,77 @@ def available(backend: str, device: torch.device) -> bool:
     return False
 
 
+# ---- the launcher registry -------------------------------------------------------------------
+# kernel name ("<family>.<kernel>", e.g. "moe.route") -> {backend: launcher}. Each backend's
+# launcher module registers its entries when its op family is imported; nothing else writes here.
+_LAUNCHERS: dict[str, dict[str, Callable]] = {}
+
+
+def register(kernel: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: the decorated function is ``backend``'s launcher of ``kernel``.
+
+    A launcher takes tensors, writes into preallocated outputs and returns nothing (each family's
+    contract says exactly what); registering a second launcher for the same pair is an error.
+    """
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"register({kernel!r}): backend must be one of {BACKENDS[:-1]}")
+
+    def deco(fn: Callable) -> Callable:
+        table = _LAUNCHERS.setdefault(kernel, {})
+        if backend in table:
+            raise RuntimeError(f"{kernel}: a {backend!r} launcher is already registered")
+        table[backend] = fn
+        return fn
+
+    return deco
+
+
+def implemented(kernel: str) -> tuple[str, ...]:
+    """The backends with a registered launcher for ``kernel``, in :data:`BACKENDS` order."""
+    table = _LAUNCHERS.get(kernel, {})
+    return tuple(b for b in BACKENDS if b in table)
+
+
+def launcher(kernel: str, backend: str) -> Callable:
+    """The ``backend`` launcher of ``kernel`` (a RuntimeError naming what exists if there is none)."""
+    try:
+        return _LAUNCHERS[kernel][backend]
+    except KeyError:
+        raise RuntimeError(
+            f"{kernel}: no {backend!r} launcher (registered: {list(implemented(kernel))})"
+        ) from None
+
+
 # Resolution imports extension modules, which torch.compile must not trace: its result is a
 # constant of the process (the build and the device do not change under a compiled function).
 @torch.compiler.assume_constant_result
-def resolve(backend: str | None, device: torch.device, op: str) -> str:
+def resolve(backend: str | None, device: torch.device, op: str, kernel: str | None = None) -> str:
     """Turn ``backend`` (None = process default, "auto", or a name) into a concrete backend.
 
-    An explicitly requested backend that cannot run here is an error, never a silent fallback.
+    ``op`` names the public op in messages; ``kernel`` (default ``op``) is the registry entry whose
+    launchers count. A kernel with no registered launcher at all (e.g. a whole model step) only
+    needs the backend to be available. An explicitly requested backend that cannot run here, or
+    has no launcher for the kernel, is an error, never a silent fallback.
     """
     if backend is None:
         backend = get_backend()
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    table = _LAUNCHERS.get(kernel or op)
     if backend != "auto":
         if not available(backend, device):
             raise RuntimeError(
                 f"{op}: backend {backend!r} is not available for {device.type} tensors here "
                 f"({_why_unavailable(backend, device)})"
             )
+        if table is not None and backend not in table:
+            raise RuntimeError(
+                f"{op}: backend {backend!r} has no launcher for {kernel or op} "
+                f"(registered: {list(implemented(kernel or op))})"
+            )
         return backend
     for name in AUTO_ORDER.get(device.type, ("torch",)):
-        if available(name, device):
+        if available(name, device) and (table is None or name in table):
             return name
     return "torch"
 
