@@ -11,6 +11,9 @@ from conftest import backend_params, device_for, rel_err
 from unif2ace import _backend
 from unif2ace.ops import moe
 from unif2ace.ops.moe import (
+    _cpu,
+    _custom_ops,
+    _torch,
     moe_balance_loss,
     moe_combine,
     moe_mlp,
@@ -22,19 +25,8 @@ from unif2ace.ops.moe import (
     moe_route_ref,
     moe_shared_experts,
     moe_z_loss,
+    reference,
 )
-
-
-def moe_backend_params():
-    """backend_params(), with backends that have no MoE launchers yet skipped."""
-    out = []
-    for p in backend_params():
-        marks = list(p.marks)
-        if p.values[0] not in moe._ROUTE:
-            marks.append(pytest.mark.skip(reason=f"no MoE {p.values[0]} backend yet"))
-        out.append(pytest.param(p.values[0], marks=marks, id=p.id))
-    return out
-
 
 # ‖out − ref‖/‖ref‖ against float64. fp32: accumulation order over D, F ≤ 1024.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -62,8 +54,13 @@ def route_mode(mode, E, k, device):
         if k > topk_group * (E // n_group):
             return None
         bias = torch.randn(E, device=device) * 0.1
-        return {"scoring": "sigmoid", "n_group": n_group, "topk_group": topk_group,
-                "correction_bias": bias, "scaling": 2.5}  # fmt: skip
+        return {
+            "scoring": "sigmoid",
+            "n_group": n_group,
+            "topk_group": topk_group,
+            "correction_bias": bias,
+            "scaling": 2.5,
+        }
     raise AssertionError(mode)
 
 
@@ -107,7 +104,7 @@ def check_route(backend, logits, k, kw, gid, grads=True):
     return r
 
 
-@pytest.mark.parametrize("backend", moe_backend_params())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("mode", ["softmax", "softmax-raw", "sigmoid", "groups", "group-limited"])
 @pytest.mark.parametrize("T", [1, 37, 4096])
 @pytest.mark.parametrize("E", [2, 9, 64])
@@ -123,7 +120,7 @@ def test_route_matches_reference(backend, mode, T, E, k):
     check_route(backend, logits, k, kw, group_ids_for(kw, T, dev), grads=T <= 37 or E == 9)
 
 
-@pytest.mark.parametrize("backend", moe_backend_params())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("mode", ["softmax", "softmax-raw", "sigmoid", "groups", "group-limited"])
 def test_route_ties_lowest_index(backend, mode):
     """Logits on a 3-value grid: most keys tie; ties go to the lower expert index everywhere."""
@@ -175,7 +172,7 @@ def test_route_deterministic_stats():
 # ---- plan, permute, combine ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", moe_backend_params())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("T,k,E", [(1, 1, 2), (37, 2, 9), (4096, 4, 64), (5000, 8, 3)])
 @pytest.mark.parametrize("block_m", [0, 16, 64])
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
@@ -206,7 +203,7 @@ def test_plan(backend, T, k, E, block_m, id_dtype):
         assert p.tile_expert.numel() == 0
 
 
-@pytest.mark.parametrize("backend", moe_backend_params())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("T,D,k,E", [(1, 123, 1, 2), (37, 123, 2, 9), (300, 512, 4, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_permute_combine(backend, T, D, k, E, dtype):
@@ -245,34 +242,34 @@ def test_launchers_write_every_element():
     w = torch.full((T, k), float("nan"))
     c = torch.full((E,), -1, dtype=torch.int32)
     ps = torch.full((E,), float("nan"))
-    moe._ROUTE["cpu"](z, go, None, None, k, "softmax", True, 0, 0, 1.0, ids, w, c, ps)
+    _cpu.route(z, go, None, None, k, "softmax", True, 0, 0, 1.0, ids, w, c, ps)
     assert (ids >= 0).all() and w.isfinite().all() and (c >= 0).all() and ps.isfinite().all()
     gz = torch.full((T, E), float("nan"))
-    moe._ROUTE_BWD["cpu"](z, go, None, ids, torch.randn(T, k), None, "softmax", True, 1.0, gz)
+    _cpu.route_bwd(z, go, None, ids, torch.randn(T, k), None, "softmax", True, 1.0, gz)
     assert gz.isfinite().all()
     for scoring, renorm in (("softmax", True), ("sigmoid", False)):  # torch spec == C++
         gid = torch.randint(0, 2, (T,))
         go2 = torch.tensor([0, 4, E])
-        moe._ROUTE["cpu"](z, go2, gid, None, k, scoring, renorm, 0, 0, 2.0, ids, w, c, ps)
+        _cpu.route(z, go2, gid, None, k, scoring, renorm, 0, 0, 2.0, ids, w, c, ps)
         args = (z, go2, gid, ids, torch.randn(T, k), torch.randn(E), scoring, renorm, 2.0)
         ga, gb = torch.empty(T, E), torch.empty(T, E)
-        moe._ROUTE_BWD["cpu"](*args, ga)
-        moe._ROUTE_BWD["torch"](*args, gb)
+        _cpu.route_bwd(*args, ga)
+        _torch.route_bwd(*args, gb)
         assert rel_err(ga, gb) < 1e-6
     bufs = [
         torch.full((n,), -7, dtype=torch.int32)
         for n in (E, E + 1, T * k, T * k, T * k // 16 + E, T * k // 16 + E)
     ]
-    moe._PLAN["cpu"](ids, E, 16, *bufs)
+    _cpu.plan(ids, E, 16, *bufs)
     assert all((b != -7).all() for b in bufs)
     x = torch.randn(T, D)
     xs = torch.full((T * k, D), float("nan"))
-    moe._PERMUTE["cpu"](x, bufs[2], k, xs)
+    _cpu.permute(x, bufs[2], k, xs)
     y = torch.full((T, D), float("nan"))
-    moe._COMBINE["cpu"](xs, bufs[3], w, y)
+    _cpu.combine(xs, bufs[3], w, y)
     gsrc = torch.full((T * k, D), float("nan"))
     gw = torch.full((T, k), float("nan"))
-    moe._COMBINE_BWD["cpu"](torch.randn(T, D), xs, bufs[3], w, gsrc, gw)
+    _cpu.combine_bwd(torch.randn(T, D), xs, bufs[3], w, gsrc, gw)
     assert (
         xs.isfinite().all() and y.isfinite().all() and gsrc.isfinite().all() and gw.isfinite().all()
     )
@@ -312,21 +309,23 @@ def check_mlp(backend, T, D, Fh, E, k, activation, dtype, used=None, weighted=Tr
     return grads
 
 
-@pytest.mark.parametrize("backend", moe_backend_params())
-@pytest.mark.parametrize("T,D,Fh,E,k", [(37, 123, 77, 9, 2), (1, 123, 77, 9, 4), (64, 512, 1024, 4, 2),
-                                         (200, 64, 32, 16, 4)])  # fmt: skip
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(
+    "T,D,Fh,E,k",
+    [(37, 123, 77, 9, 2), (1, 123, 77, 9, 4), (64, 512, 1024, 4, 2), (200, 64, 32, 16, 4)],
+)
 @pytest.mark.parametrize("activation", ["silu_glu", "gelu", "gelu_tanh"])
 def test_mlp_matches_fp64_reference(backend, T, D, Fh, E, k, activation):
     check_mlp(backend, T, D, Fh, E, k, activation, torch.float32)
 
 
-@pytest.mark.parametrize("backend", moe_backend_params())
+@pytest.mark.parametrize("backend", backend_params())
 def test_mlp_empty_experts(backend):
     grads = check_mlp(backend, 37, 123, 77, 9, 2, "silu_glu", torch.float32, used=4)
     assert (grads[1][4:] == 0).all() and (grads[2][4:] == 0).all()  # unused experts: zero grad
 
 
-@pytest.mark.parametrize("backend", moe_backend_params())
+@pytest.mark.parametrize("backend", backend_params())
 def test_mlp_unweighted(backend):
     check_mlp(backend, 37, 123, 77, 9, 2, "gelu", torch.float32, weighted=False)
 
@@ -349,20 +348,26 @@ def test_cpu_activation_kernels_match_torch(activation, dtype):
     h = wide[torch.randperm(N * Fu)].view(N, Fu).to(dtype)
     da = torch.randn(N, Fd).to(dtype)
     hr = h.double().requires_grad_(True)
-    ar = moe._activate(hr, activation)
+    ar = reference.activate(hr, activation)
     (dhr,) = torch.autograd.grad(ar, hr, da.double())
     tol = 2e-6 if dtype == torch.float32 else 1e-2
     padded = torch.zeros(N, Fu + 3, dtype=dtype)
     padded[:, :Fu] = h
-    outs = [moe._act_fwd_cpu(padded[:, :Fu], activation)]
+    outs = [_cpu.act_fwd(padded[:, :Fu], activation)]
     if activation != "silu_glu":  # the C++ forward itself (the erf form's dispatch is torch's)
         outs.append(torch.empty(N, Fd, dtype=dtype))
-        _backend.cpu_ext().moe_gelu_fwd(padded.data_ptr(), N, Fd, padded.stride(0),
-                                        activation == "gelu_tanh", _backend.DTYPE_CODES[dtype],
-                                        outs[-1].data_ptr())  # fmt: skip
+        _backend.cpu_ext().moe_gelu_fwd(
+            padded.data_ptr(),
+            N,
+            Fd,
+            padded.stride(0),
+            activation == "gelu_tanh",
+            _backend.DTYPE_CODES[dtype],
+            outs[-1].data_ptr(),
+        )
     for a in outs:
         assert (a.double() - ar).abs().max() <= tol * (1 + ar.abs()).max()
-    dh, a2 = moe._act_bwd_cpu(h.clone(), da, activation, consume=True)
+    dh, a2 = _cpu.act_bwd(h.clone(), da, activation, consume=True)
     assert (a2.double() - ar).abs().max() <= tol * (1 + ar.abs()).max()
     assert (dh.double() - dhr).abs().max() <= tol * (1 + dhr.abs()).max()
 
@@ -405,7 +410,7 @@ def test_mlp_backward_twice_is_a_clear_error():
 # ---- shared experts, losses ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", moe_backend_params())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("S", [1, 2])
 def test_shared_experts(backend, S):
     dev = device_for(backend)
@@ -448,8 +453,9 @@ def test_balance_loss_per_group():
     gid[:5] = 0
     z = torch.randn(T, 12)
     r = moe_route(z, k, group_ids=gid, experts_per_group=[4, 8], return_stats=True, backend="cpu")
-    per = moe_balance_loss(r.expert_counts, r.prob_sums, k, experts_per_group=[4, 8],
-                           coef=[0.1, 0.2], reduction="none")  # fmt: skip
+    per = moe_balance_loss(
+        r.expert_counts, r.prob_sums, k, experts_per_group=[4, 8], coef=[0.1, 0.2], reduction="none"
+    )
     for g, (lo, hi, lam) in enumerate(((0, 4, 0.1), (4, 12, 0.2))):
         Tg = int((gid == g).sum())
         f = r.expert_counts[lo:hi].float() / (k * Tg)
@@ -503,8 +509,12 @@ def test_bad_k_larger_than_E():
 
 def test_bad_k_larger_than_group():
     with pytest.raises(ValueError, match="top_k = 3 exceeds the 2 experts of group 0"):
-        moe_route(torch.randn(3, 6), 3, group_ids=torch.zeros(3, dtype=torch.long),
-                  experts_per_group=[2, 4])  # fmt: skip
+        moe_route(
+            torch.randn(3, 6),
+            3,
+            group_ids=torch.zeros(3, dtype=torch.long),
+            experts_per_group=[2, 4],
+        )
     with pytest.raises(ValueError, match="topk_group"):
         moe_route(torch.randn(3, 8), 4, n_group=4, topk_group=1)
 
@@ -550,8 +560,12 @@ def test_bad_devices():
     with pytest.raises(ValueError, match="topk_ids is on meta"):
         moe_mlp(x, wu, wd, ids.to("meta"), w)
     with pytest.raises(ValueError, match="group_ids is on meta"):
-        moe_route(torch.randn(3, 4), 2, group_ids=torch.zeros(3, dtype=torch.long, device="meta"),
-                  experts_per_group=2)  # fmt: skip
+        moe_route(
+            torch.randn(3, 4),
+            2,
+            group_ids=torch.zeros(3, dtype=torch.long, device="meta"),
+            experts_per_group=2,
+        )
     with pytest.raises(ValueError, match="correction_bias is on meta"):
         moe_route(torch.randn(3, 4), 2, correction_bias=torch.zeros(4, device="meta"))
 
@@ -589,20 +603,20 @@ def _opcheck_cases(backend):
     wd = torch.randn(E, D, Fh, requires_grad=True)
     wr = w.clone().requires_grad_(True)
     src = torch.randn(T * k, D, requires_grad=True)
-    _, h, out, xs = moe._moe_mlp_fwd_op(
+    _, h, out, xs = _custom_ops.mlp_fwd_op(
         x, wu, wd, wr, *p.tensors(), k, 4, "silu_glu", True, False, backend
     )
     return [
-        (moe._moe_route_op, (z, go, gid, torch.randn(E) * 0.1, k, "sigmoid", True, 0, 0, 1.5, backend)),
-        (moe._moe_route_op, (z, torch.tensor([0, E]), None, None, k, "softmax", False, 3, 2, 1.0, backend)),
-        (moe._moe_route_bwd_op, (z.detach(), go, gid, ids, torch.randn(T, k), torch.randn(E), "softmax", True, 1.0, backend)),
-        (moe._moe_plan_op, (ids, E, 4, backend)),
-        (moe._moe_permute_op, (x, p.sorted_slot, p.slot_pos, k, backend)),
-        (moe._moe_combine_op, (src, p.slot_pos, wr, k, backend)),
-        (moe._moe_combine_op, (src, p.slot_pos, None, k, backend)),
-        (moe._moe_combine_bwd_op, (torch.randn(T, D), src.detach(), p.slot_pos, w, k, True, backend)),
-        (moe._moe_mlp_fwd_op, (x, wu, wd, wr, *p.tensors(), k, 4, "silu_glu", True, False, backend)),
-        (moe._moe_mlp_bwd_op, (torch.randn(T, D), x.detach(), wu.detach(), wd.detach(), w,
+        (_custom_ops.route_op, (z, go, gid, torch.randn(E) * 0.1, k, "sigmoid", True, 0, 0, 1.5, backend)),
+        (_custom_ops.route_op, (z, torch.tensor([0, E]), None, None, k, "softmax", False, 3, 2, 1.0, backend)),
+        (_custom_ops.route_bwd_op, (z.detach(), go, gid, ids, torch.randn(T, k), torch.randn(E), "softmax", True, 1.0, backend)),
+        (_custom_ops.plan_op, (ids, E, 4, backend)),
+        (_custom_ops.permute_op, (x, p.sorted_slot, p.slot_pos, k, backend)),
+        (_custom_ops.combine_op, (src, p.slot_pos, wr, k, backend)),
+        (_custom_ops.combine_op, (src, p.slot_pos, None, k, backend)),
+        (_custom_ops.combine_bwd_op, (torch.randn(T, D), src.detach(), p.slot_pos, w, k, True, backend)),
+        (_custom_ops.mlp_fwd_op, (x, wu, wd, wr, *p.tensors(), k, 4, "silu_glu", True, False, backend)),
+        (_custom_ops.mlp_bwd_op, (torch.randn(T, D), x.detach(), wu.detach(), wd.detach(), w,
                                *p.tensors(), h.detach(), out.detach(), xs.detach(), k, 4,
                                "silu_glu", backend)),
     ]  # fmt: skip
@@ -620,15 +634,22 @@ def test_torch_compile_smoke():
     gid = torch.randint(0, 2, (T,))
 
     def layer(x, router, wu, wd, sw_up, sw_down):
-        r = moe_route(x @ router.T, k, group_ids=gid, experts_per_group=4, return_stats=True,
-                      backend="cpu")  # fmt: skip
+        r = moe_route(
+            x @ router.T, k, group_ids=gid, experts_per_group=4, return_stats=True, backend="cpu"
+        )
         y = moe_mlp(x, wu, wd, r.topk_ids, r.topk_weights, backend="cpu")
         y = y + moe_shared_experts(x, sw_up, sw_down, group_ids=gid, backend="cpu")
         aux = moe_balance_loss(r.expert_counts, r.prob_sums, k, experts_per_group=4)
         return y, aux
 
-    args = [torch.randn(T, D), torch.randn(E, D), torch.randn(E, 2 * Fh, D) / 6,
-            torch.randn(E, D, Fh) / 4, torch.randn(2, 2 * Fh, D) / 6, torch.randn(2, D, Fh) / 4]  # fmt: skip
+    args = [
+        torch.randn(T, D),
+        torch.randn(E, D),
+        torch.randn(E, 2 * Fh, D) / 6,
+        torch.randn(E, D, Fh) / 4,
+        torch.randn(2, 2 * Fh, D) / 6,
+        torch.randn(2, D, Fh) / 4,
+    ]
     leaves = [a.clone().requires_grad_(True) for a in args]
     unif2ace.set_checks(False)  # value checks read data (graph breaks); compile without them
     try:

@@ -1,4 +1,4 @@
-"""The Hugging Face drop-in (unif2ace.ops.moe_hf): tiny random Mixtral and Qwen2-MoE blocks and
+"""The Hugging Face drop-in (unif2ace.ops.moe.hf): tiny random Mixtral and Qwen2-MoE blocks and
 models run through unif2ace's ops match their own forward (and gradients). transformers is a
 test-only dependency: the module is skipped without it."""
 
@@ -9,7 +9,7 @@ from conftest import rel_err
 
 transformers = pytest.importorskip("transformers")
 
-from unif2ace.ops.moe_hf import (  # noqa: E402
+from unif2ace.ops.moe.hf import (  # noqa: E402
     moe_block_forward,
     register_hf_experts,
     unif2ace_experts_forward,
@@ -19,15 +19,26 @@ BACKENDS = ["torch", "cpu"]
 
 
 def tiny_config(kind, **over):
-    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)  # fmt: skip
+    common = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=64,
+    )
     if kind == "mixtral":
         cfg = transformers.MixtralConfig(**common, num_local_experts=6, num_experts_per_tok=2)
     else:
-        cfg = transformers.Qwen2MoeConfig(**common, num_experts=6, num_experts_per_tok=2,
-                                          moe_intermediate_size=48,
-                                          shared_expert_intermediate_size=80,
-                                          norm_topk_prob=over.pop("norm_topk_prob", False))  # fmt: skip
+        cfg = transformers.Qwen2MoeConfig(
+            **common,
+            num_experts=6,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=80,
+            norm_topk_prob=over.pop("norm_topk_prob", False),
+        )
     for key, value in over.items():
         setattr(cfg, key, value)
     return cfg
@@ -47,8 +58,9 @@ def tiny_block(kind, **over):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind,over", [("mixtral", {}), ("qwen2_moe", {}),
-                                       ("qwen2_moe", {"norm_topk_prob": True})])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind,over", [("mixtral", {}), ("qwen2_moe", {}), ("qwen2_moe", {"norm_topk_prob": True})]
+)
 def test_block_forward_matches(backend, kind, over):
     block = tiny_block(kind, **over)
     x = torch.randn(2, 19, 64, requires_grad=True)
@@ -102,7 +114,8 @@ def test_experts_implementation_in_a_model(kind):
 def test_unsupported_experts_raise():
     block = tiny_block("mixtral", hidden_act="gelu")
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
-        unif2ace_experts_forward(block.experts, torch.randn(3, 64), torch.zeros(3, 2, dtype=torch.long),
-                                 torch.ones(3, 2))  # fmt: skip
+        unif2ace_experts_forward(
+            block.experts, torch.randn(3, 64), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2)
+        )
     with pytest.raises(ValueError, match="not a Mixtral / Qwen2-MoE sparse block"):
         moe_block_forward(torch.nn.Linear(4, 4), torch.randn(1, 2, 4))

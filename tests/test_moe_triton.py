@@ -1,4 +1,4 @@
-"""Triton MoE kernels (triton_kernels/moe.py) against the torch launchers of unif2ace.ops.moe,
+"""Triton MoE kernels (triton_kernels/moe.py) against the torch launchers (ops/moe/_torch.py),
 beyond what tests/test_moe.py covers through the public ops: every output element written
 (NaN-poisoned buffers), combine backward in place (grad_src = src), the saved pre-activation h of
 the gathered grouped GEMM, and plans with a block_m other than the default 64. Under the
@@ -10,6 +10,7 @@ import torch
 from conftest import device_for, rel_err
 from unif2ace import _backend
 from unif2ace.ops import moe
+from unif2ace.ops.moe import _cpu, _torch, reference
 
 pytestmark = pytest.mark.skipif(
     not _backend.available("triton", device_for("triton")), reason="triton not available here"
@@ -32,11 +33,11 @@ def test_permute_combine_kernels_match_torch(T, k, E, D, weighted):
     y = torch.full((T, D), float("nan"), device=DEV)
     tk.combine(src, p.slot_pos, w, y)
     yr = torch.empty(T, D, device=DEV)
-    moe._combine_torch(src, p.slot_pos, w, yr)
+    _torch.combine(src, p.slot_pos, w, yr)
     assert rel_err(y, yr) < 1e-5
     go = torch.randn(T, D, device=DEV)
     gs_ref, gw_ref = torch.empty_like(src), torch.empty(T, k, device=DEV)
-    moe._combine_bwd_torch(go, src, p.slot_pos, w, gs_ref, gw_ref)
+    _torch.combine_bwd(go, src, p.slot_pos, w, gs_ref, gw_ref)
     gs, gw = torch.full_like(src, float("nan")), torch.full((T, k), float("nan"), device=DEV)
     tk.combine_bwd(go, src, p.slot_pos, w, gs, gw)
     assert torch.equal(gs, gs_ref) and rel_err(gw, gw_ref) < 2e-5
@@ -65,7 +66,7 @@ def test_gathered_grouped_gemm_saves_h(activation):
     for e in range(E):
         lo, hi = int(p.offsets[e]), int(p.offsets[e + 1])
         hr[lo:hi] = xs[lo:hi].double().matmul(wu[e].double().T).float()
-        a = moe._activate(hr[lo:hi].double(), activation)
+        a = reference.activate(hr[lo:hi].double(), activation)
         outr[lo:hi] = a.matmul(wd[e].double().T).float()
     assert rel_err(h, hr) < 2e-6 and rel_err(out, outr) < 2e-6
     yr = moe.moe_mlp_ref(x.double(), wu.double(), wd.double(), ids, w.double(), activation)
@@ -91,8 +92,15 @@ def test_plan_without_tile_map_is_a_clear_error():
     p = moe.moe_plan(ids, 4, block_m=0, backend="triton")
     x = torch.randn(8, 16, device=DEV)
     with pytest.raises(ValueError, match="no tile map"):
-        moe.moe_mlp(x, torch.randn(4, 32, 16, device=DEV), torch.randn(4, 16, 16, device=DEV),
-                    ids, None, plan=p, backend="triton")  # fmt: skip
+        moe.moe_mlp(
+            x,
+            torch.randn(4, 32, 16, device=DEV),
+            torch.randn(4, 16, 16, device=DEV),
+            ids,
+            None,
+            plan=p,
+            backend="triton",
+        )
 
 
 def test_pick_config_stays_within_aot_configs():
@@ -129,15 +137,17 @@ def test_route_kernel_matches_torch_launcher(mode, T, E, k, ties):
     if k > (E // 2 if mode == "groups" else E) or (ng and k > tg * (E // ng)):
         pytest.skip("k does not fit")
     outs = [
-        (torch.full((T, k), -1, dtype=torch.int64, device=DEV),
-         torch.full((T, k), float("nan"), device=DEV),
-         torch.full((E,), -1, dtype=torch.int32, device=DEV),
-         torch.full((E,), float("nan"), device=DEV))
+        (
+            torch.full((T, k), -1, dtype=torch.int64, device=DEV),
+            torch.full((T, k), float("nan"), device=DEV),
+            torch.full((E,), -1, dtype=torch.int32, device=DEV),
+            torch.full((E,), float("nan"), device=DEV),
+        )
         for _ in range(2)
-    ]  # fmt: skip
+    ]
     args = (z, offs, gid, bias, k, scoring, True, ng, tg, 1.5)
     tk.route(*args, *outs[0])
-    moe._route_torch(z.double(), *args[1:], *outs[1])
+    _torch.route(z.double(), *args[1:], *outs[1])
     ids, w, cnt, ps = outs[0]
     ids_r, w_r, cnt_r, ps_r = outs[1]
     assert torch.equal(ids, ids_r) and torch.equal(cnt, cnt_r)
@@ -163,13 +173,14 @@ def test_route_bwd_torch_matches_cpu(scoring, renormalize):
     z = torch.randn(T, E)
     offs = moe._offsets_tensor([9, 9], "cpu")
     gid = torch.randint(0, 2, (T,))
-    ids = moe.moe_route(z, k, group_ids=gid, experts_per_group=9, scoring=scoring,
-                        backend="torch")[0]  # fmt: skip
+    ids = moe.moe_route(z, k, group_ids=gid, experts_per_group=9, scoring=scoring, backend="torch")[
+        0
+    ]
     gw, gp = torch.randn(T, k), torch.randn(E)
     for g_w, g_p in ((gw, gp), (gw, None), (None, gp)):
         a, b = torch.full((T, E), float("nan")), torch.full((T, E), float("nan"))
-        moe._route_bwd_cpu(z, offs, gid, ids, g_w, g_p, scoring, renormalize, 2.0, a)
-        moe._route_bwd_torch(z, offs, gid, ids, g_w, g_p, scoring, renormalize, 2.0, b)
+        _cpu.route_bwd(z, offs, gid, ids, g_w, g_p, scoring, renormalize, 2.0, a)
+        _torch.route_bwd(z, offs, gid, ids, g_w, g_p, scoring, renormalize, 2.0, b)
         assert rel_err(b, a) < 1e-6
 
 

@@ -7,7 +7,7 @@ Two ways, both on the block's own parameters (views, never a copy of the checkpo
    ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`` chosen by
    ``config._experts_implementation``. :func:`register_hf_experts` adds ``"unif2ace"`` there::
 
-       from unif2ace.ops.moe_hf import register_hf_experts
+       from unif2ace.ops.moe.hf import register_hf_experts
        register_hf_experts()                       # once per process
        model.set_experts_implementation("unif2ace")
        # or: AutoModelForCausalLM.from_pretrained(path, experts_implementation="unif2ace")

@@ -1,0 +1,46 @@
+"""The two results of the MoE family that cross its layers: :class:`MoERouting` (what routing
+returns) and :class:`MoEPlan` (the expert-sorted order every later kernel reads)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class MoEPlan(NamedTuple):
+    """Expert-sorted order of the N = T·k slots (contract §3; every tensor int32).
+
+    counts [E], offsets [E+1], sorted_slot [N] (position → slot t·k + j), slot_pos [N] (slot →
+    position), tile_expert / tile_row [N // block_m + E] (empty when block_m = 0), top_k, block_m.
+    """
+
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    sorted_slot: torch.Tensor
+    slot_pos: torch.Tensor
+    tile_expert: torch.Tensor
+    tile_row: torch.Tensor
+    top_k: int
+    block_m: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[0]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self[:6]
+
+
+class MoERouting(NamedTuple):
+    """What :func:`moe_route` returns with ``return_stats=True``.
+
+    topk_ids int64 [T, k]; topk_weights float32 [T, k]; expert_counts int32 [E] (slots per
+    expert); prob_sums float32 [E] (Σ over the group's tokens of each expert's routing
+    probability; differentiable, feeds :func:`moe_balance_loss`).
+    """
+
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    expert_counts: torch.Tensor
+    prob_sums: torch.Tensor
