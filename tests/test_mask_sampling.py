@@ -17,7 +17,6 @@ import math
 import pytest
 import torch
 
-import unif2ace
 from conftest import GPU_RUN, backend_params, device_for
 from unif2ace import _backend
 from unif2ace.ops import mask_sampling as ms
@@ -32,6 +31,8 @@ from unif2ace.ops import (
 )
 
 EULER_GAMMA = 0.5772156649015329
+# the C++ kernels are in this build (the cpu backend's launchers are always registered)
+CPU_BUILT = _backend.available("cpu", torch.device("cpu"))
 
 try:  # a @triton.jit kernel must live in a file: the Philox cross-check kernel lives here
     import triton
@@ -49,18 +50,6 @@ try:  # a @triton.jit kernel must live in a file: the Philox cross-check kernel 
         tl.store(out + 4 * i + 3, w3.to(tl.int64))
 except ImportError:  # pragma: no cover
     triton = None
-
-
-def step_backends():
-    """backend_params(), with backends whose mask-sampling kernels are not in this build skipped."""
-    out = []
-    for p in backend_params():
-        name = p.id
-        marks = list(p.marks)
-        if device_for(name).type == "cpu" and not ms.launcher_available(name):
-            marks.append(pytest.mark.skip(reason=f"no {name} mask-sampling kernels in this build"))
-        out.append(pytest.param(name, marks=marks, id=name))
-    return out
 
 
 def interpreted(backend):
@@ -123,8 +112,13 @@ def test_philox_known_answer():
     w = ms.philox4x32(f | (f << 32), torch.full((1,), f), f, f, f)
     assert [int(x) for x in w] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
     # key (0xa4093822, 0x299f31d0), counter π digits
-    w = ms.philox4x32(0xA4093822 | (0x299F31D0 << 32), torch.full((1,), 0x243F6A88),
-                      0x85A308D3, 0x13198A2E, 0x03707344)  # fmt: skip
+    w = ms.philox4x32(
+        0xA4093822 | (0x299F31D0 << 32),
+        torch.full((1,), 0x243F6A88),
+        0x85A308D3,
+        0x13198A2E,
+        0x03707344,
+    )
     assert [int(x) for x in w] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
 
 
@@ -172,7 +166,7 @@ def test_gumbel_tail_draws_cpu_kernel():
 # ---- mask_tokens ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", step_backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("mode", ["count", "bernoulli"])
 @pytest.mark.parametrize("B,L", [(3, 1), (4, 7), (5, 256), (2, 1024)])
 def test_mask_tokens_bit_exact_across_backends(backend, mode, B, L):
@@ -248,7 +242,7 @@ def test_sample_times():
 # ---- maskgit_step: exactness against the reference ----------------------------------------------
 
 
-@pytest.mark.parametrize("backend", step_backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("L", [1, 7, 256, 1024])
 @pytest.mark.parametrize("K", [2, 1013, 8192])
 @pytest.mark.parametrize("guided", [False, True])
@@ -266,10 +260,19 @@ def test_step_matches_reference_with_supplied_noise(backend, L, K, guided):
     gn = ms.gumbel_from_bits(torch.randint(0, 2**32, (B, L, K))).to(dev)
     cn = torch.randn(B, L).to(dev)
     new_ids, new_mask, conf = maskgit_step(
-        logits, ids, mask_id, mask_len, uncond_logits=uncond, guidance=g, temperature=T,
-        choice_temperature=0.7, gumbel_noise=gn, choice_noise=cn, return_confidence=True,
+        logits,
+        ids,
+        mask_id,
+        mask_len,
+        uncond_logits=uncond,
+        guidance=g,
+        temperature=T,
+        choice_temperature=0.7,
+        gumbel_noise=gn,
+        choice_noise=cn,
+        return_confidence=True,
         backend=backend,
-    )  # fmt: skip
+    )
     r_ids, r_mask, r_conf = ref_step(logits, ids, mask_id, mask_len, uncond, g, T, 0.7, gn, cn)
     if L * K <= 1 << 20:  # the confidence against float64 (the decisions against fp32: see above)
         _, _, r_conf = ref_step(
@@ -285,14 +288,14 @@ def test_step_matches_reference_with_supplied_noise(backend, L, K, guided):
     assert err.numel() == 0 or float(err.max()) <= 4e-7 * (y_max + 10)
 
 
-@pytest.mark.parametrize("backend", step_backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_step_strided_views_and_dtypes(backend, dtype):
     """Show-o slices the image logits out of the full vocabulary and the last position:
     full[:, -(L + 1):-1, lo:lo + K] — row stride V, batch stride (L + 2)·V; uncond is another
     such view with its own strides. bf16/fp16 hold the 1/16-grid values exactly."""
     if interpreted(backend) and dtype != torch.float32:
-        pytest.skip("the Triton interpreter's 16-bit arithmetic is not trustworthy (DESIGN.md §2)")
+        pytest.skip("the Triton interpreter's 16-bit arithmetic is not trustworthy")
     dev = device_for(backend)
     B, L, K, V, lo = 3, 37, 301, 400, 50
     full = quantized_logits((B, L + 2, V), dev, dtype)
@@ -303,14 +306,24 @@ def test_step_strided_views_and_dtypes(backend, dtype):
     ids, mask_len = random_state(B, L, K, K + 7, dev)
     gn = ms.gumbel_from_bits(torch.randint(0, 2**32, (B, L, K))).to(dev)
     cn = torch.randn(B, L).to(dev)
-    out = maskgit_step(cond, ids, K + 7, mask_len, uncond_logits=uncond, guidance=1.5,
-                       temperature=0.5, choice_temperature=1.0, gumbel_noise=gn, choice_noise=cn,
-                       backend=backend)  # fmt: skip
+    out = maskgit_step(
+        cond,
+        ids,
+        K + 7,
+        mask_len,
+        uncond_logits=uncond,
+        guidance=1.5,
+        temperature=0.5,
+        choice_temperature=1.0,
+        gumbel_noise=gn,
+        choice_noise=cn,
+        backend=backend,
+    )
     ref = ref_step(cond, ids, K + 7, mask_len, uncond, 1.5, 0.5, 1.0, gn, cn)
     assert torch.equal(out[0].cpu(), ref[0]) and torch.equal(out[1].cpu(), ref[1])
 
 
-@pytest.mark.parametrize("backend", step_backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_step_ties_break_by_position(backend):
     """Equal confidences (identical positions, no choice noise): the lowest positions are re-masked
     first, on every backend (the contract's (confidence, position) order)."""
@@ -321,25 +334,36 @@ def test_step_ties_break_by_position(backend):
     ids[1, 3] = 5  # a known token: confidence +inf, never re-masked here
     gn = ms.gumbel_from_bits(torch.randint(0, 2**32, (1, 1, K))).expand(B, L, K).to(dev)
     mask_len = torch.tensor([6, 7], device=dev)
-    new_ids, mask = maskgit_step(logits, ids, K, mask_len, choice_temperature=0.0, gumbel_noise=gn,
-                                 backend=backend)  # fmt: skip
+    new_ids, mask = maskgit_step(
+        logits, ids, K, mask_len, choice_temperature=0.0, gumbel_noise=gn, backend=backend
+    )
     assert mask[0].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5]
     assert mask[1].nonzero().flatten().tolist() == [0, 1, 2, 4, 5, 6, 7]
     assert new_ids[1, 3] == 5
 
 
-@pytest.mark.parametrize("backend", step_backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_step_edge_shapes(backend):
     """B = 0, K = 1, a column stride != 1 (copied to stride 1), and one-step decoding."""
     dev = device_for(backend)
-    empty = maskgit_step(torch.randn(0, 4, 8, device=dev), torch.zeros(0, 4, dtype=torch.long,
-                         device=dev), 8, torch.zeros(0, dtype=torch.long, device=dev),
-                         backend=backend)  # fmt: skip
+    empty = maskgit_step(
+        torch.randn(0, 4, 8, device=dev),
+        torch.zeros(0, 4, dtype=torch.long, device=dev),
+        8,
+        torch.zeros(0, dtype=torch.long, device=dev),
+        backend=backend,
+    )
     assert empty[0].shape == (0, 4) and empty[1].shape == (0, 4)
     B, L, K = 2, 6, 5
     ids = torch.full((B, L), K, device=dev)
-    one, mask = maskgit_step(torch.randn(B, L, 1, device=dev), torch.full((B, L), 1, device=dev), 1,
-                             2, seed=0, backend=backend)  # fmt: skip
+    one, mask = maskgit_step(
+        torch.randn(B, L, 1, device=dev),
+        torch.full((B, L), 1, device=dev),
+        1,
+        2,
+        seed=0,
+        backend=backend,
+    )
     assert (mask.sum(1) == 2).all() and ((one == 0) | (one == 1)).all()
     base = quantized_logits((B, K, L), dev)
     logits = base.transpose(1, 2)  # [B, L, K] with column stride L
@@ -357,15 +381,25 @@ def test_step_unrounded_inputs_agree_up_to_near_ties():
     """Logits not on a grid and T = 0.7: the guided, scaled logits may round differently between
     backends (FMA contraction, reduction order), so decisions can differ only where the reference's
     own margin is at rounding level. Count those: none expected at this size."""
-    if not ms.launcher_available("cpu"):
+    if not CPU_BUILT:
         pytest.skip("CPU kernels not built")
     B, L, K = 4, 128, 1013
     logits, uncond = torch.randn(B, L, K) * 4, torch.randn(B, L, K) * 4
     ids, mask_len = random_state(B, L, K, K, "cpu")
     gn = ms.gumbel_from_bits(torch.randint(0, 2**32, (B, L, K)))
     cn = torch.randn(B, L)
-    out = maskgit_step(logits, ids, K, mask_len, uncond_logits=uncond, guidance=0.3,
-                       temperature=0.7, gumbel_noise=gn, choice_noise=cn, backend="cpu")  # fmt: skip
+    out = maskgit_step(
+        logits,
+        ids,
+        K,
+        mask_len,
+        uncond_logits=uncond,
+        guidance=0.3,
+        temperature=0.7,
+        gumbel_noise=gn,
+        choice_noise=cn,
+        backend="cpu",
+    )
     ref = ref_step(logits, ids, K, mask_len, uncond, 0.3, 0.7, 4.5, gn, cn, torch.float64)
     assert (out[0] != ref[0]).sum() == 0 and (out[1] != ref[1]).sum() == 0
 
@@ -373,7 +407,7 @@ def test_step_unrounded_inputs_agree_up_to_near_ties():
 # ---- the Philox path -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", [p for p in step_backends() if p.id != "torch"])
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.id != "torch"])
 @pytest.mark.parametrize("guided", [False, True])
 def test_step_philox_path_equals_explicit_philox_noise(backend, guided):
     """A kernel's own noise is the contract's: feeding philox_noise(seed, offset) explicitly gives
@@ -386,14 +420,15 @@ def test_step_philox_path_equals_explicit_philox_noise(backend, guided):
     kw = dict(uncond_logits=uncond, guidance=1.5, choice_temperature=2.0, backend=backend)
     a = maskgit_step(logits, ids, K, mask_len, seed=4242, offset=3, return_confidence=True, **kw)
     gn, cn = ms.philox_noise(4242, 3, B, L, K, dev)
-    b = maskgit_step(logits, ids, K, mask_len, gumbel_noise=gn, choice_noise=cn,
-                     return_confidence=True, **kw)  # fmt: skip
+    b = maskgit_step(
+        logits, ids, K, mask_len, gumbel_noise=gn, choice_noise=cn, return_confidence=True, **kw
+    )
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     fin = torch.isfinite(b[2])
     assert (a[2][fin] - b[2][fin]).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("backend", step_backends())
+@pytest.mark.parametrize("backend", backend_params())
 def test_step_seeded_is_reproducible(backend):
     dev = device_for(backend)
     B, L, K = 2, 9, 50
@@ -410,7 +445,7 @@ def test_step_seeded_is_reproducible(backend):
 
 def _freq_backends():
     keep = []
-    for p in step_backends():
+    for p in backend_params():
         if p.id == "triton" and _backend.triton_interpreted() and not GPU_RUN:
             continue  # 20 000 positions are too many program instances for the interpreter
         keep.append(p)
@@ -431,9 +466,19 @@ def test_step_sample_frequencies_match_softmax(backend):
     p = torch.softmax(((1 + g) * c - g * u) / T, 0).double()
     cond, unc = c.expand(B, L, K).to(dev), u.expand(B, L, K).to(dev)
     ids = torch.full((B, L), K, device=dev)
-    new_ids, _, conf = maskgit_step(cond, ids, K, 0, uncond_logits=unc, guidance=g, temperature=T,
-                                    choice_temperature=0.0, seed=31337, return_confidence=True,
-                                    backend=backend)  # fmt: skip
+    new_ids, _, conf = maskgit_step(
+        cond,
+        ids,
+        K,
+        0,
+        uncond_logits=unc,
+        guidance=g,
+        temperature=T,
+        choice_temperature=0.0,
+        seed=31337,
+        return_confidence=True,
+        backend=backend,
+    )
     counts = torch.bincount(new_ids.flatten().cpu(), minlength=K).double()
     n = B * L
     chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())
@@ -450,8 +495,16 @@ def test_step_choice_noise_is_gumbel(backend):
     dev = device_for(backend)
     B, L, tau = 40, 500, 2.0
     ids = torch.full((B, L), 1, device=dev)
-    _, _, conf = maskgit_step(torch.zeros(B, L, 1, device=dev), ids, 1, 0, choice_temperature=tau,
-                              seed=5, return_confidence=True, backend=backend)  # fmt: skip
+    _, _, conf = maskgit_step(
+        torch.zeros(B, L, 1, device=dev),
+        ids,
+        1,
+        0,
+        choice_temperature=tau,
+        seed=5,
+        return_confidence=True,
+        backend=backend,
+    )
     gum = conf.cpu().double().flatten() / tau
     n = gum.numel()
     for x in (-1.0, 0.0, 0.5, 1.5, 3.0):
@@ -463,7 +516,7 @@ def test_step_choice_noise_is_gumbel(backend):
 # ---- invariants -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", step_backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_step_invariants(backend, seed):
     dev = device_for(backend)
@@ -480,11 +533,7 @@ def test_step_invariants(backend, seed):
     assert ((new_ids[filled] >= 0) & (new_ids[filled] < K)).all()
 
 
-def _decode_backends():
-    return [p for p in step_backends()]
-
-
-@pytest.mark.parametrize("backend", _decode_backends())
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("annealing", ["maskgit", "showo"])
 def test_decode_loop_invariants(backend, annealing):
     """A toy model (logits depend on the current ids); a partly known start (inpainting). After
@@ -502,9 +551,17 @@ def test_decode_loop_invariants(backend, annealing):
     ids = torch.full((B, L), mask_id, device=dev)
     ids[:, :3] = torch.randint(0, K, (B, 3), device=dev)  # known prefix
     start = ids.clone()
-    out, hist = maskgit_decode(logits_fn, ids, steps, mask_id=mask_id, guidance=2.0,
-                               annealing=annealing, seed=9, backend=backend,
-                               return_history=True)  # fmt: skip
+    out, hist = maskgit_decode(
+        logits_fn,
+        ids,
+        steps,
+        mask_id=mask_id,
+        guidance=2.0,
+        annealing=annealing,
+        seed=9,
+        backend=backend,
+        return_history=True,
+    )
     assert len(hist) == steps and torch.equal(out, hist[-1])
     n0 = (start == mask_id).sum(1)
     prev, prev_ids = n0, start
@@ -539,211 +596,8 @@ def test_decode_torch_and_cpu_agree_with_supplied_model():
     B, L, K = 2, 10, 6
     logits = torch.randn(B, L, K)
     ids = torch.full((B, L), K)
-    for be in ("torch", "cpu") if ms.launcher_available("cpu") else ("torch",):
-        out = maskgit_decode(lambda x: logits, ids, 3, mask_id=K, schedule=lambda r: 1 - r,
-                             seed=1, backend=be)  # fmt: skip
+    for be in ("torch", "cpu") if CPU_BUILT else ("torch",):
+        out = maskgit_decode(
+            lambda x: logits, ids, 3, mask_id=K, schedule=lambda r: 1 - r, seed=1, backend=be
+        )
         assert not (out == K).any()
-
-
-# ---- registration: opcheck and torch.compile ----------------------------------------------------------
-
-
-@pytest.mark.parametrize("backend", [p for p in step_backends() if p.id in ("cpu", "triton")])
-def test_opcheck(backend):
-    dev = device_for(backend)
-    B, L, K = 2, 5, 9
-    logits = quantized_logits((B, L, K), dev)
-    uncond = quantized_logits((B, L, K), dev)
-    ids, mask_len = random_state(B, L, K, K, dev)
-    gn = ms.gumbel_from_bits(torch.randint(0, 2**32, (B, L, K))).to(dev)
-    cn = torch.randn(B, L, device=dev)
-    for args in (
-        (logits, uncond, ids, mask_len, K, 1.5, 2.0, 0.5, 7, 1, gn, cn, True, backend),
-        (logits, None, ids, mask_len, K, 0.0, 1.0, 4.5, 7, 1, None, None, True, backend),
-    ):
-        torch.library.opcheck(torch.ops.unif2ace.maskgit_step_fwd.default, args)
-    ids2 = torch.randint(0, 9, (B, 13), device=dev)
-    gamma = torch.rand(B, device=dev)
-    n_mask = torch.tensor([3, 13], device=dev)
-    for mode in (0, 1):
-        torch.library.opcheck(torch.ops.unif2ace.mask_tokens_fwd.default,
-                              (ids2, gamma, n_mask, -1, 3, 0, mode, backend))  # fmt: skip
-
-
-def test_torch_compile():
-    if not ms.launcher_available("cpu"):
-        pytest.skip("CPU kernels not built")
-    B, L, K = 2, 7, 33
-    logits, uncond = quantized_logits((B, L, K), "cpu"), quantized_logits((B, L, K), "cpu")
-    ids, mask_len = random_state(B, L, K, K, "cpu")
-
-    def step(logits, uncond, ids, mask_len):
-        new_ids, mask = maskgit_step(logits, ids, K, mask_len, uncond_logits=uncond, guidance=1.5,
-                                     seed=3, offset=2, backend="cpu")  # fmt: skip
-        masked, _ = mask_tokens(new_ids, 0.5, K, seed=4, backend="cpu")
-        return new_ids, mask, masked
-
-    with unif2ace.use_backend("cpu"):
-        _backend.set_checks(False)  # value checks read the data: not part of a compiled graph
-        try:
-            compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-            got = compiled(logits, uncond, ids, mask_len)
-        finally:
-            _backend.set_checks(True)
-    want = step(logits, uncond, ids, mask_len)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
-
-
-# ---- validation: one test per rule ---------------------------------------------------------------------
-
-
-def _good(B=2, L=5, K=8):
-    logits = torch.randn(B, L, K)
-    ids = torch.full((B, L), K)
-    return logits, ids, K, torch.tensor([2, 3])
-
-
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-@pytest.mark.parametrize(
-    "change,err,match",
-    [
-        (lambda a: a.update(logits=torch.randn(2, 5)), ValueError, "3-D tensor"),
-        (
-            lambda a: a.update(
-                logits=torch.randn(2, 0, 8), ids=torch.zeros(2, 0, dtype=torch.long)
-            ),
-            ValueError,
-            "L = 0",
-        ),  # fmt: skip
-        (lambda a: a.update(logits=torch.randn(2, 5, 0)), ValueError, "K = 0"),
-        (lambda a: a.update(ids=torch.full((2, 4), 8)), ValueError, "ids must have shape"),
-        (lambda a: a.update(ids=torch.full((2, 5), 8.0)), TypeError, "ids must be one of"),
-        (lambda a: a["ids"].__setitem__((0, 1), 9), ValueError, "ids has 1 entries outside"),
-        (lambda a: a["ids"].__setitem__((1, 0), -3), ValueError, "ids has 1 entries outside"),
-        (lambda a: a.update(mask_id=3), ValueError, "mask_id = 3 is a codebook index"),
-        (lambda a: a.update(mask_len=torch.tensor([-1, 2])), ValueError, "mask_len must be in"),
-        (lambda a: a.update(mask_len=torch.tensor([2, 6])), ValueError, "mask_len must be in"),
-        (
-            lambda a: a.update(mask_len=torch.tensor([2, 3, 4])),
-            ValueError,
-            "mask_len must have shape",
-        ),
-        (lambda a: a.update(mask_len=torch.tensor([2.0, 3.0])), TypeError, "mask_len must be int"),
-        (lambda a: a.update(uncond_logits=torch.randn(2, 5, 9)), ValueError, "shape of logits"),
-        (
-            lambda a: a.update(uncond_logits=torch.randn(2, 5, 8, device="meta")),
-            ValueError,
-            "uncond_logits is on meta",
-        ),  # fmt: skip
-        (
-            lambda a: a.update(uncond_logits=torch.randn(2, 5, 8, dtype=torch.float64)),
-            TypeError,
-            "uncond_logits dtype",
-        ),  # fmt: skip
-        (lambda a: a.update(temperature=0.0), ValueError, "temperature must be > 0"),
-        (lambda a: a.update(temperature=-1.0), ValueError, "temperature must be > 0"),
-        (lambda a: a.update(temperature=float("nan")), ValueError, "temperature must be a finite"),
-        (
-            lambda a: a.update(choice_temperature=-0.5),
-            ValueError,
-            "choice_temperature must be >= 0",
-        ),
-        (lambda a: a.update(guidance=float("inf")), ValueError, "guidance must be a finite"),
-        (lambda a: a.update(seed=-1), ValueError, "seed must be in"),
-        (lambda a: a.update(seed=2**63), ValueError, "seed must be in"),
-        (lambda a: a.update(offset=2**30), ValueError, "offset must be in"),
-        (
-            lambda a: a.update(gumbel_noise=torch.randn(2, 5, 7)),
-            ValueError,
-            "gumbel_noise must have",
-        ),
-        (lambda a: a.update(gumbel_noise=torch.randn(2, 5, 8).double()), TypeError, "gumbel_noise"),
-        (lambda a: a.update(choice_noise=torch.randn(2, 4)), ValueError, "choice_noise must have"),
-        (lambda a: a.update(backend="nope"), ValueError, "backend must be one of"),
-    ],
-)
-def test_step_validation(backend, change, err, match):
-    if backend == "cpu" and not ms.launcher_available("cpu"):
-        pytest.skip("CPU kernels not built")
-    logits, ids, mask_id, mask_len = _good()
-    a = dict(logits=logits, ids=ids, mask_id=mask_id, mask_len=mask_len, backend=backend)
-    change(a)
-    with pytest.raises(err, match=match):
-        maskgit_step(a.pop("logits"), a.pop("ids"), a.pop("mask_id"), a.pop("mask_len"), **a)
-
-
-def test_step_value_checks_can_be_disabled():
-    """set_checks(False) skips the data-reading checks; the kernel still stays in bounds (an id out
-    of range at a known position is copied through, never used as an index)."""
-    if not ms.launcher_available("cpu"):
-        pytest.skip("CPU kernels not built")
-    logits, ids, K, mask_len = _good()
-    ids[0, 0] = 1000
-    _backend.set_checks(False)
-    try:
-        out, _ = maskgit_step(logits, ids, K, torch.tensor([2, 9]), seed=1, backend="cpu")
-    finally:
-        _backend.set_checks(True)
-    assert out[0, 0] == 1000 and (out[1] == K).all()  # mask_len clamped to L by the kernel
-
-
-@pytest.mark.parametrize(
-    "kwargs,err,match",
-    [
-        (dict(ids=torch.zeros(2, 0, dtype=torch.long)), ValueError, "L = 0"),
-        (dict(ids=torch.zeros(4, dtype=torch.long)), ValueError, "2-D tensor"),
-        (dict(ids=torch.zeros(2, 3)), TypeError, "ids must be one of"),
-        (dict(gamma=torch.tensor([0.5, 1.5])), ValueError, "gamma must be finite and in"),
-        (dict(gamma=torch.tensor([0.5, float("nan")])), ValueError, "gamma must be finite and in"),
-        (dict(gamma=torch.tensor([0.5])), ValueError, "gamma must have shape"),
-        (dict(mode="random"), ValueError, "mode must be one of"),
-        (dict(seed=-5), ValueError, "seed must be in"),
-    ],
-)
-def test_mask_tokens_validation(kwargs, err, match):
-    a = dict(ids=torch.zeros(2, 3, dtype=torch.long), gamma=torch.tensor([0.5, 0.5]), mask_id=9)
-    a.update(kwargs)
-    with pytest.raises(err, match=match):
-        mask_tokens(a.pop("ids"), a.pop("gamma"), a.pop("mask_id"), **a)
-
-
-@pytest.mark.parametrize(
-    "kwargs,err,match",
-    [
-        (dict(steps=0), ValueError, "steps must be in"),
-        (dict(annealing="linear"), ValueError, "annealing must be one of"),
-        (dict(schedule="quadratic"), ValueError, "schedule must be one of"),
-        (dict(schedule=lambda r: 1.5), ValueError, "must be in \\[0, 1\\]"),
-    ],
-)
-def test_decode_validation(kwargs, err, match):
-    a = dict(steps=3, mask_id=4)
-    a.update(kwargs)
-    with pytest.raises(err, match=match):
-        maskgit_decode(lambda x: torch.randn(1, 6, 4), torch.full((1, 6), 4), **a)
-
-
-# ---- the benchmark script, seconds-long smoke run ----------------------------------------------------
-
-
-def test_bench_mask_sampling_quick(tmp_path):
-    import json
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks import bench_mask_sampling as bench
-
-    args = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--b", "2", "--l", "16"]
-    args += ["--k", "96", "--mask-b", "4", "--mask-l", "32", "--reps", "2"]
-    assert bench.main(args) == 0
-    doc = json.loads((tmp_path / "mask_sampling.json").read_text())
-    rows = {(r["case"], r["provider"]): r for r in doc["rows"]}
-    for case in ("step", "step-noguide", "step-strided", "mask_tokens"):
-        assert rows[(case, "torch-ref")]["status"] == "ok"
-        if ms.launcher_available("cpu"):
-            assert rows[(case, "cpu")]["status"] == "ok"
-    if ms.launcher_available("cpu"):
-        assert "cpu: 0 ids / 0 mask entries differ" in " ".join(doc["notes"])
-        assert rows[("mask_tokens", "cpu")]["rel_err"] == 0.0
