@@ -1,6 +1,7 @@
 """ops.omni_attention: every backend against the fp64 reference (outputs and gradients, padding
-rows included), the limits of Show-o's layout against the model's boolean mask, opcheck and
-torch.compile, and one test per validation rule."""
+rows included), the limits of Show-o's layout against its is_image rule, the torch backend's split
+and masked SDPA paths, the kernels' launchers against their torch spec, opcheck and torch.compile,
+and one test per validation rule."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import torch
 
 import unif2ace
 from unif2ace import _backend
-from unif2ace.models.attention import omni_mask
 from unif2ace.ops.attention import (
+    _cpu,
+    _cuda,
+    _custom_ops,
+    _torch,
     apply_rotary,
-    kernel_supports,
     limit_mask,
     omni_attention,
     omni_attention_ref,
@@ -44,14 +47,27 @@ def qkv(B, L, H, Dh, dtype=torch.float32):
     return [torch.randn(B, L, H, Dh, dtype=dtype) for _ in range(3)]
 
 
-def test_omni_limit_gives_the_models_mask():
+def show_o_mask(is_image, key_valid=None):
+    """Show-o's rule written on is_image: key_valid[j] and (j <= i or both image tokens), and a
+    query always sees itself."""
+    L = is_image.shape[1]
+    idx = torch.arange(L)
+    allowed = (idx[None, :, None] >= idx[None, None, :]) | (
+        is_image[:, :, None] & is_image[:, None, :]
+    )
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]
+    return allowed | torch.eye(L, dtype=torch.bool)[None]
+
+
+def test_omni_limit_gives_the_show_o_rule():
     g = torch.Generator().manual_seed(0)
     for L in (1, 7, 40):
         is_image, valid = layout(5, L, g)
         limit = omni_limit(is_image)
         assert limit is not None and limit.dtype == torch.int32
         for kv in (None, valid):
-            assert torch.equal(limit_mask(limit, kv), omni_mask(is_image, kv))
+            assert torch.equal(limit_mask(limit, kv), show_o_mask(is_image, kv))
     gap = torch.tensor([[False, True, False, True]])  # two image spans: not a per-query limit
     assert omni_limit(gap) is None
 
@@ -106,17 +122,25 @@ def test_rotary_inside_matches_fp64_reference(backend, Dh, half):
         torch.testing.assert_close(got.double(), w, atol=2e-5, rtol=1e-5)
 
 
-def test_apply_rotary_is_the_models_rotary():
+def test_apply_rotary_rotate_half():
+    """Dims d and d + half turn by the angle; the rest pass through; the model's Rotary (heads
+    first) is the same function; the negated angle undoes it."""
     from unif2ace.models.attention import Rotary
 
     g = torch.Generator().manual_seed(0)
-    B, L, H, Dh = 2, 9, 3, 32
-    rotary = Rotary(16, 10000.0)
+    B, L, H, Dh, half = 2, 9, 3, 32, 8
+    rotary = Rotary(2 * half, 10000.0)
     positions = torch.randint(0, 3, (B, L), generator=g).cumsum(1)
     x = torch.randn(B, L, H, Dh, dtype=torch.float64)
-    cos, sin = rotary.tables(positions)
-    want = rotary(x.transpose(1, 2), positions).transpose(1, 2)
-    torch.testing.assert_close(apply_rotary(x, cos, sin), want, atol=1e-6, rtol=1e-6)
+    cos, sin = (t[:, :, None].double() for t in rotary.tables(positions))
+    got = apply_rotary(x, cos, sin)
+    a, b = x[..., :half], x[..., half : 2 * half]
+    torch.testing.assert_close(got[..., :half], a * cos - b * sin)
+    torch.testing.assert_close(got[..., half : 2 * half], b * cos + a * sin)
+    assert torch.equal(got[..., 2 * half :], x[..., 2 * half :])
+    heads_first = rotary(x.transpose(1, 2), positions).transpose(1, 2)
+    torch.testing.assert_close(heads_first, got, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(apply_rotary(got, cos, -sin), x)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -147,7 +171,9 @@ def test_edge_sizes_and_limits(backend):
     none_valid = torch.zeros(B, L, dtype=torch.bool)
     torch.testing.assert_close(omni_attention(q, k, v, full, none_valid, backend=backend), v)
     one = [x[:, :1] for x in (q, k, v)]
-    torch.testing.assert_close(omni_attention(*one, full[:, :1].clamp(max=1), backend=backend), one[2])
+    torch.testing.assert_close(
+        omni_attention(*one, full[:, :1].clamp(max=1), backend=backend), one[2]
+    )
     empty = [x[:0] for x in (q, k, v)]
     assert omni_attention(*empty, full[:0], backend=backend).shape == (0, L, H, Dh)
 
@@ -178,7 +204,7 @@ def test_auto_falls_back_for_other_dtypes_and_head_sizes():
     limit = omni_limit(torch.zeros(B, L, dtype=torch.bool))
     for dtype, Dh in ((torch.float64, 32), (torch.float32, 24), (torch.bfloat16, 32)):
         q, k, v = qkv(B, L, H, Dh, dtype)
-        assert not kernel_supports(q)
+        assert not _cpu.supports(q)
         with unif2ace.use_backend("auto"):
             got = omni_attention(q, k, v, limit)
         want = omni_attention_ref(q.double(), k.double(), v.double(), limit)
@@ -187,6 +213,18 @@ def test_auto_falls_back_for_other_dtypes_and_head_sizes():
         if dtype != torch.float64:
             with pytest.raises(ValueError, match="cpu kernel takes fp32"):
                 omni_attention(q, k, v, limit, backend="cpu")
+
+
+def test_process_default_without_a_launcher_means_auto():
+    """A process default with no omni-attention launcher (triton) runs "auto"; asked for
+    explicitly it is an error."""
+    q, k, v = qkv(2, 9, 2, 16)
+    limit = omni_limit(torch.zeros(2, 9, dtype=torch.bool))
+    with unif2ace.use_backend("triton"):
+        got = omni_attention(q, k, v, limit)
+    torch.testing.assert_close(got, omni_attention(q, k, v, limit, backend="auto"))
+    with pytest.raises(RuntimeError, match="triton"):
+        omni_attention(q, k, v, limit, backend="triton")
 
 
 @needs_kernel
@@ -199,8 +237,8 @@ def test_opcheck_and_torch_compile():
     q, k, v = qkv(B, L, H, Dh)
     cos, sin = rope_tables(B, L, 4, g)
     for rope in ((None, None), (cos, sin)):
-        torch.library.opcheck(torch.ops.unif2ace.omni_attention_fwd.default,
-                              (q.requires_grad_(), k, v, limit, kv, *rope, 0.25))  # fmt: skip
+        args = (q.requires_grad_(), k, v, limit, kv, *rope, 0.25, "cpu")
+        torch.library.opcheck(torch.ops.unif2ace.omni_attention_fwd.default, args)
 
     def step(q, k, v):
         return omni_attention(q, k, v, limit, valid, backend="cpu").square().sum()
@@ -216,6 +254,142 @@ def test_opcheck_and_torch_compile():
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got, args), torch.autograd.grad(want, args)):
         torch.testing.assert_close(a, b)
+
+
+# ---- the torch backend's two SDPA paths, the kernels' torch spec, the cuda launcher -------------
+
+
+def test_launchers_registered():
+    assert _backend.implemented("attention.omni") == ("torch", "cpu", "cuda")
+    assert _backend.implemented("attention.omni_fwd") == ("torch", "cpu")
+    assert _backend.implemented("attention.omni_bwd") == ("torch", "cpu")
+
+
+@pytest.mark.parametrize("L,s,e", [(1, 0, 0), (37, 5, 21), (64, 0, 64), (19, 18, 19), (40, 3, 3)])
+def test_torch_split_and_masked_paths(L, s, e):
+    """Every row with its image at [s, e) and no padding: the torch backend's split (a causal call,
+    then the image queries over the keys [0, e)) and its masked call both equal the reference. A
+    one-token image is causal attention already."""
+    B, H, Dh = 3, 2, 16
+    q, k, v = qkv(B, L, H, Dh, torch.float64)
+    is_img = torch.zeros(B, L, dtype=torch.bool)
+    is_img[:, s:e] = True
+    limit = omni_limit(is_img)
+    span = _torch.split_span(limit, torch.ones(B, L, dtype=torch.bool))
+    assert span == ((s, e) if e - s > 1 else (0, 0))
+    ref = omni_attention_ref(q, k, v, limit)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    for path in (span, None):
+        out = _torch.sdpa(qt, kt, vt, limit, None, path, Dh**-0.5).transpose(1, 2)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    got = omni_attention(q, k, v, limit, backend="torch")
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_split_span_only_for_the_split_layout():
+    L = 12
+    idx = torch.arange(L, dtype=torch.int32)
+    causal = (idx + 1).expand(2, L)
+    assert _torch.split_span(causal, None) == (0, 0)
+    prefix = torch.where(idx < 5, 5, idx + 1).expand(2, L)  # prefix-LM is a split too
+    assert _torch.split_span(prefix, None) == (0, 5)
+    padded = torch.ones(2, L, dtype=torch.bool)
+    padded[1, -2:] = False
+    assert _torch.split_span(prefix, padded) is None
+    rows_differ = torch.stack([prefix[0], causal[0]])
+    assert _torch.split_span(rows_differ, None) is None
+    assert _torch.split_span(torch.zeros(2, L, dtype=torch.int32), None) is None
+    assert _torch.split_span(causal[:0], None) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_show_o_mixed_layouts_and_padding(backend):
+    """Images at different places, left and right padding, a text-only row: the boolean-mask
+    path, equal to the reference (and to the is_image rule, test_omni_limit_gives_the_show_o_rule)."""
+    B, L, H, Dh = 4, 29, 3, 16
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    q, k, v = qkv(B, L, H, Dh, dtype)
+    is_img = torch.zeros(B, L, dtype=torch.bool)
+    valid = torch.ones(B, L, dtype=torch.bool)
+    is_img[0, 2:12] = True  # mmu
+    valid[0, 20:] = False  # right padding
+    is_img[1, 15:27] = True  # t2i, left padding
+    valid[1, :4] = False
+    valid[3, 10:] = False  # text only, padded
+    limit = omni_limit(is_img)
+    assert _torch.split_span(limit, valid) is None
+    ref = omni_attention_ref(q.double(), k.double(), v.double(), limit, valid)
+    out = omni_attention(q, k, v, limit, valid, backend=backend)
+    tol = 1e-10 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_show_o_rule(backend):
+    """Image tokens see their whole image; text sees only the past."""
+    L = 10
+    q, k, v = qkv(1, L, 1, 16)
+    is_img = torch.zeros(1, L, dtype=torch.bool)
+    is_img[0, 2:6] = True
+    limit = omni_limit(is_img)
+    base = omni_attention(q, k, v, limit, backend=backend)
+    v2 = v.clone()
+    v2[0, 5] += 1.0  # the last image token
+    out = omni_attention(q, k, v2, limit, backend=backend)
+    changed = (out - base).abs().sum(-1)[0, :, 0] > 0
+    assert changed.tolist() == [False, False, True, True, True, True, True, True, True, True]
+
+
+def test_torch_spec_of_the_kernels_matches_fp64_reference():
+    """The "torch" launchers of attention.omni_fwd / omni_bwd (the executable spec) through the
+    custom ops: output and gradients equal the reference's autograd, rotary included."""
+    g = torch.Generator().manual_seed(7)
+    B, L, H, Dh = 3, 23, 2, 16
+    is_image, valid = layout(B, L, g)
+    limit = omni_limit(is_image)
+    cos, sin = (t.double() for t in rope_tables(B, L, 4, g))
+    q, k, v = (x.requires_grad_() for x in qkv(B, L, H, Dh, torch.float64))
+    go = torch.randn(B, L, H, Dh, dtype=torch.float64)
+    out = _custom_ops.kernel_pair(q, k, v, limit, valid, cos, sin, 0.3, "torch")
+    ref = omni_attention_ref(q, k, v, limit, valid, scale=0.3, rotary=(cos, sin))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    want = torch.autograd.grad(ref, (q, k, v), go)
+    for a, b in zip(grads, want):  # the backward reads the float32 lse of the contract
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    args = (q, k, v, limit.to(torch.int32), valid.to(torch.uint8), cos, sin, 0.3, "torch")
+    torch.library.opcheck(torch.ops.unif2ace.omni_attention_fwd.default, args)
+
+
+@needs_kernel
+def test_cpu_kernels_match_the_torch_spec():
+    """Both launchers of attention.omni_fwd on the same fp32 inputs: out and lse agree."""
+    g = torch.Generator().manual_seed(8)
+    B, L, H, Dh = 3, 33, 2, 32
+    is_image, valid = layout(B, L, g)
+    limit = omni_limit(is_image).contiguous()
+    cos, sin = rope_tables(B, L, 8, g)
+    q, k, v = qkv(B, L, H, Dh)
+    kv = valid.to(torch.uint8)
+    res = {b: _custom_ops.omni_fwd(q, k, v, limit, kv, cos, sin, 0.2, b) for b in ("torch", "cpu")}
+    for a, b in zip(res["cpu"], res["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_launcher_flash_split():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("flash_attn")
+    B, L, H, Dh = 2, 300, 4, 64
+    q, k, v = (x.cuda().to(torch.bfloat16) for x in qkv(B, L, H, Dh))
+    is_img = torch.zeros(B, L, dtype=torch.bool, device="cuda")
+    is_img[:, 40:296] = True
+    limit = omni_limit(is_img)
+    assert _cuda.flash_available(q) and _torch.split_span(limit, None) == (40, 296)
+    ref = omni_attention_ref(q.double(), k.double(), v.double(), limit)
+    out = _backend.launcher("attention.omni", "cuda")(q, k, v, limit, None, None, None, Dh**-0.5)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-2
 
 
 # ---- validation: one test per rule ---------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""Omni-attention with per-query key limits: the attention of Show-o's mixed text / image sequences.
+
+Query ``i`` of row ``b`` may attend to key ``j`` when::
+
+    (j < limit[b, i]  and  key_valid[b, j])  or  j == i
+
+A query always sees itself, so no row is empty. ``limit = i + 1`` is causal attention; Show-o's
+omni-attention (text causal, image tokens bidirectional within their image) is ``limit = e`` for
+the image tokens ``[s, e)`` of a row and ``i + 1`` elsewhere (:func:`omni_limit`); prefix-LM and
+full attention are other limits. Padding queries (``key_valid`` False) see the valid keys before
+them and themselves.
+
+Layers: :func:`omni_attention` (here) validates and resolves the backend, then calls that
+backend's ``"attention.omni"`` launcher: "torch" (:mod:`._torch`, SDPA), "cuda" (:mod:`._cuda`,
+flash-attn where it applies) or "cpu" (:mod:`._custom_ops` over the C++ kernel of :mod:`._cpu`).
+The launcher contract is the docstring of :mod:`._torch`; :func:`omni_attention_ref`
+(:mod:`.reference`) is the oracle; :func:`apply_rotary` (:mod:`.rotary`) is the one rotary
+embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from unif2ace import _backend
+from unif2ace.ops._validate import check_device
+from unif2ace.ops.attention import _cpu, _custom_ops  # noqa: F401  (_custom_ops: registration)
+from unif2ace.ops.attention.reference import limit_mask, omni_attention_ref
+from unif2ace.ops.attention.rotary import apply_rotary
+
+__all__ = ["apply_rotary", "limit_mask", "omni_attention", "omni_attention_ref", "omni_limit"]
+
+OP = "omni_attention"
+KERNEL = "attention.omni"
+
+
+def omni_limit(is_image: torch.Tensor) -> torch.Tensor | None:
+    """The ``limit`` of Show-o's omni-attention.
+
+    Parameters
+    ----------
+    is_image : Tensor [B, L] bool
+        Which tokens are image tokens; each row's must be one contiguous span ``[s, e)``.
+
+    Returns
+    -------
+    Tensor [B, L] int32 or None
+        ``e`` for the image tokens of a row, ``i + 1`` for the others; None when some row's image
+        tokens are not one contiguous span (the rule is then not a per-query limit).
+    """
+    B, L = is_image.shape
+    idx = torch.arange(L, device=is_image.device)
+    last = torch.where(is_image, idx, -1).amax(1) if L else is_image.new_zeros(B, dtype=torch.long)
+    first = torch.where(is_image, idx, L).amin(1) if L else last
+    count = is_image.sum(1)
+    if not bool(((count == 0) | (last - first + 1 == count)).all()):
+        return None
+    return torch.where(is_image, (last + 1)[:, None], idx + 1).to(torch.int32)
+
+
+def _check(q, k, v, limit, key_valid, rotary):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{OP}: {name} must be a tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"{OP}: q must be [B, L, H, Dh], got shape {tuple(q.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"{OP}: q, k, v must have one shape, got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(
+            f"{OP}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    B, L = q.shape[:2]
+    if not isinstance(limit, torch.Tensor) or limit.shape != (B, L) or limit.is_floating_point():
+        got = tuple(limit.shape) if isinstance(limit, torch.Tensor) else type(limit).__name__
+        raise ValueError(f"{OP}: limit must be an integer tensor [B, L] = [{B}, {L}], got {got}")
+    if key_valid is not None and (key_valid.shape != (B, L) or key_valid.dtype != torch.bool):
+        raise ValueError(
+            f"{OP}: key_valid must be a bool tensor [{B}, {L}], got "
+            f"{key_valid.dtype} {tuple(key_valid.shape)}"
+        )
+    kv = {} if key_valid is None else {"key_valid": key_valid}
+    check_device(OP, q.device, k=k, v=v, limit=limit, **kv)
+    if rotary is not None:
+        if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
+            raise ValueError(f"{OP}: rotary must be a pair (cos, sin), got {type(rotary).__name__}")
+        cos, sin = rotary
+        half = cos.shape[-1] if isinstance(cos, torch.Tensor) else -1
+        if (
+            not isinstance(sin, torch.Tensor)
+            or cos.shape != (B, L, half)
+            or sin.shape != cos.shape
+            or 2 * half > q.shape[-1]
+            or not cos.is_floating_point()
+        ):
+            raise ValueError(
+                f"{OP}: rotary (cos, sin) must be two floating tensors [B, L, half] = "
+                f"[{B}, {L}, <= {q.shape[-1] // 2}]"
+            )
+        check_device(OP, q.device, cos=cos, sin=sin)
+    if _backend.checks_enabled() and limit.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(limit.min()), int(limit.max())
+        if lo < 0 or hi > L:
+            raise ValueError(f"{OP}: limit must lie in [0, L] = [0, {L}], got [{lo}, {hi}]")
+
+
+def omni_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    limit: torch.Tensor,
+    key_valid: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Attention under per-query key limits::
+
+        out[b, i, h] = Σ_j softmax_j(scale · q̃[b, i, h] · k̃[b, j, h] + mask[b, i, j]) v[b, j, h]
+
+    with ``mask = 0`` where ``(j < limit[b, i] and key_valid[b, j]) or j == i`` and ``-inf``
+    elsewhere; ``q̃, k̃`` are q and k turned by ``rotary`` (:func:`apply_rotary`), or q and k.
+
+    Parameters
+    ----------
+    q, k, v : Tensor [B, L, H, Dh]
+        One floating dtype, any strides (flash-attn's layout; views of ``[B, H, L, Dh]`` work).
+    limit : Tensor [B, L], integer in ``[0, L]``
+        Query ``i`` sees the keys ``j < limit[b, i]`` (and itself); :func:`omni_limit` gives
+        Show-o's.
+    key_valid : Tensor [B, L] bool, optional
+        Keys that may be attended (False: padding); None means all.
+    scale : float, optional
+        Default ``1 / sqrt(Dh)``.
+    rotary : (cos, sin), each Tensor [B, L, half] floating, ``2 · half ≤ Dh``, optional
+        The rotary embedding applied to q and k first (inside the kernel on "cpu"); the gradients
+        are those of the un-rotated q and k.
+    backend : None | "auto" | "torch" | "cpu" | "cuda"
+        None: the process default ("auto" when that backend has no launcher of this op, e.g.
+        "triton"); "auto": "cpu", else "torch" on CPU tensors, "cuda", else "torch" on CUDA
+        tensors. "torch": SDPA (two calls when the layout allows, else the
+        boolean mask); "cpu": the C++ kernel (fp32, head sizes 16/32/64/128; under "auto" other
+        inputs run "torch"); "cuda": flash-attn for the split layout, SDPA otherwise.
+
+    Returns
+    -------
+    Tensor [B, L, H, Dh]
+        q's dtype; contiguous from "cpu", a transposed view from the others. Differentiable.
+    """
+    _check(q, k, v, limit, key_valid, rotary)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if backend is None and _backend.get_backend() not in _backend.implemented(KERNEL):
+        backend = "auto"  # a process default with no launcher here (triton) is a preference
+    name = _backend.resolve(backend, q.device, OP, kernel=KERNEL)
+    if name == "cpu" and not _cpu.supports(q):
+        if backend not in (None, "auto"):
+            raise ValueError(
+                f"{OP}: the cpu kernel takes fp32 with head size 16, 32, 64 or 128; "
+                f"got {q.dtype}, head size {q.shape[-1]}"
+            )
+        name = "torch"
+    cos, sin = (None, None) if rotary is None else rotary
+    return _backend.launcher(KERNEL, name)(q, k, v, limit, key_valid, cos, sin, scale)
