@@ -2,7 +2,11 @@
 here, before the package (and its Triton kernels) is imported; on a CUDA machine the GPU tests
 run with the real compiler (UNIF2ACE_TEST_GPU=1 leaves the interpreter off)."""
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 if os.environ.get("UNIF2ACE_TEST_GPU", "0") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -22,6 +26,17 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (a module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``): on a shared 2-core machine two OpenMP
+    threads spin-wait on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -32,6 +47,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 GPU_RUN = os.environ.get("UNIF2ACE_TEST_GPU", "0") == "1"
+TESTS = Path(__file__).resolve().parent
+GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
+
+
+def torchrun_two_cpu_processes(script: str, result: Path, *args) -> dict:
+    """Run ``tests/<script> *args result`` as 2 CPU processes (gloo) under
+    ``torch.distributed.run`` and return the JSON that rank 0 writes to ``result``."""
+    pythonpath = [str(TESTS), str(TESTS.parent / "python"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(pythonpath)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [str(TESTS / script), *map(str, args), str(result)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(Path(result).read_text())
 
 
 def device_for(backend: str) -> torch.device:

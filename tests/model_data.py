@@ -10,9 +10,21 @@ from unif2ace.models.layout import TASK_MMU, TASK_T2I
 
 
 def small_cfg(**kw) -> ModelConfig:
-    base = dict(text_vocab=50, codebook_size=37, image_tokens=16, max_text_len=9, d_model=32,
-                n_layers=2, n_heads=4, d_ff=48, expert_ffn=24, routed_experts=3, top_k=2,
-                semantic_dim=8, identity_dim=6)  # fmt: skip
+    base = dict(
+        text_vocab=50,
+        codebook_size=37,
+        image_tokens=16,
+        max_text_len=9,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_ff=48,
+        expert_ffn=24,
+        routed_experts=3,
+        top_k=2,
+        semantic_dim=8,
+        identity_dim=6,
+    )
     base.update(kw)
     return ModelConfig(**base).validate()
 
@@ -27,6 +39,15 @@ def examples(cfg, n=6, seed=0):
             out.append(Example(TASK_T2I, codes, text, index=i))
         else:
             ans = torch.randint(9, cfg.text_vocab, (2 + i % 3,), generator=g).tolist()
-            out.append(Example(TASK_MMU, codes, text, ans, torch.randn(cfg.semantic_dim, generator=g),
-                               torch.randn(cfg.identity_dim, generator=g), index=i))  # fmt: skip
+            out.append(
+                Example(
+                    TASK_MMU,
+                    codes,
+                    text,
+                    ans,
+                    torch.randn(cfg.semantic_dim, generator=g),
+                    torch.randn(cfg.identity_dim, generator=g),
+                    index=i,
+                )
+            )
     return out

@@ -1,13 +1,15 @@
 """Semantic / identity encoders, ArcFace margin, ROC-AUC, embedding cache, the attribute judge, and
 the adapters for real encoders (a tiny CLIP vision model and a tiny ONNX face model created here)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from unif2ace.data.io import load_pretrained_state, save_pretrained
 from unif2ace.data.synthface import draw_arrays
 from unif2ace.data.taxonomy import CATEGORIES, NUM_VALUES
+from unif2ace.encoders.adapters import ClipVisionAdapter, OnnxFaceAdapter
 from unif2ace.encoders.cnn import (
     ArcFaceHead,
     IdentityEncoder,
@@ -26,15 +28,9 @@ from unif2ace.encoders.train import (
     verification_auc,
 )
 from unif2ace.eval.judge import AttributeJudge, judge_accuracy, judge_predict, train_judge
+from unif2ace.io import load_pretrained_state, save_pretrained
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one torch thread: on a shared 2-core machine two OpenMP threads spin-wait on each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +138,6 @@ def test_judge_shapes_training_and_prediction(faces):
 
 def test_clip_vision_adapter_with_tiny_model(tmp_path, faces):
     transformers = pytest.importorskip("transformers")
-    import json
-
-    from unif2ace.encoders.adapters import ClipVisionAdapter
-
     cfg = transformers.CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=37,
@@ -191,7 +183,7 @@ def test_clip_vision_adapter_with_tiny_model(tmp_path, faces):
 
 def _tiny_face_onnx(path, batch):
     """NCHW [batch, 3, 112, 112] -> global average pool -> linear -> [batch, 8]."""
-    import onnx
+    import onnx  # optional: the test skips without it
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
@@ -217,8 +209,6 @@ def _tiny_face_onnx(path, batch):
 def test_onnx_face_adapter_with_tiny_model(tmp_path, faces, batch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from unif2ace.encoders.adapters import OnnxFaceAdapter
-
     w = _tiny_face_onnx(tmp_path / "face.onnx", batch)
     ad = OnnxFaceAdapter(tmp_path / "face.onnx")
     assert ad.size == (112, 112) and ad.dim == 8

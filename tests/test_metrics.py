@@ -60,29 +60,19 @@ def test_parse_covers_every_value_and_variant():
     }
     for text, (cat, val) in variants.items():
         assert parse_caption(text) == {cat: val}, text
-    assert parse_caption("long wavy blonde hair") == {
-        "hair_length": "long",
-        "hair_style": "wavy",
-        "hair_colour": "blonde",
+    several = {
+        "long wavy blonde hair": "hair_length=long hair_style=wavy hair_colour=blonde",
+        "shoulder-length curly red hair, a red shirt and red lipstick": (
+            "hair_length=medium hair_style=curly hair_colour=red lipstick=red clothing=red"
+        ),
+        # same words in other categories' phrases are not confused
+        "a round face, square glasses, a light blue surgical mask": (
+            "face_shape=round glasses=square mask=surgical"
+        ),
+        "no bangs, no face mask, sunglasses": "bangs=no mask=none glasses=sunglasses",
     }
-    assert parse_caption("shoulder-length curly red hair, a red shirt and red lipstick") == {
-        "hair_length": "medium",
-        "hair_style": "curly",
-        "hair_colour": "red",
-        "lipstick": "red",
-        "clothing": "red",
-    }
-    # same words in other categories' phrases are not confused
-    assert parse_caption("a round face, square glasses, a light blue surgical mask") == {
-        "face_shape": "round",
-        "glasses": "square",
-        "mask": "surgical",
-    }
-    assert parse_caption("no bangs, no face mask, sunglasses") == {
-        "bangs": "no",
-        "mask": "none",
-        "glasses": "sunglasses",
-    }
+    for text, want in several.items():
+        assert parse_caption(text) == dict(kv.split("=") for kv in want.split()), text
 
 
 def test_parse_contradiction_and_repetition():

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,9 +35,13 @@ def _seed():
 def _phi(zero_mlp_bias=False):
     torch.manual_seed(1)
     conf = transformers.PhiConfig(
-        vocab_size=V, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        partial_rotary_factor=0.5, intermediate_size=FF,
-    )  # fmt: skip
+        vocab_size=V,
+        hidden_size=D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        partial_rotary_factor=0.5,
+        intermediate_size=FF,
+    )
     model = transformers.PhiForCausalLM(conf).eval()
     with torch.no_grad():  # a random init has zero biases and unit norms: make them count
         for name, p in model.named_parameters():
@@ -67,10 +72,19 @@ def _build(folder, **kw):
 def test_config_from_phi(phi_dir):
     folder, _ = phi_dir
     cfg = config_from_phi(read_phi_config(folder), token_moe=False, seq_moe=False)
-    assert (cfg.text_vocab, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff) == (V, D, LAYERS,
-                                                                                HEADS, FF)  # fmt: skip
-    assert (cfg.rotary_frac, cfg.rope_theta, cfg.norm_eps, cfg.activation) == (0.5, 1e4, 1e-5,
-                                                                             "gelu_tanh")  # fmt: skip
+    assert (cfg.text_vocab, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff) == (
+        V,
+        D,
+        LAYERS,
+        HEADS,
+        FF,
+    )
+    assert (cfg.rotary_frac, cfg.rope_theta, cfg.norm_eps, cfg.activation) == (
+        0.5,
+        1e4,
+        1e-5,
+        "gelu_tanh",
+    )
     assert cfg.expert_ffn == FF and not cfg.token_moe and not cfg.seq_moe
     # older configs keep the rotary settings at the top level
     old = {k: v for k, v in read_phi_config(folder).items() if k != "rope_parameters"}
@@ -109,8 +123,9 @@ def test_upcycled_moe_runs_and_trains(phi_dir):
     model = _build(folder)  # token MoE + sequence MoE on
     report = load_phi(model, folder)
     assert report["upcycled"] and not report["unused"]
-    assert report["dropped"] == [f"model.layers.{i}.mlp.{fc}.bias" for i in range(LAYERS)
-                                 for fc in ("fc1", "fc2")]  # fmt: skip
+    assert report["dropped"] == [
+        f"model.layers.{i}.mlp.{fc}.bias" for i in range(LAYERS) for fc in ("fc1", "fc2")
+    ]
     assert any("upcycled" in n and "biases dropped" in n for n in report["notes"])
     assert "layers.*.mlp.router.weight" in report["kept_init"]
     assert "layers.*.seq_moe.router.weight" in report["kept_init"]
@@ -128,8 +143,7 @@ def test_upcycled_moe_runs_and_trains(phi_dir):
     loss, parts = model.loss(batch)
     assert torch.isfinite(loss) and parts["loss_mmu"] > 0
     loss.backward()
-    assert all(p.grad is not None for n, p in model.named_parameters()
-               if ".mlp." in n)  # fmt: skip
+    assert all(p.grad is not None for n, p in model.named_parameters() if ".mlp." in n)
 
 
 @pytest.mark.parametrize("shared", [0, 1])
@@ -145,17 +159,22 @@ def test_upcycled_moe_equals_scaled_phi_mlp(tmp_path, shared):
         for layer in phi.model.layers:
             layer.mlp.fc2.weight.mul_(shared + 1)
         ids = _ids()
-        torch.testing.assert_close(model(text_batch(ids))[..., :V], phi(ids).logits, rtol=0,
-                                   atol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            model(text_batch(ids))[..., :V], phi(ids).logits, rtol=0, atol=1e-4
+        )
 
 
 # ------------------------------------------------------------------------------------------------
 # bad input
 
 
-def _copy_dir(src, dst):
+def _edited_copy(src, dst, edit):
+    """A copy of the checkpoint folder ``src`` in ``dst`` with ``edit(state_dict)`` applied."""
     for f in ("config.json", "model.safetensors"):
         shutil.copy(src / f, dst / f)
+    sd = load_file(str(dst / "model.safetensors"))
+    edit(sd)
+    save_file(sd, str(dst / "model.safetensors"))
     return dst
 
 
@@ -174,11 +193,13 @@ def test_missing_folder_and_files(phi_dir, tmp_path):
 def test_not_a_phi_config(phi_dir, tmp_path):
     folder, _ = phi_dir
     conf = read_phi_config(folder)
-    for bad, match in [({"model_type": "llama"}, "not a transformers Phi"),
-                       ({"model_type": "phi-msft"}, "convert_phi_weights_to_hf"),
-                       ({"num_key_value_heads": 2}, "num_key_value_heads"),
-                       ({"qk_layernorm": True}, "qk_layernorm"),
-                       ({"hidden_act": "relu"}, "hidden_act")]:  # fmt: skip
+    for bad, match in [
+        ({"model_type": "llama"}, "not a transformers Phi"),
+        ({"model_type": "phi-msft"}, "convert_phi_weights_to_hf"),
+        ({"num_key_value_heads": 2}, "num_key_value_heads"),
+        ({"qk_layernorm": True}, "qk_layernorm"),
+        ({"hidden_act": "relu"}, "hidden_act"),
+    ]:
         with pytest.raises(ValueError, match=match):
             config_from_phi({**conf, **bad})
         (tmp_path / "config.json").write_text(json.dumps({**conf, **bad}))
@@ -189,21 +210,23 @@ def test_not_a_phi_config(phi_dir, tmp_path):
 def test_config_disagrees(phi_dir):
     folder, _ = phi_dir
     # heads, rotary fraction: same shapes, different model; must not load silently
-    for kw, name in [({"n_heads": 8}, "n_heads"), ({"rotary_frac": 0.25}, "rotary_frac"),
-                     ({"n_layers": 1}, "n_layers")]:  # fmt: skip
+    for kw, name in [
+        ({"n_heads": 8}, "n_heads"),
+        ({"rotary_frac": 0.25}, "rotary_frac"),
+        ({"n_layers": 1}, "n_layers"),
+    ]:
         model = _build(folder, token_moe=False, seq_moe=False, **kw)
         with pytest.raises(ValueError, match=f"does not match the Phi checkpoint.*{name}"):
             load_phi(model, folder)
 
 
 def test_shape_mismatch_names_tensor(phi_dir, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     folder, _ = phi_dir
-    _copy_dir(folder, tmp_path)
-    sd = load_file(str(tmp_path / "model.safetensors"))
-    sd["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(D, D + 1)
-    save_file(sd, str(tmp_path / "model.safetensors"))
+
+    def edit(sd):
+        sd["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(D, D + 1)
+
+    _edited_copy(folder, tmp_path, edit)
     model = _build(tmp_path, token_moe=False, seq_moe=False)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_proj\.weight"):
         load_phi(model, tmp_path)
@@ -214,14 +237,13 @@ def test_shape_mismatch_names_tensor(phi_dir, tmp_path):
 
 
 def test_strict_dense(phi_dir, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     folder, _ = phi_dir
-    _copy_dir(folder, tmp_path)
-    sd = load_file(str(tmp_path / "model.safetensors"))
-    del sd["model.layers.0.mlp.fc2.bias"]
-    sd["model.extra.weight"] = torch.zeros(3)
-    save_file(sd, str(tmp_path / "model.safetensors"))
+
+    def edit(sd):
+        del sd["model.layers.0.mlp.fc2.bias"]
+        sd["model.extra.weight"] = torch.zeros(3)
+
+    _edited_copy(folder, tmp_path, edit)
     model = _build(tmp_path, token_moe=False, seq_moe=False)
     with pytest.raises(ValueError, match=r"missing \['model\.layers\.0\.mlp\.fc2\.bias'\]"):
         load_phi(model, tmp_path)

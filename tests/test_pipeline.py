@@ -11,10 +11,27 @@ import pytest
 from PIL import Image
 
 from unif2ace.cli import main
-from unif2ace.pipeline import Pipeline, check_images
+from unif2ace.models.layout import TASK_MMU, TASK_T2I
+from unif2ace.pipeline import Assets, Pipeline, UnifiedDataset, check_images, prepare_split
 
-SMALL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.expert_ffn=32",
-         "model.max_text_len=48", "train.steps=2", "train.batch_size=4", "train.ckpt_every=1", "train.log_every=1"]  # fmt: skip
+
+def _cli(command: str, out, options: str = "", *args) -> int:
+    """``unif2ace COMMAND --out OUT OPTIONS... ARGS...``: ``options`` split at spaces, ``args``
+    (paths, texts with spaces) as they are."""
+    return main([command, "--out", str(out), *options.split(), *map(str, args)])
+
+
+SMALL = [
+    "model.d_model=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.expert_ffn=32",
+    "model.max_text_len=48",
+    "train.steps=2",
+    "train.batch_size=4",
+    "train.ckpt_every=1",
+    "train.log_every=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,23 +60,21 @@ def test_pipeline_generate_answer_caption(run):
 
 
 def test_cli_generate_answer_caption_evaluate(run, capsys):
-    assert main(["generate", "--out", str(run), "--prompt", "A bald man.", "--per-prompt", "2",
-                 "--steps", "2", "--quiet"]) == 0  # fmt: skip
+    assert _cli("generate", run, "--per-prompt 2 --steps 2 --quiet", "--prompt", "A bald man.") == 0
     grid = run / "samples" / "generate.png"
     assert Image.open(grid).size[0] > 0
     img = run / "face.png"
     Image.open(next((run / "synthface" / "images" / "test").glob("*.png"))).save(img)
-    assert main(["answer", "--out", str(run), "--image", str(img), "--question", "Is the person smiling?"]) == 0
-    assert main(["caption", "--out", str(run), "--image", str(img)]) == 0
-    assert main(["evaluate", "--out", str(run), "--n-gen", "4", "--n-vqa", "4", "--n-cap", "2",
-                 "--steps", "2", "--quiet"]) == 0  # fmt: skip
+    assert _cli("answer", run, "", "--image", img, "--question", "Is the person smiling?") == 0
+    assert _cli("caption", run, "", "--image", img) == 0
+    assert _cli("evaluate", run, "--n-gen 4 --n-vqa 4 --n-cap 2 --steps 2 --quiet") == 0
     m = json.loads((run / "model" / "eval" / "metrics.json").read_text())
     assert {"generation", "vqa", "caption"} <= set(m)
     assert 0 <= m["generation"]["mean"] <= 1 and 0 <= m["vqa"]["accuracy"] <= 1
     assert (run / "model" / "eval" / "metrics.md").read_text().startswith("| metric |")
     # no generation asked: VQA and captions only (it crashed sizing an empty set of real faces)
-    assert main(["evaluate", "--out", str(run), "--n-gen", "0", "--n-vqa", "4", "--n-cap", "2",
-                 "--report", str(run / "vqa_only"), "--quiet"]) == 0  # fmt: skip
+    options = "--n-gen 0 --n-vqa 4 --n-cap 2 --quiet"
+    assert _cli("evaluate", run, options, "--report", run / "vqa_only") == 0
     m = json.loads((run / "vqa_only" / "metrics.json").read_text())
     assert "generation" not in m and {"vqa", "caption"} <= set(m)
 
@@ -119,8 +134,7 @@ def test_training_is_reproducible(run, tmp_path):
 
     def losses(name, *extra):
         folder = tmp_path / name
-        assert main(["train", "--out", str(run), "--model-dir", str(folder), "--quiet",
-                     "--set", *SMALL, *extra]) == 0  # fmt: skip
+        assert _cli("train", run, "--quiet", "--model-dir", folder, "--set", *SMALL, *extra) == 0
         log = (folder / "train" / "log.jsonl").read_text().splitlines()
         return [(e["loss"], e["grad_norm"]) for e in map(json.loads, log)]
 
@@ -132,22 +146,39 @@ def test_training_is_reproducible(run, tmp_path):
 def test_ablate_writes_the_table(run):
     """`unif2ace ablate` on a subset: one model per variant, the variant's override applied, a
     table row each plus the chance row."""
-    assert main(["ablate", "--out", str(run), "--quiet", "--only", "0", "3", "--n-gen", "4",
-                 "--n-vqa", "4", "--n-cap", "2", "--set", *SMALL]) == 0  # fmt: skip
+    assert (
+        _cli(
+            "ablate",
+            run,
+            "--quiet",
+            "--only",
+            "0",
+            "3",
+            "--n-gen",
+            "4",
+            "--n-vqa",
+            "4",
+            "--n-cap",
+            "2",
+            "--set",
+            *SMALL,
+        )
+        == 0
+    )
     folder = run / "ablations"
     table = (folder / "table.md").read_text().splitlines()
     assert table[0].startswith("| variant |") and len(table) == 2 + 2 + 1
     assert table[2].startswith("| D3Diff") and table[3].startswith("| no token MoE")
     assert table[4].startswith("| chance |")
-    assert set(json.loads((folder / "results.json").read_text())) == {"D3Diff (alpha=0.01)", "no token MoE"}
+    assert set(json.loads((folder / "results.json").read_text())) == {
+        "D3Diff (alpha=0.01)",
+        "no token MoE",
+    }
     assert json.loads((folder / "3" / "config.json").read_text())["token_moe"] is False
     assert json.loads((folder / "0" / "config.json").read_text())["token_moe"] is True
 
 
 def test_unified_dataset_task_mix(run):
-    from unif2ace.models.layout import TASK_MMU, TASK_T2I
-    from unif2ace.pipeline import Assets, UnifiedDataset, prepare_split
-
     assets = Assets(run)
     split = prepare_split(assets, "train", progress=False)
     n = len(split.ids)
@@ -171,8 +202,6 @@ def test_unified_dataset_task_mix(run):
 
 
 def test_unified_dataset_packs_an_images_questions_into_conversations(run):
-    from unif2ace.pipeline import Assets, UnifiedDataset, prepare_split
-
     assets = Assets(run)
     split = prepare_split(assets, "train", progress=False)
     ds = UnifiedDataset(split, assets.tokenizer, vqa_per_image=None, tasks=("vqa",), vqa_turns=3)
@@ -201,5 +230,4 @@ def test_vq_perceptual_loss_uses_the_semantic_encoder(run, tmp_path):
     assert info["train"]["perceptual_weight"] == 0.2
     assert info["perceptual_encoder"] == str(run / "encoders" / "semantic")
     with pytest.raises(SystemExit, match="no model.safetensors"):
-        main(["train-vq", "--out", str(run), "--steps", "1", "--perceptual", str(tmp_path),
-              "--quiet"])  # fmt: skip
+        _cli("train-vq", run, "--steps 1 --quiet", "--perceptual", tmp_path)

@@ -5,6 +5,8 @@ import io
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -40,9 +42,6 @@ def _jsonl(path, rows, raw_lines=()):
 
 
 def _parquet(path, rows):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from unif2ace.cli import main
 from unif2ace.data.readers import dataset_stats, iter_rows, load_split
 from unif2ace.data.synthface import (
+    _WEARABLES,
     _YES_NO_OPEN,
     SynthFaceConfig,
     draw_image,
@@ -23,6 +25,7 @@ from unif2ace.data.synthface import (
     split_of_identity,
 )
 from unif2ace.data.taxonomy import BY_NAME, CATEGORIES, encode_attributes
+from unif2ace.eval.metrics import parse_caption
 
 
 def _digest(root: Path) -> dict:
@@ -159,9 +162,6 @@ def test_captions_mention_at_least_ten_attributes_and_say_them():
 def test_captions_say_categories_in_a_fixed_order():
     """Wording varies, the order does not: the hair, the rest of the face in taxonomy order
     (absent accessories among them), what is worn, then the background."""
-    from unif2ace.data.synthface import _WEARABLES
-    from unif2ace.eval.metrics import parse_caption
-
     index = {c.name: i for i, c in enumerate(CATEGORIES)}
     hair = ("hair_length", "hair_style", "hair_colour")
 
@@ -282,8 +282,6 @@ def test_load_split_and_stats(small_set):
 
 
 def test_cli_make_data_and_text_tokenizer(tmp_path, capsys):
-    from unif2ace.cli import main
-
     assert (
         main(
             ["make-data", "--out", str(tmp_path), "--num-images", "40", "--workers", "1", "--quiet"]
@@ -305,8 +303,6 @@ def test_cli_make_data_and_text_tokenizer(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_data_all_fast(tmp_path):
-    from unif2ace.cli import main
-
     assert (
         main(["data-all", "--out", str(tmp_path), "--num-images", "200", "--fast", "--quiet"]) == 0
     )

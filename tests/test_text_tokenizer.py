@@ -1,10 +1,11 @@
 """Text tokenizer: special tokens at fixed ids, round trip, save/load, a foreign tokenizer.json."""
 
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from unif2ace.data import special_tokens as st
 from unif2ace.data.synthface import make_caption, make_vqa, sample_image
 from unif2ace.data.text_tokenizer import TextTokenizer
+from unif2ace.models import special_tokens as st
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,6 @@ def test_save_and_load(tok, tmp_path, texts):
 
 
 def test_foreign_tokenizer_gets_special_tokens(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     t = Tokenizer(models.BPE())
     t.pre_tokenizer = pre_tokenizers.ByteLevel()
     t.train_from_iterator(

@@ -2,10 +2,7 @@
 grad accumulation, and DDP / FSDP2 under torchrun (gloo on CPU) against one process."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +10,7 @@ import pytest
 import torch
 
 import train_worker as tw
+from conftest import GLOO, torchrun_two_cpu_processes
 from unif2ace.train import (
     TrainConfig,
     latest_checkpoint,
@@ -25,16 +23,7 @@ from unif2ace.train import (
     train,
 )
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(out, model_config=None, stop_after=None, **kw):
@@ -232,39 +221,19 @@ def test_eval_fn_and_metrics(tmp_path):
 # torchrun: 2 processes (gloo) against 1 process at the same global batch
 
 
-def _gloo_ok():
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_gloo_available()
-
-
-@pytest.mark.skipif(not _gloo_ok(), reason="torch.distributed with gloo is not available")
+@pytest.mark.skipif(not GLOO, reason="torch.distributed with gloo is not available")
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_two_processes_match_one(tmp_path, parallel):
     steps, batch, accum = 5, 8, 2
-    result = tmp_path / "result.json"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")]),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(HERE / "train_worker.py"),
-        str(tmp_path / parallel),
+    multi = torchrun_two_cpu_processes(
+        "train_worker.py",
+        tmp_path / "result.json",
+        tmp_path / parallel,
         parallel,
-        str(steps),
-        str(batch),
-        str(accum),
-        str(result),
-    ]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    multi = json.loads(result.read_text())
+        steps,
+        batch,
+        accum,
+    )
     assert multi["world_size"] == 2 and multi["parallel"] == parallel
 
     single = _run(tmp_path / "single", steps=steps, batch_size=batch)

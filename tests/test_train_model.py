@@ -3,18 +3,13 @@ FSDP2 on CPU give the loss of one process at the same global batch."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import train_model_worker as w
-
-HERE = Path(__file__).resolve().parent
+from conftest import GLOO, torchrun_two_cpu_processes
+from unif2ace.models import UniF2ace, collate
+from unif2ace.train import TrainConfig, train
 
 
 def test_kill_and_resume_gives_the_same_loss_curve(tmp_path):
@@ -27,29 +22,25 @@ def test_kill_and_resume_gives_the_same_loss_curve(tmp_path):
 
 def test_resume_with_another_model_config_fails(tmp_path):
     w.run(tmp_path / "a", steps=2)
-    from unif2ace.models import UniF2ace, collate
-    from unif2ace.train import TrainConfig, train
-
     cfg = w.model_config()
     cfg.d_model = 64
     with pytest.raises(ValueError, match="another config.*d_model"):
-        train(UniF2ace(cfg), w.make_dataset(cfg), lambda b: collate(cfg, b), w.loss_fn,
-              TrainConfig(out=str(tmp_path / "a"), steps=4, batch_size=8, progress=False),
-              model_config=cfg.to_dict())  # fmt: skip
+        train(
+            UniF2ace(cfg),
+            w.make_dataset(cfg),
+            lambda b: collate(cfg, b),
+            w.loss_fn,
+            TrainConfig(out=str(tmp_path / "a"), steps=4, batch_size=8, progress=False),
+            model_config=cfg.to_dict(),
+        )
 
 
+@pytest.mark.skipif(not GLOO, reason="torch.distributed with gloo is not available")
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_two_processes_match_one(tmp_path, parallel):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    result = tmp_path / "result.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "train_model_worker.py"), str(tmp_path / parallel), parallel, "4", str(result)]  # fmt: skip
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    multi = json.loads(result.read_text())
+    multi = torchrun_two_cpu_processes(
+        "train_model_worker.py", tmp_path / "result.json", tmp_path / parallel, parallel, 4
+    )
     single = w.run(tmp_path / "single", steps=4)
     assert multi["world_size"] == 2
     torch.testing.assert_close(multi["losses"], single["losses"], rtol=1e-4, atol=1e-6)

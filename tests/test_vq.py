@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from unif2ace.data.synthface import draw_arrays
+from unif2ace.encoders.cnn import SemanticEncoder, to_tensor
 from unif2ace.vq.model import VQAutoencoder, VQConfig
-from unif2ace.vq.train import evaluate_vq, psnr, reconstruct, train_vq
+from unif2ace.vq.train import (
+    SemanticPerceptualLoss,
+    evaluate_vq,
+    psnr,
+    reconstruct,
+    train_vq,
+)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one torch thread: on a shared 2-core machine two OpenMP threads spin-wait on each other
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -117,17 +117,13 @@ def test_decoder_options_ema_edge_and_cpu_budget(faces, tmp_path):
 
 
 def test_semantic_perceptual_loss(faces, tmp_path):
-    from unif2ace.encoders.cnn import SemanticEncoder
-    from unif2ace.encoders.cnn import to_tensor as tt
-    from unif2ace.vq.train import SemanticPerceptualLoss
-
     torch.manual_seed(0)
     enc = SemanticEncoder(width=8, dim=32)
     before = {k: v.clone() for k, v in enc.state_dict().items()}
     loss = SemanticPerceptualLoss(enc)
     loss.train()  # the encoder stays in eval mode: its BatchNorm statistics are not updated
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
-    x = tt(faces[:4])
+    x = to_tensor(faces[:4])
     assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-6)
     rec = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
     d = loss(rec, x)
@@ -142,8 +138,9 @@ def test_semantic_perceptual_loss(faces, tmp_path):
     with pytest.raises(ValueError, match="64 px"):
         loss(x[..., :32, :32], x[..., :32, :32])
     # in training: steps run, the weight is reported
-    m, info = train_vq(faces, VQConfig(), steps=2, batch=4, perceptual=loss,
-                       perceptual_weight=0.5, progress=False)  # fmt: skip
+    m, info = train_vq(
+        faces, VQConfig(), steps=2, batch=4, perceptual=loss, perceptual_weight=0.5, progress=False
+    )
     assert info["perceptual_weight"] == 0.5 and np.isfinite(info["final_loss"])
 
 

@@ -11,20 +11,33 @@ import sys
 
 import torch
 
+from model_data import examples
+from unif2ace.models import ModelConfig, UniF2ace, collate
+from unif2ace.train import TrainConfig, train
+
 
 def model_config():
-    from unif2ace.models import ModelConfig
-
     # noise_std 0: the noise expert's draw is the one thing not keyed by the sample
-    return ModelConfig(text_vocab=40, codebook_size=23, image_tokens=9, max_text_len=6, d_model=32,
-                       n_layers=2, n_heads=4, expert_ffn=16, routed_experts=3, top_k=2,
-                       semantic_dim=5, identity_dim=4, noise_std=0.0, balance_coef=0.0,
-                       seq_balance_coef=0.0).validate()  # fmt: skip
+    return ModelConfig(
+        text_vocab=40,
+        codebook_size=23,
+        image_tokens=9,
+        max_text_len=6,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        expert_ffn=16,
+        routed_experts=3,
+        top_k=2,
+        semantic_dim=5,
+        identity_dim=4,
+        noise_std=0.0,
+        balance_coef=0.0,
+        seq_balance_coef=0.0,
+    ).validate()
 
 
 def make_dataset(cfg, n=32, seed=3):
-    from model_data import examples
-
     return examples(cfg, n, seed)
 
 
@@ -33,17 +46,30 @@ def loss_fn(model, batch, step):
 
 
 def run(out, parallel="none", steps=6, stop_after=None):
-    from unif2ace.models import UniF2ace, collate
-    from unif2ace.train import TrainConfig, train
-
     cfg = model_config()
     torch.manual_seed(0)
     model = UniF2ace(cfg)
-    tcfg = TrainConfig(out=str(out), steps=steps, batch_size=8, grad_accum=2, lr=3e-3,
-                       warmup_steps=2, log_every=1, ckpt_every=2, progress=False,
-                       parallel=parallel)  # fmt: skip
-    return train(model, make_dataset(cfg), functools.partial(collate, cfg), loss_fn, tcfg,
-                 model_config=cfg.to_dict(), stop_after=stop_after)  # fmt: skip
+    tcfg = TrainConfig(
+        out=str(out),
+        steps=steps,
+        batch_size=8,
+        grad_accum=2,
+        lr=3e-3,
+        warmup_steps=2,
+        log_every=1,
+        ckpt_every=2,
+        progress=False,
+        parallel=parallel,
+    )
+    return train(
+        model,
+        make_dataset(cfg),
+        functools.partial(collate, cfg),
+        loss_fn,
+        tcfg,
+        model_config=cfg.to_dict(),
+        stop_after=stop_after,
+    )
 
 
 if __name__ == "__main__":

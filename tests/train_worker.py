@@ -11,6 +11,8 @@ import sys
 import torch
 from torch import nn
 
+from unif2ace.train import TrainConfig, train
+
 N_ITEMS, D_IN, D = 64, 8, 16
 
 
@@ -71,8 +73,6 @@ def make_model(seed=0):
 
 
 def base_config(out, **kw):
-    from unif2ace.train import TrainConfig
-
     kw = {
         "out": str(out),
         "steps": 12,
@@ -91,14 +91,10 @@ def base_config(out, **kw):
 def main(argv):
     out, parallel, steps, batch, accum, result = argv
     torch.set_num_threads(1)
-    from unif2ace.train import train
-
     cfg = base_config(
         out, parallel=parallel, steps=int(steps), batch_size=int(batch), grad_accum=int(accum)
     )
     res = train(make_model(), make_dataset(), collate, loss_fn, cfg, model_config={"d": D})
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         with open(result, "w") as f:
             json.dump(res, f)

@@ -1,18 +1,20 @@
-"""SynthFace generator, dataset readers, text tokenizer and the model's special tokens.
+"""SynthFace generator, dataset readers and the text tokenizer.
 
 - :mod:`unif2ace.data.taxonomy` — attribute categories and values
 - :mod:`unif2ace.data.synthface` — the procedural dataset (``generate``, ``draw_arrays``)
 - :mod:`unif2ace.data.readers` — caption / VQA / attribute records (JSON lines, JSON, Parquet)
 - :mod:`unif2ace.data.text_tokenizer` — byte-level BPE (``TextTokenizer``)
-- :mod:`unif2ace.data.special_tokens` — ``<|soi|>``, ``<|eoi|>``, ``<|t2i|>``, ``<|mmu|>``...
-- :mod:`unif2ace.data.io` — atomic writes, safetensors + config.json checkpoints
+
+The special tokens belong to the model's vocabulary (:mod:`unif2ace.models.special_tokens`);
+``unif2ace.data.special_tokens`` and ``SPECIAL_TOKENS`` stay importable from here.
 """
 
 from unif2ace.data.readers import FieldMap, ReadStats, RecordError, load_split, read_records
-from unif2ace.data.special_tokens import SPECIAL_TOKENS
 from unif2ace.data.synthface import SynthFaceConfig, draw_arrays, draw_image, generate
 from unif2ace.data.taxonomy import CATEGORIES, CATEGORY_NAMES, NUM_VALUES
 from unif2ace.data.text_tokenizer import TextTokenizer
+from unif2ace.models import special_tokens
+from unif2ace.models.special_tokens import SPECIAL_TOKENS
 
 __all__ = [
     "CATEGORIES",
@@ -29,4 +31,5 @@ __all__ = [
     "generate",
     "load_split",
     "read_records",
+    "special_tokens",
 ]

@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from unif2ace.data.taxonomy import CATEGORIES, encode_attributes
 
 FORMATS = ("jsonl", "json", "parquet")
 
@@ -136,7 +140,7 @@ def iter_rows(
                 continue
             yield n, row
     elif fmt == "parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy to import, and only Parquet files need it
 
         try:
             pf = pq.ParquetFile(path)
@@ -248,8 +252,6 @@ def read_records(
 def load_image(image: str | bytes, size: int | None = None, where: str = "") -> np.ndarray:
     """Decode one image to ``uint8 [H, W, 3]``, resized (bicubic) to ``size`` when given. A file
     that does not decode raises ``RecordError``-style ``ValueError`` naming it (and ``where``)."""
-    from PIL import Image
-
     try:
         src = io.BytesIO(image) if isinstance(image, bytes) else image
         with Image.open(src) as im:
@@ -292,10 +294,6 @@ def load_split(
     root, split: str, size: int | None = None, limit: int | None = None, progress: bool = False
 ) -> FaceArrays:
     """Load a SynthFace split (images + attribute labels) into memory."""
-    from tqdm.auto import tqdm
-
-    from unif2ace.data.taxonomy import CATEGORIES, encode_attributes
-
     path = find_split_file(root, "attributes", split)
     recs, _ = read_records(path, kind="attributes", image_root=root)
     if limit is not None:
@@ -307,7 +305,8 @@ def load_split(
     return FaceArrays(
         images=np.stack(images) if images else np.zeros((0, size or 64, size or 64, 3), np.uint8),
         labels=np.array([encode_attributes(r.attributes) for r in recs], dtype=np.int64).reshape(
-            len(recs), len(CATEGORIES)  # (-1 cannot size an empty split)
+            len(recs),
+            len(CATEGORIES),  # (-1 cannot size an empty split)
         ),
         identities=np.array(
             [-1 if r.identity is None else r.identity for r in recs], dtype=np.int64
@@ -340,9 +339,7 @@ def load_images_from_records(
 
 
 def dataset_stats(root) -> dict:
-    """Coverage and caption statistics of a SynthFace folder (what the issue asks to show)."""
-    from unif2ace.data.taxonomy import CATEGORIES
-
+    """Coverage and caption statistics of a SynthFace folder."""
     out = {}
     for split in ("train", "val", "test"):
         try:

@@ -36,9 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from unif2ace.data.readers import FaceArrays
 from unif2ace.data.render import HAT_COLOURS, render
-from unif2ace.data.taxonomy import BY_NAME, CATEGORIES, taxonomy_dict
+from unif2ace.data.taxonomy import BY_NAME, CATEGORIES, encode_attributes, taxonomy_dict
 
 SPLITS = ("train", "val", "test")
 _IDENTITY, _IMAGE = 1, 2
@@ -308,7 +310,9 @@ def make_vqa(attrs: dict, text_seed: int, n: int = 4) -> list[dict]:
             # question whatever the image (VQA v2 balances its pairs for the same reason)
             candidates = [x for x in c.values if x not in (c.none_value, v)]
             true = v != c.none_value and (rng.random() < 0.5 or not candidates)
-            ask = v if true else _pick(rng, candidates)  # (binary categories: the one present value)
+            ask = (
+                v if true else _pick(rng, candidates)
+            )  # (binary categories: the one present value)
             out.append(
                 {
                     "question": _yes_no_question(c, ask),
@@ -392,7 +396,7 @@ class _Writer:
                 os.replace(self.root / f"{name}.jsonl.tmp", self.root / f"{name}.jsonl")
                 written.append(f"{name}.jsonl")
         else:
-            import pyarrow as pa
+            import pyarrow as pa  # heavy to import, and only Parquet output needs it
             import pyarrow.parquet as pq
 
             for name, rows in self.rows.items():
@@ -420,8 +424,6 @@ def generate(
     writes the records in index order, so the output does not depend on scheduling. Returns the
     ``meta.json`` content (with ``seconds``, not written to the file so that it stays identical).
     """
-    from tqdm.auto import tqdm
-
     cfg = cfg or SynthFaceConfig()
     if fmt not in ("jsonl", "parquet"):
         raise ValueError(f"fmt must be 'jsonl' or 'parquet', got {fmt!r}")
@@ -497,8 +499,6 @@ def generate(
 def _draw_chunk(args):
     seed, size, per_identity, start, stop = args
     imgs, labels, idents = [], [], []
-    from unif2ace.data.taxonomy import encode_attributes
-
     for i in range(start, stop):
         ident, img = sample_image(seed, i, per_identity)
         imgs.append(np.asarray(render(ident, img, size), dtype=np.uint8))
@@ -519,10 +519,6 @@ def draw_arrays(
     """Draw SynthFace images straight into memory (no files): a
     :class:`unif2ace.data.readers.FaceArrays`. With ``split``, only images of that split's
     identities are kept (``num_images`` counts the drawn images before that filter)."""
-    from tqdm.auto import tqdm
-
-    from unif2ace.data.readers import FaceArrays
-
     chunk = 250
     jobs = [
         (seed, size, images_per_identity, a, min(a + chunk, num_images))

@@ -1,5 +1,5 @@
 """Byte-level BPE text tokenizer (HF ``tokenizers``), trained on SynthFace captions + VQA, with the
-model's special tokens (:mod:`unif2ace.data.special_tokens`). A local ``tokenizer.json`` (e.g.
+model's special tokens (:mod:`unif2ace.models.special_tokens`). A local ``tokenizer.json`` (e.g.
 Phi-1.5's) can replace it: :meth:`TextTokenizer.from_file` adds whichever special tokens it lacks.
 """
 
@@ -8,7 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from unif2ace.data.special_tokens import EOT, PAD, SPECIAL_TOKENS
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from unif2ace.data.readers import find_split_file, read_records
+from unif2ace.io import atomic_write_bytes
+from unif2ace.models.special_tokens import EOT, PAD, SPECIAL_TOKENS
 
 
 class TextTokenizer:
@@ -26,8 +30,6 @@ class TextTokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2):
         """Train byte-level BPE on ``texts``. Special tokens get ids 0..len(SPECIAL_TOKENS)-1."""
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -43,8 +45,6 @@ class TextTokenizer:
 
     @classmethod
     def from_file(cls, path) -> TextTokenizer:
-        from tokenizers import Tokenizer
-
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
@@ -53,8 +53,6 @@ class TextTokenizer:
         return cls(Tokenizer.from_file(str(path)))
 
     def save(self, path) -> None:
-        from unif2ace.data.io import atomic_write_bytes
-
         path = Path(path)
         if path.is_dir() or path.suffix != ".json":
             path = path / "tokenizer.json"
@@ -83,8 +81,6 @@ class TextTokenizer:
 
 def synthface_texts(root) -> Iterator[str]:
     """Every caption, question and answer of a SynthFace (or same-layout) folder's train split."""
-    from unif2ace.data.readers import find_split_file, read_records
-
     caps, _ = read_records(
         find_split_file(root, "captions", "train"), "caption", check_images=False, image_root=root
     )

@@ -2,7 +2,13 @@
 for real encoders on local files (:mod:`unif2ace.encoders.adapters`, imported on demand: it needs
 transformers / onnxruntime)."""
 
-from unif2ace.encoders.cnn import ArcFaceHead, IdentityEncoder, SemanticEncoder, to_tensor
+from unif2ace.encoders.cnn import (
+    ArcFaceHead,
+    IdentityEncoder,
+    SemanticEncoder,
+    load_encoder,
+    to_tensor,
+)
 from unif2ace.encoders.train import (
     cache_embeddings,
     load_embeddings,
@@ -17,6 +23,7 @@ __all__ = [
     "SemanticEncoder",
     "cache_embeddings",
     "load_embeddings",
+    "load_encoder",
     "to_tensor",
     "train_identity",
     "train_semantic",

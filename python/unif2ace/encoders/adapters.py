@@ -36,7 +36,7 @@ def _to_unit(images) -> torch.Tensor:
 
 class ClipVisionAdapter:
     def __init__(self, path, device: str = "cpu"):
-        from transformers import CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection  # optional and heavy
 
         path = Path(path)
         if not path.is_dir():
@@ -76,7 +76,7 @@ class OnnxFaceAdapter:
     def __init__(
         self, path, providers=("CPUExecutionProvider",), mean: float = 127.5, std: float = 127.5
     ):
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional: only this adapter needs it
 
         path = Path(path)
         if not path.is_file():

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unif2ace.data.taxonomy import NUM_VALUES
+from unif2ace.io import load_pretrained_state
 
 
 def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -152,3 +153,13 @@ class IdentityEncoder(nn.Module):
     @torch.no_grad()
     def embed(self, x):
         return F.normalize(self.backbone(x), dim=-1)
+
+
+def load_encoder(folder) -> SemanticEncoder | IdentityEncoder:
+    """A trained SemanticEncoder or IdentityEncoder from its folder (written by
+    ``unif2ace train-encoders``), in eval mode."""
+    state, cfg = load_pretrained_state(folder)
+    cls = SemanticEncoder if cfg["kind"] == "semantic" else IdentityEncoder
+    m = cls(cfg["width"], cfg["dim"], cfg["size"])
+    m.load_state_dict(state)
+    return m.eval()

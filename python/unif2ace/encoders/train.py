@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save
+from tqdm.auto import tqdm
 
-from unif2ace.data.io import atomic_write_bytes
 from unif2ace.data.readers import FaceArrays
 from unif2ace.data.taxonomy import CATEGORY_NAMES
 from unif2ace.encoders.augment import random_blur, random_noise, random_shift
@@ -24,6 +26,7 @@ from unif2ace.encoders.cnn import (
     attribute_loss,
     to_tensor,
 )
+from unif2ace.io import atomic_write_bytes
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int = 50) -> float:
@@ -47,8 +50,6 @@ def fit(
     weight_decay: float = 1e-4,
 ) -> dict:
     """Generic AdamW + cosine loop: ``loss_fn(idx, g)`` returns the loss of batch ``idx``."""
-    from tqdm.auto import tqdm
-
     g = torch.Generator().manual_seed(seed)
     params = list(model.parameters()) + list(extra_params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -91,10 +92,13 @@ def attribute_accuracy(logits: list[torch.Tensor], labels: np.ndarray) -> dict:
     return {"per_attribute": per, "mean": float(np.mean(list(per.values())))}
 
 
-def _attr_batch(arrays: FaceArrays, idx, g, shift=2, blur=0.0, noise=0.0):
+def augmented_batch(arrays: FaceArrays, idx, g, shift=2, blur=0.0, noise=0.0, sigma=(0.4, 1.1)):
+    """Images ``idx`` as ``[B, 3, H, W]`` in [-1, 1], shifted by up to ``shift`` px, blurred with
+    probability ``blur`` (Gaussian ``sigma`` range), with noise of std ``noise``; and their labels
+    ``int64 [B, C]``."""
     x = to_tensor(arrays.images[idx.numpy()])
     x = random_shift(x, shift, g)
-    x = random_blur(x, blur, g)
+    x = random_blur(x, blur, g, sigma=sigma)
     x = random_noise(x, noise, g)
     return x, torch.as_tensor(arrays.labels[idx.numpy()])
 
@@ -113,7 +117,7 @@ def train_semantic(
     model = SemanticEncoder(width, dim, train.images.shape[1])
 
     def loss_fn(idx, g):
-        x, y = _attr_batch(train, idx, g)
+        x, y = augmented_batch(train, idx, g)
         return attribute_loss(model(x), y)
 
     info = fit(model, loss_fn, len(train.images), steps, batch, lr, seed, "semantic", progress)
@@ -139,7 +143,7 @@ def train_identity(
     head = ArcFaceHead(dim, len(ids), s=scale, m=margin)
 
     def loss_fn(idx, g):
-        x, _ = _attr_batch(train, idx, g)
+        x, _ = augmented_batch(train, idx, g)
         return F.cross_entropy(head(model(x), labels[idx]), labels[idx])
 
     info = fit(
@@ -196,15 +200,11 @@ def verification_auc(embeddings: torch.Tensor, identities: np.ndarray) -> dict:
 
 def cache_embeddings(path, embeddings: torch.Tensor, ids: list[str], meta: dict | None = None):
     """Write ``{"embeddings": [N, D]}`` to a safetensors file with the image ids in its metadata."""
-    from safetensors.torch import save
-
     md = {"ids": json.dumps(ids), **{k: str(v) for k, v in (meta or {}).items()}}
     atomic_write_bytes(Path(path), save({"embeddings": embeddings.float().contiguous()}, md))
 
 
 def load_embeddings(path) -> tuple[torch.Tensor, list[str]]:
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         ids = json.loads(f.metadata()["ids"])
         return f.get_tensor("embeddings"), ids

@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unif2ace.data.readers import FaceArrays
-from unif2ace.encoders.augment import random_blur, random_noise, random_shift
-from unif2ace.encoders.cnn import AttributeHeads, attribute_loss, to_tensor
-from unif2ace.encoders.train import attribute_accuracy, batched, fit
+from unif2ace.encoders.cnn import AttributeHeads, attribute_loss
+from unif2ace.encoders.train import attribute_accuracy, augmented_batch, batched, fit
+from unif2ace.io import load_pretrained_state
 
 JUDGE_SEED_OFFSET = 7919
 
@@ -49,8 +49,8 @@ class AttributeJudge(nn.Module):
         self.size = size
         w = width
         self.stem = nn.Conv2d(3, w, 3, 2, 1)  # 64 -> 32
-        # one block at 32 px before any pooling: without it (blocks only at 16/8/4) neutral vs
-        # smile stayed at chance and thin vs thick brows at 82 % (2500 steps, same data)
+        # one block at 32 px before any pooling: without it (blocks only at 16/8/4) the judge
+        # could not tell a neutral face from a smile, nor thin brows from thick ones
         self.blocks = nn.ModuleList([_ResBlock(w, w), _ResBlock(w, 2 * w), _ResBlock(2 * w, 4 * w)])
         self.norm = nn.GroupNorm(8, 4 * w)
         self.fc = nn.Linear(4 * w * 16, 192)
@@ -85,14 +85,19 @@ def train_judge(
     model = AttributeJudge(width, train.images.shape[1])
 
     def loss_fn(idx, g):
-        x = to_tensor(train.images[idx.numpy()])
-        x = random_shift(x, 2, g)
-        x = random_blur(x, 0.2, g, sigma=(0.3, 0.7))
-        x = random_noise(x, 0.04, g)
-        return attribute_loss(model(x), torch.as_tensor(train.labels[idx.numpy()]))
+        x, y = augmented_batch(train, idx, g, shift=2, blur=0.2, noise=0.04, sigma=(0.3, 0.7))
+        return attribute_loss(model(x), y)
 
     info = fit(model, loss_fn, len(train.images), steps, batch, lr, seed, "judge", progress)
     return model, info
+
+
+def load_judge(folder) -> AttributeJudge:
+    """A trained judge from its folder (written by ``unif2ace train-judge``), in eval mode."""
+    state, cfg = load_pretrained_state(folder)
+    judge = AttributeJudge(cfg["width"], cfg["size"])
+    judge.load_state_dict(state)
+    return judge.eval()
 
 
 @torch.no_grad()

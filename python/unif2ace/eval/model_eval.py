@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from unif2ace.eval import metrics
+from unif2ace.eval.judge import judge_features, judge_predict
 from unif2ace.models.layout import CAPTION_NO_REPEAT_NGRAM, CAPTION_PROMPT
 from unif2ace.models.sampling import generate_images, generate_text
 
@@ -50,8 +52,6 @@ def evaluate_model(
     Returns ``(metrics, samples)``; samples holds the generated images, prompts, captions and
     answers for the demo's report. ``real_images``: the split's first images (for the Fréchet
     distance; skipped without them)."""
-    from unif2ace.eval.judge import judge_features, judge_predict
-
     model.eval()
     tok = assets.tokenizer
     out: dict = {}
@@ -63,10 +63,14 @@ def evaluate_model(
     if n:
         prompts = test.captions[:n]
         toks = [tok.encode(p) for p in prompts]
-        codes = torch.cat([
-            generate_images(model, toks[i : i + batch], steps=steps, guidance=guidance, seed=seed + i)
-            for i in _batches(n, batch, "generate", progress)
-        ])  # fmt: skip
+        codes = torch.cat(
+            [
+                generate_images(
+                    model, toks[i : i + batch], steps=steps, guidance=guidance, seed=seed + i
+                )
+                for i in _batches(n, batch, "generate", progress)
+            ]
+        )
         images = assets.decode_codes(codes)
         pred = judge_predict(judge, images)
         targets, mask = metrics.encode_targets(test.attributes[:n], test.caption_attributes[:n])
@@ -88,9 +92,14 @@ def evaluate_model(
         for i in _batches(len(vqa), batch, "vqa", progress):
             chunk = vqa[i : i + batch]
             idx = torch.tensor([c[0] for c in chunk])
-            ans = generate_text(model, test.codes[idx].long(), [tok.encode(c[1]) for c in chunk],
-                                semantic=test.semantic[idx], identity=test.identity[idx],
-                                max_new_tokens=12)  # fmt: skip
+            ans = generate_text(
+                model,
+                test.codes[idx].long(),
+                [tok.encode(c[1]) for c in chunk],
+                semantic=test.semantic[idx],
+                identity=test.identity[idx],
+                max_new_tokens=12,
+            )
             answers += [tok.decode(a).strip() for a in ans]
         out["vqa"] = metrics.vqa_accuracy(answers, [c[2] for c in vqa], [c[3] for c in vqa])
         out["vqa"]["chance"] = _vqa_chance(vqa)
@@ -103,12 +112,19 @@ def evaluate_model(
         q = tok.encode(CAPTION_PROMPT)
         for i in _batches(n, batch, "caption", progress):
             idx = torch.arange(i, min(i + batch, n))
-            ans = generate_text(model, test.codes[idx].long(), [q] * len(idx),
-                                semantic=test.semantic[idx], identity=test.identity[idx],
-                                max_new_tokens=model.config.max_text_len,
-                                no_repeat_ngram=CAPTION_NO_REPEAT_NGRAM)  # fmt: skip
+            ans = generate_text(
+                model,
+                test.codes[idx].long(),
+                [q] * len(idx),
+                semantic=test.semantic[idx],
+                identity=test.identity[idx],
+                max_new_tokens=model.config.max_text_len,
+                no_repeat_ngram=CAPTION_NO_REPEAT_NGRAM,
+            )
             caps += [tok.decode(a).strip() for a in ans]
-        out["caption"] = metrics.caption_scores(caps, test.attributes[:n], test.caption_attributes[:n])
+        out["caption"] = metrics.caption_scores(
+            caps, test.attributes[:n], test.caption_attributes[:n]
+        )
         # chance: the reference caption of another face of the split
         other = np.random.default_rng(seed).permutation(len(test.ids))[:n]
         out["caption"]["chance_f1"] = metrics.caption_scores(
@@ -123,8 +139,6 @@ def _vqa_chance(vqa) -> float:
     """A blind baseline: answer each question with the answer the *other* records asking the same
     question most often have (leave-one-out; a question asked once falls back to its type's most
     common answer). No image is seen."""
-    from collections import Counter
-
     norm = metrics.normalize_answer
     by_q: dict[str, Counter] = {}
     by_t: dict[str, Counter] = {}
@@ -158,19 +172,31 @@ def summary_rows(m: dict) -> list[tuple[str, str]]:
         ch = g.get("chance", {})
         extra = ""
         if ch:
-            extra = (f" (chance: majority {ch['majority_mean']:.3f}, "
-                     f"uniform {ch['uniform_mean']:.3f})")  # fmt: skip
+            extra = (
+                f" (chance: majority {ch['majority_mean']:.3f}, uniform {ch['uniform_mean']:.3f})"
+            )
         rows.append(("generation attribute accuracy (judge)", f"{g['mean']:.3f}{extra}"))
     if "frechet_judge" in m:
         floor = m.get("frechet_judge_real_vs_real")
-        rows.append(("Fréchet distance, judge features", f"{m['frechet_judge']:.2f}"
-                     + (f" (real vs real: {floor:.2f})" if floor is not None else "")))  # fmt: skip
+        rows.append(
+            (
+                "Fréchet distance, judge features",
+                f"{m['frechet_judge']:.2f}"
+                + (f" (real vs real: {floor:.2f})" if floor is not None else ""),
+            )
+        )
     v = m.get("vqa")
     if v:
-        rows.append(("VQA exact match", f"{v['accuracy']:.3f} (blind majority answer {v['chance']:.3f})"))
+        rows.append(
+            ("VQA exact match", f"{v['accuracy']:.3f} (blind majority answer {v['chance']:.3f})")
+        )
     c = m.get("caption")
     if c:
-        rows.append(("caption attribute P / R / F1",
-                     f"{c['precision']:.3f} / {c['recall']:.3f} / {c['f1']:.3f} "
-                     f"(chance F1 {c['chance_f1']:.3f})"))  # fmt: skip
+        rows.append(
+            (
+                "caption attribute P / R / F1",
+                f"{c['precision']:.3f} / {c['recall']:.3f} / {c['f1']:.3f} "
+                f"(chance F1 {c['chance_f1']:.3f})",
+            )
+        )
     return rows

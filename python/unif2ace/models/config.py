@@ -1,7 +1,7 @@
 """Model configs: one dataclass, a registry of named sizes (``tiny``, ``small``, ``full``).
 
 One vocabulary (Show-o): ``[0, text_vocab)`` text tokens with the special tokens first
-(:mod:`unif2ace.data.special_tokens`), then ``codebook_size`` image codes, then the mask token::
+(:mod:`unif2ace.models.special_tokens`), then ``codebook_size`` image codes, then the mask token::
 
     image code c  ->  token id text_vocab + c
     mask token    ->  text_vocab + codebook_size
@@ -97,12 +97,16 @@ class ModelConfig:
         if rot % 2:
             raise ValueError(f"rotary dims {rot} (head_dim·rotary_frac) must be even")
         if self.token_moe and not 1 <= self.top_k <= self.routed_experts:
-            raise ValueError(f"top_k={self.top_k} must be in [1, routed_experts={self.routed_experts}]")
+            raise ValueError(
+                f"top_k={self.top_k} must be in [1, routed_experts={self.routed_experts}]"
+            )
         if self.seq_moe and not 1 <= self.seq_top_k <= 4:
             raise ValueError(f"seq_top_k={self.seq_top_k} must be in [1, 4]")
         for name in ("activation", "expert_activation"):
             v = getattr(self, name)
-            if v not in ("gelu", "gelu_tanh", "silu_glu") and not (name == "expert_activation" and v is None):
+            if v not in ("gelu", "gelu_tanh", "silu_glu") and not (
+                name == "expert_activation" and v is None
+            ):
                 raise ValueError(f"{name} must be gelu, gelu_tanh or silu_glu, got {v!r}")
         if self.schedule not in ("cosine", "linear", "loglinear"):
             raise ValueError(f"schedule must be cosine, linear or loglinear, got {self.schedule!r}")
@@ -167,11 +171,23 @@ def parameter_count(cfg: ModelConfig) -> dict:
         mlp = mlp_active = (fu + 1) * cfg.d_ff * D + (fu * cfg.d_ff + D)
     seq = 0
     if cfg.seq_moe:
-        seq = 2 * 4 * D + (cfg.semantic_dim + cfg.identity_dim) * D + 2 * (D * D + D) + 2 * D + 4 * D + 2
+        seq = (
+            2 * 4 * D
+            + (cfg.semantic_dim + cfg.identity_dim) * D
+            + 2 * (D * D + D)
+            + 2 * D
+            + 4 * D
+            + 2
+        )
     blocks = L * (attn + norm + mlp + seq)
     embed = V * D + cfg.image_pos_embed * cfg.image_tokens * D + cfg.code_vector_dim * D
     head = V * D + V + norm
     total = blocks + embed + head
     active = L * (attn + norm + mlp_active + seq) + embed + head
-    return {"total": total, "active_per_token": active, "embedding": embed, "head": head,
-            "blocks": blocks}  # fmt: skip
+    return {
+        "total": total,
+        "active_per_token": active,
+        "embedding": embed,
+        "head": head,
+        "blocks": blocks,
+    }

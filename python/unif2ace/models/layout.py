@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unif2ace.data import special_tokens as st
+from unif2ace.models import special_tokens as st
 
 CAPTION_PROMPT = "Describe this face in detail."
 # captions are decoded greedily without repeating a 3-gram (tiny models otherwise loop on a phrase)
@@ -46,14 +46,6 @@ class Example:
     index: int = 0  # sample index (seeds the per-sample noise)
     # mmu: more (question, answer) turns about the same image after the first (a conversation)
     turns: tuple[tuple[list[int], list[int]], ...] = ()
-
-
-def t2i_length(cfg) -> int:
-    return 1 + cfg.max_text_len + 1 + cfg.image_tokens + 1
-
-
-def t2i_image_start(cfg) -> int:
-    return 1 + cfg.max_text_len + 1
 
 
 def _row(cfg, ex: Example):

@@ -54,7 +54,9 @@ class DenseMLP(nn.Module):
         self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
         self.activation = cfg.activation
 
-    def forward(self, x: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, group_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.fc2(_act(self.fc1(x), self.activation)), x.new_zeros(())
 
 
@@ -83,21 +85,43 @@ class TokenMoE(nn.Module):
         cfg = self.cfg
         logits = self.router(x).float()  # [T, G·N]
         r = ops.moe_route(
-            logits, cfg.top_k, group_ids=group_ids, experts_per_group=cfg.routed_experts,
+            logits,
+            cfg.top_k,
+            group_ids=group_ids,
+            experts_per_group=cfg.routed_experts,
             return_stats=True,
-        )  # fmt: skip
-        y = ops.moe_mlp(x, self.w_up, self.w_down, r.topk_ids, r.topk_weights.to(x.dtype),
-                        activation=cfg.moe_activation)  # fmt: skip
+        )
+        y = ops.moe_mlp(
+            x,
+            self.w_up,
+            self.w_down,
+            r.topk_ids,
+            r.topk_weights.to(x.dtype),
+            activation=cfg.moe_activation,
+        )
         if self.shared_up is not None:
             y = y + ops.moe_shared_experts(
-                x, self.shared_up, self.shared_down, group_ids=group_ids,
-                experts_per_group=cfg.shared_experts, activation=cfg.moe_activation,
-            )  # fmt: skip
-        aux = ops.moe_balance_loss(r.expert_counts, r.prob_sums, cfg.top_k,
-                                   experts_per_group=cfg.routed_experts, coef=cfg.balance_coef)  # fmt: skip
+                x,
+                self.shared_up,
+                self.shared_down,
+                group_ids=group_ids,
+                experts_per_group=cfg.shared_experts,
+                activation=cfg.moe_activation,
+            )
+        aux = ops.moe_balance_loss(
+            r.expert_counts,
+            r.prob_sums,
+            cfg.top_k,
+            experts_per_group=cfg.routed_experts,
+            coef=cfg.balance_coef,
+        )
         if cfg.z_loss_coef > 0:
-            aux = aux + ops.moe_z_loss(logits, group_ids=group_ids,
-                                       experts_per_group=cfg.routed_experts, coef=cfg.z_loss_coef)  # fmt: skip
+            aux = aux + ops.moe_z_loss(
+                logits,
+                group_ids=group_ids,
+                experts_per_group=cfg.routed_experts,
+                coef=cfg.z_loss_coef,
+            )
         return y, aux
 
 
@@ -140,10 +164,15 @@ class SequenceMoE(nn.Module):
         vf = valid.to(m.dtype)[..., None]
         pooled = (m * vf).sum(1) / vf.sum(1).clamp(min=1.0)  # [B, D]
         r = ops.moe_route(
-            self.router(pooled).float(), cfg.seq_top_k, group_ids=task,
-            experts_per_group=SEQ_EXPERTS, return_stats=True,
-        )  # fmt: skip
-        gate = m.new_zeros(B, N_GROUPS * SEQ_EXPERTS).scatter(1, r.topk_ids, r.topk_weights.to(m.dtype))
+            self.router(pooled).float(),
+            cfg.seq_top_k,
+            group_ids=task,
+            experts_per_group=SEQ_EXPERTS,
+            return_stats=True,
+        )
+        gate = m.new_zeros(B, N_GROUPS * SEQ_EXPERTS).scatter(
+            1, r.topk_ids, r.topk_weights.to(m.dtype)
+        )
         w = torch.sigmoid(self.mix).to(m.dtype)
         if semantic is None:
             semantic = m.new_zeros(B, cfg.semantic_dim)
@@ -152,14 +181,21 @@ class SequenceMoE(nn.Module):
         copy = gate[:, list(COPY_SLOTS)].sum(1) + gate[:, NOISE_SLOT]
         a = copy + gate[:, CLIP_SLOT] * w[0] + gate[:, FACE_SLOT] * w[1]  # [B]
         # R(e) comes out LayerNormed (RMS ~ 1); scaled to the RMS of the sequence's own ``m``,
-        # as ``w·x + (1−w)·R(e)`` mixes like with like (unscaled, R(e) was ~2% of the residual
-        # stream and a tiny model trained on VQA never learned to read it)
-        scale = ((m.float().pow(2).mean(-1, keepdim=True) * vf).sum(1) / vf.sum(1).clamp(min=1.0))
+        # as ``w·x + (1−w)·R(e)`` mixes like with like (unscaled, R(e) was a small fraction of the
+        # residual stream and a tiny model trained on VQA never learned to read it)
+        scale = (m.float().pow(2).mean(-1, keepdim=True) * vf).sum(1) / vf.sum(1).clamp(min=1.0)
         scale = scale.sqrt().to(m.dtype).detach()  # [B, 1]
-        c = scale * (gate[:, CLIP_SLOT, None] * (1 - w[0]) * self.clip(semantic.to(m.dtype))
-                     + gate[:, FACE_SLOT, None] * (1 - w[1]) * self.face(identity.to(m.dtype)))  # [B, D]  # fmt: skip
-        aux = ops.moe_balance_loss(r.expert_counts, r.prob_sums, cfg.seq_top_k,
-                                   experts_per_group=SEQ_EXPERTS, coef=cfg.seq_balance_coef)  # fmt: skip
+        c = scale * (
+            gate[:, CLIP_SLOT, None] * (1 - w[0]) * self.clip(semantic.to(m.dtype))
+            + gate[:, FACE_SLOT, None] * (1 - w[1]) * self.face(identity.to(m.dtype))
+        )  # [B, D]
+        aux = ops.moe_balance_loss(
+            r.expert_counts,
+            r.prob_sums,
+            cfg.seq_top_k,
+            experts_per_group=SEQ_EXPERTS,
+            coef=cfg.seq_balance_coef,
+        )
         return a, c, gate[:, NOISE_SLOT], aux
 
     def forward(self, m, valid, task, semantic=None, identity=None):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from unif2ace.models.config import ModelConfig
 from unif2ace.models.layout import IGNORE, TASK_MMU
@@ -69,22 +70,28 @@ def _check_phi_config(conf: dict, where: str) -> None:
     if mt != "phi":
         hint = ""
         if mt in ("phi-msft", "mixformer-sequential"):
-            hint = (" (the original Microsoft layout: convert it with transformers' "
-                    "models/phi/convert_phi_weights_to_hf.py first)")  # fmt: skip
+            hint = (
+                " (the original Microsoft layout: convert it with transformers' "
+                "models/phi/convert_phi_weights_to_hf.py first)"
+            )
         raise ValueError(
             f"{where}: model_type {mt!r} is not a transformers Phi config ('phi'){hint}"
         )
     kv = conf.get("num_key_value_heads")
     if kv is not None and kv != conf["num_attention_heads"]:
-        raise ValueError(f"{where}: num_key_value_heads={kv} != num_attention_heads="
-                         f"{conf['num_attention_heads']}; UniF²ace's attention has no grouped "
-                         "KV heads")  # fmt: skip
+        raise ValueError(
+            f"{where}: num_key_value_heads={kv} != num_attention_heads="
+            f"{conf['num_attention_heads']}; UniF²ace's attention has no grouped "
+            "KV heads"
+        )
     if conf.get("qk_layernorm"):
         raise ValueError(f"{where}: qk_layernorm=true is not supported (UniF²ace has no q/k norm)")
     act = conf.get("hidden_act", "gelu_new")
     if act not in _ACTIVATIONS:
-        raise ValueError(f"{where}: hidden_act {act!r} has no UniF²ace equivalent "
-                         f"(supported: {', '.join(_ACTIVATIONS)})")  # fmt: skip
+        raise ValueError(
+            f"{where}: hidden_act {act!r} has no UniF²ace equivalent "
+            f"(supported: {', '.join(_ACTIVATIONS)})"
+        )
     hd = conf.get("head_dim")
     if hd is not None and hd * conf["num_attention_heads"] != conf["hidden_size"]:
         raise ValueError(f"{where}: head_dim·num_attention_heads != hidden_size is not supported")
@@ -95,8 +102,10 @@ def _rope(conf: dict) -> tuple[float, float]:
     older configs (and microsoft/phi-1_5's own config.json) keep them at the top level."""
     rp = conf.get("rope_parameters") or {}
     if rp.get("rope_type", "default") != "default" or conf.get("rope_scaling"):
-        raise ValueError(f"rope scaling {rp.get('rope_type') or conf.get('rope_scaling')!r} is not "
-                         "supported (UniF²ace uses plain rotary)")  # fmt: skip
+        raise ValueError(
+            f"rope scaling {rp.get('rope_type') or conf.get('rope_scaling')!r} is not "
+            "supported (UniF²ace uses plain rotary)"
+        )
     frac = rp.get("partial_rotary_factor", conf.get("partial_rotary_factor", 0.5))
     theta = rp.get("rope_theta", conf.get("rope_theta", 10000.0))
     return float(frac), float(theta)
@@ -137,13 +146,9 @@ def load_phi_state(folder) -> dict[str, torch.Tensor]:
     if not folder.is_dir():
         raise FileNotFoundError(f"Phi checkpoint folder {folder} does not exist")
     if (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
         return load_file(str(folder / "model.safetensors"))
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        from safetensors.torch import load_file
-
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
@@ -160,24 +165,31 @@ def _check_fits(cfg: ModelConfig, conf: dict) -> None:
     """Settings that shapes cannot reveal (heads, rotary, eps, activation) must agree exactly."""
     frac, theta = _rope(conf)
     want = {
-        "n_heads": conf["num_attention_heads"], "rotary_frac": frac, "rope_theta": theta,
+        "n_heads": conf["num_attention_heads"],
+        "rotary_frac": frac,
+        "rope_theta": theta,
         "norm_eps": float(conf.get("layer_norm_eps", 1e-5)),
         "activation": _ACTIVATIONS[conf.get("hidden_act", "gelu_new")],
-        "n_layers": conf["num_hidden_layers"], "d_model": conf["hidden_size"],
+        "n_layers": conf["num_hidden_layers"],
+        "d_model": conf["hidden_size"],
         "text_vocab": conf["vocab_size"],
-    }  # fmt: skip
+    }
     bad = {k: (getattr(cfg, k), v) for k, v in want.items() if getattr(cfg, k) != v}
     if bad:
         desc = ", ".join(f"{k}: model {a!r} vs Phi {b!r}" for k, (a, b) in bad.items())
-        raise ValueError(f"the model's config does not match the Phi checkpoint ({desc}); "
-                         "build it with config_from_phi(...)")  # fmt: skip
+        raise ValueError(
+            f"the model's config does not match the Phi checkpoint ({desc}); "
+            "build it with config_from_phi(...)"
+        )
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, name: str, dst_name: str) -> None:
     """dst ← src (broadcast over leading expert / row-slice dims only where the caller sliced)."""
     if tuple(dst.shape[-src.dim() :]) != tuple(src.shape) or dst.dim() < src.dim():
-        raise ValueError(f"shape mismatch: Phi tensor {name} {tuple(src.shape)} does not fit "
-                         f"{dst_name} {tuple(dst.shape)}")  # fmt: skip
+        raise ValueError(
+            f"shape mismatch: Phi tensor {name} {tuple(src.shape)} does not fit "
+            f"{dst_name} {tuple(dst.shape)}"
+        )
     dst.copy_(src.to(dst.dtype).expand_as(dst))
 
 
@@ -223,8 +235,10 @@ def load_phi(model: nn.Module, folder, *, strict_dense: bool = True) -> dict:
         dst = params[ours]
         if rows is not None:
             if src.shape[0] != rows or dst.shape[0] < rows:
-                raise ValueError(f"shape mismatch: Phi tensor {phi_name} {tuple(src.shape)} does "
-                                 f"not fit the first {rows} rows of {ours} {tuple(dst.shape)}")  # fmt: skip
+                raise ValueError(
+                    f"shape mismatch: Phi tensor {phi_name} {tuple(src.shape)} does "
+                    f"not fit the first {rows} rows of {ours} {tuple(dst.shape)}"
+                )
             dst = dst[:rows]
         _copy(dst, src, phi_name, ours)
         written.add(ours)
@@ -275,22 +289,34 @@ def load_phi(model: nn.Module, folder, *, strict_dense: bool = True) -> dict:
     if cfg.seq_moe:
         notes.append("sequence MoE (routers, resamplers, mix) keeps its init")
     if cfg.vocab_size > V:
-        notes.append(f"embedding / LM-head rows [{V}, {cfg.vocab_size}) (image codes, mask) keep "
-                     "their init")  # fmt: skip
+        notes.append(
+            f"embedding / LM-head rows [{V}, {cfg.vocab_size}) (image codes, mask) keep their init"
+        )
     unused = sorted(set(state) - set(copied) - set(dropped))
     if strict_dense and (missing or unused):
-        raise ValueError(f"{folder}: checkpoint does not match the dense model: missing "
-                         f"{missing[:5]}{' …' if len(missing) > 5 else ''}, unused "
-                         f"{unused[:5]}{' …' if len(unused) > 5 else ''} (strict_dense=False "
-                         "loads what fits)")  # fmt: skip
+        raise ValueError(
+            f"{folder}: checkpoint does not match the dense model: missing "
+            f"{missing[:5]}{' …' if len(missing) > 5 else ''}, unused "
+            f"{unused[:5]}{' …' if len(unused) > 5 else ''} (strict_dense=False "
+            "loads what fits)"
+        )
     kept = []
     for n in params:
         if n not in written and _pattern(n) not in kept:
             kept.append(_pattern(n))
     return {
         "folder": str(folder),
-        "phi": {k: conf.get(k) for k in ("vocab_size", "hidden_size", "num_hidden_layers",
-                                         "num_attention_heads", "intermediate_size", "hidden_act")},
+        "phi": {
+            k: conf.get(k)
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "hidden_act",
+            )
+        },
         "source_dtypes": src_dtypes,
         "copied": copied,
         "n_copied": len(copied),
@@ -300,7 +326,7 @@ def load_phi(model: nn.Module, folder, *, strict_dense: bool = True) -> dict:
         "upcycled": upcycled,
         "dropped": dropped,
         "notes": notes,
-    }  # fmt: skip
+    }
 
 
 # ------------------------------------------------------------------------------------------------

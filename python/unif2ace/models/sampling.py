@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from unif2ace import ops
-from unif2ace.data import special_tokens as st
+from unif2ace.models import special_tokens as st
 from unif2ace.models.layout import TASK_MMU, TASK_T2I, Example, collate
 
 
@@ -54,9 +54,15 @@ def generate_images(
     init = torch.full((B, cfg.image_tokens), K, dtype=torch.long, device=dev)
     try:
         return ops.maskgit_decode(
-            logits_fn, init, steps, mask_id=K, guidance=guidance, temperature=temperature,
-            choice_temperature=choice_temperature, seed=seed,
-        )  # fmt: skip
+            logits_fn,
+            init,
+            steps,
+            mask_id=K,
+            guidance=guidance,
+            temperature=temperature,
+            choice_temperature=choice_temperature,
+            seed=seed,
+        )
     finally:
         model.train(was_training)
 
@@ -84,11 +90,15 @@ def generate_text(
     if len(questions) != B:
         raise ValueError(f"{len(questions)} questions for {B} images")
     exs = [
-        Example(TASK_MMU, codes[b], list(q),
-                semantic=None if semantic is None else semantic[b],
-                identity=None if identity is None else identity[b])
+        Example(
+            TASK_MMU,
+            codes[b],
+            list(q),
+            semantic=None if semantic is None else semantic[b],
+            identity=None if identity is None else identity[b],
+        )
         for b, q in enumerate(questions)
-    ]  # fmt: skip
+    ]
     batch = collate(cfg, exs)
     dev = next(model.parameters()).device
     batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -128,7 +138,10 @@ def _block_repeats(logits: torch.Tensor, out: list[list[int]], n: int) -> None:
         if len(toks) < n:
             continue
         prefix = tuple(toks[len(toks) - n + 1 :]) if n > 1 else ()
-        banned = [toks[i + n - 1] for i in range(len(toks) - n + 1)
-                  if tuple(toks[i : i + n - 1]) == prefix]  # fmt: skip
+        banned = [
+            toks[i + n - 1]
+            for i in range(len(toks) - n + 1)
+            if tuple(toks[i : i + n - 1]) == prefix
+        ]
         if banned:
             logits[b, banned] = float("-inf")

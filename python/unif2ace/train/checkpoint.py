@@ -27,8 +27,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from unif2ace.data.io import atomic_write_bytes
+from unif2ace.io import atomic_write_bytes
 
 CKPT_SUBDIR = "checkpoints"
 MARKER = "COMPLETE"
@@ -102,8 +103,6 @@ def write_checkpoint(
 ) -> Path:
     """Write ``<out>/checkpoints/step_N`` atomically, point ``latest`` at it and keep only the
     newest ``keep`` complete checkpoints. Returns the folder."""
-    from safetensors.torch import save_file
-
     root = Path(out) / CKPT_SUBDIR
     root.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(step)
@@ -165,8 +164,6 @@ def read_checkpoint(path) -> dict:
     """Everything in a checkpoint: ``model`` (state dict), ``optimizer``, ``state``,
     ``train_config``, ``model_config``, ``step``, ``path``. ``path`` may be a checkpoint folder or
     a training output folder (its newest complete checkpoint)."""
-    from safetensors.torch import load_file
-
     path = _resolve(path)
     # state.pt holds python/numpy RNG states: our own file, so a full unpickle is fine
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)

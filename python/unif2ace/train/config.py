@@ -113,6 +113,14 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# annotations taken as they are: type -> (whether a value is one, what the error says is expected)
+_SCALARS = {
+    bool: (lambda v: isinstance(v, bool), "a bool (true/false)"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
 def _coerce(value, tp, where: str):
     """``value`` checked against (and mildly converted to) the annotation ``tp``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -133,14 +141,11 @@ def _coerce(value, tp, where: str):
         if value in args:
             return value
         raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
+    if tp in _SCALARS:
+        accepts, what = _SCALARS[tp]
+        if accepts(value):
             return value
-        raise ValueError(f"{where}: expected a bool (true/false), got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError(f"{where}: expected an int, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{where}: expected {what}, got {value!r} ({type(value).__name__})")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -151,10 +156,6 @@ def _coerce(value, tp, where: str):
             except ValueError:
                 pass
         raise ValueError(f"{where}: expected a float, got {value!r} ({type(value).__name__})")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"{where}: expected a string, got {value!r} ({type(value).__name__})")
     if tp is Path:
         if isinstance(value, (str, Path)):
             return Path(value)

@@ -30,7 +30,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
+from unif2ace.io import atomic_write_bytes
 from unif2ace.train.checkpoint import (
     config_difference,
     latest_checkpoint,
@@ -143,14 +154,9 @@ def _wrap(model: torch.nn.Module, d: _Dist) -> torch.nn.Module:
     """The module the loss function calls: DDP around ``model``, or ``model`` itself after
     ``fully_shard`` (FSDP2 changes the module in place), or ``model`` untouched."""
     if d.parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ids = [d.device.index] if d.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
     if d.parallel == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
         # fully_shard shards each rank's own copy: make them rank 0's first
         with torch.no_grad():
             for t in [*model.parameters(), *model.buffers()]:
@@ -260,17 +266,10 @@ def _as_float(x) -> float:
 
 
 def _state_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def _save(model, opt, d: _Dist, cfg, model_config, step, losses, elapsed) -> Path:
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
     # under FSDP2 these gather the shards (every rank must call); with cpu_offload only rank 0
     # receives the full tensors
     msd = get_model_state_dict(model, options=_state_options())
@@ -296,8 +295,6 @@ def _truncate_log(path: Path, upto: int) -> None:
     """Keep only entries with ``step <= upto`` (rewritten atomically)."""
     if not path.exists():
         return
-    from unif2ace.data.io import atomic_write_bytes
-
     kept = []
     for line in path.read_text().splitlines():
         try:
@@ -363,8 +360,6 @@ def train(
 
 
 def _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop_after) -> dict:
-    from tqdm.auto import tqdm
-
     B, accum = cfg.batch_size, cfg.grad_accum
     if B % (d.world * accum):
         raise ValueError(
@@ -399,11 +394,6 @@ def _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop
     opt = build_optimizer(model, cfg)
     start, losses, elapsed_before, resumed_from = 0, [], 0.0, None
     if ck is not None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
         set_optimizer_state_dict(
             model, opt, ck["optimizer"], options=StateDictOptions(full_state_dict=True)
         )

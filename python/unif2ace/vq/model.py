@@ -2,54 +2,26 @@
 (``vector_quantize_pytorch.FSQ``, levels 8·8·8·8 = 4096 codes) by default, or a lookup-free
 quantiser (``vector_quantize_pytorch.LFQ``, MAGVIT-v2's) — 64 px -> 16×16 tokens (8×8 optional).
 
-Why 16×16 and not 8×8. Fewer tokens would be better for the model: it generates image tokens by
-masked discrete diffusion, every decoding step runs the transformer over the whole sequence, and 64
-tokens instead of 256 make a step's attention ~16× and its MLP/MoE work 4× cheaper. We started
-there and measured it: an 8×8 LFQ tokenizer (10 bits a token, widths 16/32/64, 1500 steps of 24
-images, 7.6 min on the shared 2-core machine) reconstructs at 20.4 dB PSNR and the attribute judge
-reads only 79 % as many attributes from its reconstructions as from the originals (eye colour 45 %,
-expression 31 %): 8×8 px patches of 10 bits cannot carry a 3 px iris, a brow's thickness and a
-mouth's shape, and a CPU budget of minutes cannot train a decoder clever enough to make up for it.
-16×16 tokens (4×4 px patches) keep those details at a quarter of the autoencoder's depth. The model
-side stays affordable: 256 image tokens + ~64 text tokens is the ``tiny`` config's sequence. An 8×8
-grid (``downsample=8``, three widths) remains available for larger images or GPUs.
+Why 16×16 and not 8×8. Fewer tokens would be cheaper for the model (every masked-diffusion decoding
+step runs the transformer over the whole sequence), but 8×8 px patches cannot carry a 3 px iris, a
+brow's thickness and a mouth's shape, and a CPU budget of minutes cannot train a decoder clever
+enough to make up for it: the attribute judge read far fewer attributes from 8×8 reconstructions.
+16×16 tokens (4×4 px patches) keep those details; 256 image tokens + the text are the ``tiny``
+config's sequence. An 8×8 grid (``downsample=8``, three widths) remains available for larger
+images or GPUs.
 
-Why FSQ by default. Same 16×16 grid, widths 24/48, 1500 steps of 24 images: LFQ (1024 codes,
-entropy loss 0.1) 22.3 dB in 14.3 min; FSQ (1000 codes, no auxiliary loss: the whole gradient goes
-to reconstruction) 24.3 dB, 93 % of the codes used, in 5.8 min. FSQ 8·5·5·5 at 3000 steps: 25.4 dB,
-99.2 % of the codes used on the test split, 7.9 min wall (4.2 CPU min, one thread) — and the judge
-reads 90.7 % as many attributes from its reconstructions as from the originals (hair texture and
-mouth shape suffer most).
+Why FSQ by default. On the same grid and budget FSQ reconstructs better than LFQ, uses nearly all
+of its codes and needs no auxiliary loss (the whole gradient goes to reconstruction). Training
+keeps an EMA of the weights and follows a CPU-time budget with its learning-rate schedule;
+``--preset fast`` trains a usable demo tokenizer in a few minutes. An L1 loss on pixel differences
+did not help and is off (``edge_weight``).
 
-The default now (measured on the shared 2-core machine, one thread, judge at 98.6 % on the test
-originals): FSQ 8·8·8·5 (2560 codes, 11.3 bits a token), same widths, an EMA (0.999) of the weights,
-up to 10 000 steps of 24 images with a 14 CPU-minute budget that the learning-rate schedule follows:
-9408 steps in 14.0 CPU min (19.9 min wall under a load average of 3–7), 26.9 dB, 97.9 % of the codes
-used, judge ratio 0.934 (hair style 0.63, expression 0.77, lipstick 0.86 read on reconstructions)
-— better on every figure but still short of the 95 % asked for. At 1500 steps the same comparison
-measured: 8·5·5·5 24.3 dB / ratio 0.883; 8·8·8·5 24.4 dB / 0.887; + an L1 loss on pixel
-differences (weight 0.5) 24.2 dB / 0.873 — more bits alone barely help a short run and the edge
-loss did not help, so it is off (``edge_weight``). Wider / deeper decoders (``decoder_channels``,
-``decoder_blocks``) cost ~45 % more per step and were not measured to the end yet. The lever still
-open is CPU: the hair-style strokes are 1–2 px dark lines on hair of a similar colour.
-``--preset fast`` (1500 steps, 4 wall min budget) trains a usable demo tokenizer.
-
-The perceptual loss (2026-11-29, ``vq.train.SemanticPerceptualLoss``, weight 0.2, on by default):
-the frozen semantic encoder's channel-normalised feature maps and attribute-head distributions on
-the reconstruction are pulled to those on the original — VQGAN's LPIPS term with our CLIP stand-in
-as the feature net; the judge is never used. On the demo's data (judge 97.2 % on originals), 1500
-steps: ratio 0.894 without it, 0.918 at weight 0.2 (0.911 at 1.0; heavier head KL 0.902–0.911),
-for ~60 % more time a step. With the 14 CPU-minute budget on a fresh ``data-all`` (10 000 images,
-judge 98.6 %): 8146 steps, 25.5 dB, 97.7 % of the codes used, ratio 0.948 (hair style 0.61,
-expression 0.81, glasses 0.86). The semantic encoder itself reads hair style from those
-reconstructions at 91 % (95 % on originals): what the judge misses are the 1–2 px strands, drawn
-blocky. Adding the identity encoder's features as well: 6672 steps, ratio 0.943. Channels-last
-convolutions (``train_vq``) take ~8 % less CPU a step; 14.8 CPU minutes then ran 9549 steps: 25.7
-dB, ratio 0.948 again — the ratio has plateaued in steps at this size. A wider decoder (widths
-32/64): 7482 steps in 14 CPU minutes, 25.9 dB, ratio 0.949 (hair style 0.56).
-FSQ 8·8·8·8 (4096 codes, 12 bits a token), the default since: 8849 steps in 14 CPU minutes, 25.7
-dB, 95.0 % of the codes used, ratio 0.951 (hair style 0.64) — the first run at the target, by a
-hair; see the README for the repeat through ``unif2ace train-vq``.
+The perceptual loss (``vq.train.SemanticPerceptualLoss``, on by default): the frozen semantic
+encoder's channel-normalised feature maps and attribute-head distributions on the reconstruction
+are pulled to those on the original — VQGAN's LPIPS term with our CLIP stand-in as the feature
+net; the judge is never used. It raises the share of attributes the judge reads back from
+reconstructions, at a higher cost per step. The runs behind these choices are in
+``docs/results.md``.
 
 Token ids are ``int64 [B, h, w]`` in ``[0, codebook_size)``.
 """
@@ -62,6 +34,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from vector_quantize_pytorch import FSQ, LFQ
+
+from unif2ace.io import load_pretrained_state, save_pretrained
 
 
 @dataclass
@@ -162,8 +137,6 @@ class VQAutoencoder(nn.Module):
         ]
         self.decoder = nn.Sequential(*dec)
         if cfg.quantizer == "lfq":
-            from vector_quantize_pytorch import LFQ
-
             self.quantizer = LFQ(
                 dim=cfg.code_dim,
                 codebook_size=cfg.codebook_size,
@@ -172,8 +145,6 @@ class VQAutoencoder(nn.Module):
                 channel_first=True,
             )
         elif cfg.quantizer == "fsq":
-            from vector_quantize_pytorch import FSQ
-
             self.quantizer = FSQ(levels=list(cfg.fsq_levels), dim=cfg.code_dim, channel_first=True)
         else:
             raise ValueError(f"quantizer must be 'lfq' or 'fsq', got {cfg.quantizer!r}")
@@ -214,14 +185,10 @@ class VQAutoencoder(nn.Module):
 
     # --- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, folder) -> None:
-        from unif2ace.data.io import save_pretrained
-
         save_pretrained(folder, self, {"model_type": "unif2ace-vq", **self.config.to_dict()})
 
     @classmethod
     def from_pretrained(cls, folder) -> VQAutoencoder:
-        from unif2ace.data.io import load_pretrained_state
-
         state, config = load_pretrained_state(folder)
         model = cls(VQConfig.from_dict(config))
         model.load_state_dict(state)

@@ -19,9 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+import statistics
+import time
 from pathlib import Path
 
+import torch
+
+from unif2ace.io import atomic_write_json
 from unif2ace.models import ModelConfig, UniF2ace, collate, get_config
+from unif2ace.pipeline.assets import Assets
+from unif2ace.pipeline.model_data import UnifiedDataset, prepare_split
+from unif2ace.train.checkpoint import load_checkpoint
 from unif2ace.train.config import (
     TrainConfig,
     _unknown_key,
@@ -29,11 +39,16 @@ from unif2ace.train.config import (
     merge_dataclass,
     read_yaml,
 )
+from unif2ace.train.trainer import train
 
 SECTIONS = ("model", "train", "data")
 # per image: two text->image rows, a caption row, and one row holding up to 8 of its questions
-DATA_DEFAULTS = {"vqa_per_image": 8, "vqa_turns": 8, "t2i_per_image": 2,
-                 "tasks": ["t2i", "caption", "vqa"]}
+DATA_DEFAULTS = {
+    "vqa_per_image": 8,
+    "vqa_turns": 8,
+    "t2i_per_image": 2,
+    "tasks": ["t2i", "caption", "vqa"],
+}
 
 
 def read_recipe(path=None, overrides: list[str] | None = None) -> dict[str, dict]:
@@ -70,11 +85,6 @@ def train_config(section: dict, out: Path) -> TrainConfig:
 
 def _time_step(model, dataset, cfg, tcfg, reps: int = 3) -> float:
     """Median seconds of a training step (forward + backward, AdamW excluded: it is small)."""
-    import statistics
-    import time
-
-    import torch
-
     n = max(1, tcfg.batch_size // tcfg.grad_accum)
     g = torch.Generator().manual_seed(0)
     times = []
@@ -93,20 +103,11 @@ def _loss(seed: int, model, batch, step):
     return model(batch, loss=True, step=step, seed=seed)
 
 
-def train_unified(root, recipe: dict[str, dict], *, out=None, progress: bool = True,
-                  stop_after: int | None = None) -> dict:  # fmt: skip
+def train_unified(
+    root, recipe: dict[str, dict], *, out=None, progress: bool = True, stop_after: int | None = None
+) -> dict:
     """Train on ``root``'s SynthFace train split; the model goes to ``out`` (default
     ``root/model``), checkpoints and logs to ``out/train``. Resumes from the last checkpoint."""
-    import json
-    import os
-
-    import torch
-
-    from unif2ace.data.io import atomic_write_json
-    from unif2ace.pipeline import Assets, UnifiedDataset, prepare_split
-    from unif2ace.train.checkpoint import load_checkpoint
-    from unif2ace.train.trainer import train
-
     root = Path(root)
     out = Path(out or root / "model")
     assets = Assets(root)
@@ -116,10 +117,14 @@ def train_unified(root, recipe: dict[str, dict], *, out=None, progress: bool = T
     tcfg = train_config(tsec, out / "train")
     data = {**DATA_DEFAULTS, **recipe.get("data", {})}
     split = prepare_split(assets, "train", progress=progress)
-    dataset = UnifiedDataset(split, assets.tokenizer, vqa_per_image=data["vqa_per_image"],
-                             tasks=tuple(data["tasks"]),
-                             t2i_per_image=int(data["t2i_per_image"]),
-                             vqa_turns=int(data["vqa_turns"]))  # fmt: skip
+    dataset = UnifiedDataset(
+        split,
+        assets.tokenizer,
+        vqa_per_image=data["vqa_per_image"],
+        tasks=tuple(data["tasks"]),
+        t2i_per_image=int(data["t2i_per_image"]),
+        vqa_turns=int(data["vqa_turns"]),
+    )
     # the initial weights come from train.seed: torch seeds its default generator at random in
     # every process, and FSDP2 ranks must start from the same model (DDP would broadcast rank 0's)
     torch.manual_seed(tcfg.seed)
@@ -134,10 +139,18 @@ def train_unified(root, recipe: dict[str, dict], *, out=None, progress: bool = T
         else:
             sec = _time_step(model, dataset, cfg, tcfg)
             tcfg.steps = max(1, int(float(budget) * 60 / sec))
-            atomic_write_json(steps_file, {"steps": tcfg.steps, "seconds_per_step": sec,
-                                           "max_minutes": budget})  # fmt: skip
-    res = train(model, dataset, functools.partial(collate, cfg), functools.partial(_loss, tcfg.seed),
-                tcfg, model_config=cfg.to_dict(), stop_after=stop_after)  # fmt: skip
+            atomic_write_json(
+                steps_file, {"steps": tcfg.steps, "seconds_per_step": sec, "max_minutes": budget}
+            )
+    res = train(
+        model,
+        dataset,
+        functools.partial(collate, cfg),
+        functools.partial(_loss, tcfg.seed),
+        tcfg,
+        model_config=cfg.to_dict(),
+        stop_after=stop_after,
+    )
     # the final checkpoint holds the full weights (rank 0 writes it, also under FSDP2)
     if int(os.environ.get("RANK", "0")) == 0 and res.get("step", 0) >= tcfg.steps:
         final = UniF2ace(cfg)

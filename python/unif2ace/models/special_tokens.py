@@ -1,5 +1,5 @@
 """The special tokens of the unified model, in one place (the text tokenizer and the model layer
-both import them from here).
+both import them from here; the data layer imports the model layer, never the reverse).
 
 Show-o's layout: a text prompt, then ``<|soi|>`` image tokens ``<|eoi|>``; a task token in front says
 what the sequence is for (``<|t2i|>`` text-to-image generation, ``<|mmu|>`` multimodal

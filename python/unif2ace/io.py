@@ -1,5 +1,5 @@
-"""Atomic file writing and the safetensors + config.json checkpoint format used by the image
-tokenizer, the encoders and the judge.
+"""Atomic file writing and the safetensors + config.json checkpoint format used by the model, the
+image tokenizer, the encoders and the judge (a base module: every layer may import it).
 
 Every file is written to ``<name>.tmp.<pid>`` in the same folder and moved into place with
 ``os.replace`` (atomic on POSIX), so a killed run leaves either the old file or the new one, never
@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save
 
 
 def atomic_write_bytes(path, data: bytes) -> None:
@@ -40,8 +41,6 @@ def atomic_torch_save(obj, path) -> None:
 
 def save_pretrained(folder, module: torch.nn.Module, config: dict) -> None:
     """``folder/model.safetensors`` + ``folder/config.json``, each written atomically."""
-    from safetensors.torch import save
-
     folder = Path(folder)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     atomic_write_bytes(folder / "model.safetensors", save(state))
@@ -50,8 +49,6 @@ def save_pretrained(folder, module: torch.nn.Module, config: dict) -> None:
 
 def load_pretrained_state(folder) -> tuple[dict, dict]:
     """(state_dict, config) from a folder written by :func:`save_pretrained`."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     for name in ("config.json", "model.safetensors"):
         if not (folder / name).is_file():
