@@ -17,9 +17,9 @@ from unif2ace.ops import (
     d3diff_weights,
     schedule,
 )
-from unif2ace.ops.d3diff_loss import _ROWS
 
 IGNORE = -100
+KERNEL = "d3diff_loss.fwd"
 # Relative-error bounds ‖out − ref‖/‖ref‖ per dtype. fp32: accumulation-order noise. bf16/fp16:
 # the gradient is stored in the logits' dtype (≈ 2^-9 / 2^-12 relative rounding per element).
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -44,9 +44,15 @@ def make_logits(N, K, dtype, device, strided=False, scale=3.0):
 def ref_loss_and_grad(logits, targets, ratio, w_ce, w_se, alpha, reduction, upstream):
     z = logits.detach().double().cpu().requires_grad_(True)
     loss = d3diff_loss_ref(
-        z, targets.cpu(), ratio.double().cpu(), w_ce.double().cpu(), w_se.double().cpu(), alpha,
-        IGNORE, reduction,
-    )  # fmt: skip
+        z,
+        targets.cpu(),
+        ratio.double().cpu(),
+        w_ce.double().cpu(),
+        w_se.double().cpu(),
+        alpha,
+        IGNORE,
+        reduction,
+    )
     (g,) = torch.autograd.grad(loss, z, upstream.double().cpu())
     return loss.detach(), g
 
@@ -60,7 +66,7 @@ def ref_loss_and_grad(logits, targets, ratio, w_ce, w_se, alpha, reduction, upst
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_fp64_reference(backend, N, K, dtype):
     if dtype != torch.float32 and backend == "triton" and _backend.triton_interpreted():
-        pytest.skip("the Triton interpreter's bf16 arithmetic is not trustworthy (DESIGN.md §2)")
+        pytest.skip("the Triton interpreter's bf16 arithmetic is not trustworthy")
     if backend == "triton" and _backend.triton_interpreted() and N * K > 512 * 1013:
         pytest.skip("interpreter cost; the largest size runs compiled in the GPU suite")
     dev = device_for(backend)
@@ -136,13 +142,26 @@ def test_sedd_score_entropy_term_by_term(backend):
     x0 = torch.randint(0, K, (N,), device=dev)
     sedd = sv.dsigma * sedd_absorbing_score_entropy(z.double().cpu(), sv.sigma, x0.cpu())
     ours = d3diff_loss(
-        z, x0, sv.ratio.float().to(dev), torch.zeros(N, device=dev), sv.dsigma.float().to(dev),
-        1.0, reduction="none", backend=backend,
-    )  # fmt: skip
+        z,
+        x0,
+        sv.ratio.float().to(dev),
+        torch.zeros(N, device=dev),
+        sv.dsigma.float().to(dev),
+        1.0,
+        reduction="none",
+        backend=backend,
+    )
     assert rel_err(ours, sedd) < 1e-5
     # the reference itself, in fp64, term by term (no fp32 rounding)
-    ref = d3diff_loss_ref(z.double().cpu(), x0.cpu(), sv.ratio, torch.zeros(N, dtype=torch.float64),
-                          sv.dsigma, 1.0, reduction="none")  # fmt: skip
+    ref = d3diff_loss_ref(
+        z.double().cpu(),
+        x0.cpu(),
+        sv.ratio,
+        torch.zeros(N, dtype=torch.float64),
+        sv.dsigma,
+        1.0,
+        reduction="none",
+    )
     torch.testing.assert_close(ref, sedd, rtol=1e-10, atol=1e-10)
     assert (ours >= -1e-4).all()  # score entropy is non-negative
 
@@ -160,12 +179,20 @@ def test_launcher_poisoned_outputs_inplace_and_scale(backend, inplace, scaled):
     targets, ratio, w_ce, w_se = make_rows(N, K, dev)
     scale = torch.randn(N, device=dev) if scaled else None
     ref_loss, gref = ref_loss_and_grad(
-        logits, targets, ratio, w_ce, w_se, 0.3, "none",
+        logits,
+        targets,
+        ratio,
+        w_ce,
+        w_se,
+        0.3,
+        "none",
         scale if scaled else torch.ones(N, device=dev),
-    )  # fmt: skip
+    )
     loss = torch.full((N,), float("nan"), device=dev)
     grad = logits if inplace else torch.full_like(logits, float("nan"))
-    _ROWS[backend](logits, targets, ratio, w_ce, w_se, 0.3, IGNORE, loss, grad, scale)
+    _backend.launcher(KERNEL, backend)(
+        logits, targets, ratio, w_ce, w_se, 0.3, IGNORE, loss, grad, scale
+    )
     assert rel_err(loss, ref_loss) < TOL[torch.float32]
     assert rel_err(grad, gref) < TOL[torch.float32]
 
@@ -180,7 +207,9 @@ def test_launcher_out_of_range_target_gives_nan_row(backend):
     targets[2] = K + 7
     loss = torch.empty(N, device=dev)
     grad = torch.empty_like(logits)
-    _ROWS[backend](logits, targets, ratio, w_ce, w_se, 0.3, IGNORE, loss, grad, None)
+    _backend.launcher(KERNEL, backend)(
+        logits, targets, ratio, w_ce, w_se, 0.3, IGNORE, loss, grad, None
+    )
     assert torch.isnan(loss[2]) and torch.isnan(grad[2]).all()
     keep = torch.tensor([0, 1, 3, 4])
     assert torch.isfinite(loss[keep]).all() and torch.isfinite(grad[keep]).all()
@@ -208,9 +237,13 @@ def test_linear_loss_matches_fp64_reference(backend, N, D, K, chunk, bias, reduc
 
     ins64 = [t.detach().double().cpu().requires_grad_(True) for t in inputs]
     ref = d3diff_linear_loss_ref(
-        ins64[0], ins64[1], *[r.cpu() for r in rows], 0.5,
-        bias=ins64[2] if bias else None, reduction=reduction,
-    )  # fmt: skip
+        ins64[0],
+        ins64[1],
+        *[r.cpu() for r in rows],
+        0.5,
+        bias=ins64[2] if bias else None,
+        reduction=reduction,
+    )
     grefs = torch.autograd.grad(ref, ins64, upstream.double().cpu())
     assert rel_err(loss, ref) < 1e-5
     for g, gr in zip(grads, grefs):
@@ -244,18 +277,17 @@ def _opcheck_backends():
 
 @pytest.mark.parametrize("backend", _opcheck_backends())
 def test_opcheck(backend):
-    if backend == "torch":
-        pytest.skip("backend='torch' of d3diff_loss is the plain reference, not a custom op")
+    """The custom ops with every launcher (d3diff_loss(backend="torch") itself runs the
+    reference, but the torch launcher serves the custom ops all the same)."""
     dev = device_for(backend)
     N, K = 7, 33
     logits = make_logits(N, K, torch.float32, dev).requires_grad_(True)
-    rows = make_rows(N, K, dev)
+    rows = list(make_rows(N, K, dev))
+    args = (0.3, IGNORE, backend)
+    torch.library.opcheck(torch.ops.unif2ace.d3diff_loss_fwd.default, (logits, rows, *args, False))
+    grad_rows = torch.randn(N, device=dev)
     torch.library.opcheck(
-        torch.ops.unif2ace.d3diff_loss_fwd.default, (logits, *rows, 0.3, IGNORE, backend, False)
-    )
-    torch.library.opcheck(
-        torch.ops.unif2ace.d3diff_loss_bwd.default,
-        (logits.detach(), *rows, 0.3, IGNORE, backend, torch.randn(N, device=dev)),
+        torch.ops.unif2ace.d3diff_loss_bwd, (grad_rows, logits.detach(), rows, *args)
     )
 
 
@@ -264,15 +296,12 @@ def test_opcheck_linear(backend):
     dev = device_for(backend)
     N, D, K = 9, 8, 33
     h, W, b = torch.randn(N, D), torch.randn(K, D), torch.randn(K)
-    rows = make_rows(N, K, dev)
-    torch.library.opcheck(
-        torch.ops.unif2ace.d3diff_linear_loss_fwd.default,
-        (h, W, b, *rows, 0.3, IGNORE, 4, True, backend),
-    )
-    torch.library.opcheck(
-        torch.ops.unif2ace.d3diff_linear_loss_bwd.default,
-        (h, W, None, *rows, 0.3, IGNORE, 4, backend, torch.randn(N)),
-    )
+    rows = list(make_rows(N, K, dev))
+    args = (0.3, IGNORE, 4, backend, "d3diff_linear_loss")
+    op = torch.ops.unif2ace.d3diff_linear_loss.default
+    torch.library.opcheck(op, (h, W, b, True, None, rows, *args))  # forward, gradients kept
+    torch.library.opcheck(op, (h, W, b, False, None, rows, *args))  # forward, loss only
+    torch.library.opcheck(op, (h, W, None, True, torch.randn(N), rows, *args))  # backward
 
 
 @pytest.mark.parametrize("backend", [p for p in backend_params() if p.id == "cpu"])
@@ -319,8 +348,9 @@ def test_inplace_backward(backend):
     grads = []
     for inplace in (False, True):
         logits = h @ W.t()  # an intermediate: nothing else reads it after the loss
-        loss = d3diff_loss(logits, *rows, 0.3, reduction="none", inplace_backward=inplace,
-                           backend=backend)  # fmt: skip
+        loss = d3diff_loss(
+            logits, *rows, 0.3, reduction="none", inplace_backward=inplace, backend=backend
+        )
         (g,) = torch.autograd.grad(loss, h, torch.linspace(0.5, 1.5, N, device=dev))
         grads.append(g)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
@@ -344,7 +374,9 @@ def test_auto_and_default_backend():
     import unif2ace
 
     cpu = torch.device("cpu")
-    assert _backend.resolve("auto", cpu, "x") == ("cpu" if _backend.available("cpu", cpu) else "torch")
+    assert _backend.resolve("auto", cpu, "x") == (
+        "cpu" if _backend.available("cpu", cpu) else "torch"
+    )
     with unif2ace.use_backend("torch"):
         assert unif2ace.get_backend() == "torch"
         assert _backend.resolve(None, cpu, "x") == "torch"
@@ -353,6 +385,12 @@ def test_auto_and_default_backend():
         unif2ace.set_backend("fastest")
     with pytest.raises(RuntimeError, match="not available"):
         _backend.resolve("cuda", cpu, "d3diff_loss")
+
+
+def test_every_backend_registers_the_row_kernel():
+    assert _backend.implemented(KERNEL) == ("torch", "cpu", "triton", "cuda")
+    with pytest.raises(RuntimeError, match="no 'auto' launcher"):
+        _backend.launcher(KERNEL, "auto")
 
 
 # ---- bad input: one test per rule ----------------------------------------------------------------
@@ -396,33 +434,6 @@ class TestBadInput:
         with pytest.raises(ValueError, match="targets is on meta but the input is on cpu"):
             d3diff_loss(z, t.to("meta"), r, wc, ws, backend=backend)
 
-    def test_target_too_large(self, backend):
-        z, t, r, wc, ws = _good()
-        t[1] = 10
-        with pytest.raises(ValueError, match=r"targets has 1 entries outside \[0, 10\) or -100"):
-            d3diff_loss(z, t, r, wc, ws, backend=backend)
-
-    def test_target_negative(self, backend):
-        z, t, r, wc, ws = _good()
-        t[2] = -1
-        with pytest.raises(ValueError, match="outside"):
-            d3diff_loss(z, t, r, wc, ws, backend=backend)
-
-    def test_ratio_not_finite(self, backend):
-        z, t, r, wc, ws = _good()
-        r[0] = float("inf")
-        with pytest.raises(ValueError, match="ratio has non-finite entries"):
-            d3diff_loss(z, t, r, wc, ws, backend=backend)
-        r[0] = float("nan")
-        with pytest.raises(ValueError, match="ratio has non-finite entries"):
-            d3diff_loss(z, t, r, wc, ws, backend=backend)
-
-    def test_ratio_negative(self, backend):
-        z, t, r, wc, ws = _good()
-        r[0] = -0.5
-        with pytest.raises(ValueError, match="ratio must be >= 0"):
-            d3diff_loss(z, t, r, wc, ws, backend=backend)
-
     def test_k_zero(self, backend):
         z, t, r, wc, ws = _good()
         with pytest.raises(ValueError, match="K = 0"):
@@ -449,6 +460,26 @@ class TestBadInput:
         t[0] = 10
         with pytest.raises(ValueError, match="outside"):
             d3diff_linear_loss(h, W, t, r, wc, ws, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize(
+    "arg,row,value,message",
+    [
+        (1, 1, 10, r"targets has 1 entries outside \[0, 10\) or -100"),
+        (1, 2, -1, "outside"),
+        (2, 0, float("inf"), "ratio has non-finite entries"),
+        (2, 0, float("nan"), "ratio has non-finite entries"),
+        (2, 0, -0.5, "ratio must be >= 0"),
+    ],
+    ids=["target_too_large", "target_negative", "ratio_inf", "ratio_nan", "ratio_negative"],
+)
+def test_bad_values(backend, arg, row, value, message):
+    """The value rules: inputs[arg][row] = value is refused with that message."""
+    inputs = list(_good())
+    inputs[arg][row] = value
+    with pytest.raises(ValueError, match=message):
+        d3diff_loss(*inputs, backend=backend)
 
 
 def test_unknown_backend_name():

@@ -1,4 +1,4 @@
-"""The model layer: omni-attention against its masked reference, the MoE levels, the loss on every
+"""The model layer: the omni-attention kernel inside the model, the MoE levels, the loss on every
 backend, causality, save/load, sampling and bad input."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import torch
 from model_data import examples, small_cfg
 from unif2ace import _backend, use_backend
 from unif2ace.models import Example, UniF2ace, collate, get_config, parameter_count
-from unif2ace.models.attention import omni_attention, omni_attention_ref, uniform_image_span
 from unif2ace.models.layout import TASK_MMU, TASK_T2I
 from unif2ace.models.sampling import generate_images, generate_text
 
@@ -17,71 +16,6 @@ from unif2ace.models.sampling import generate_images, generate_text
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-# ------------------------------------------------------------------------------------------------
-# omni-attention
-
-
-def _qkv(B, H, L, Dh, dtype=torch.float64):
-    return (torch.randn(B, H, L, Dh, dtype=dtype) for _ in range(3))
-
-
-@pytest.mark.parametrize("L,s,e", [(1, 0, 0), (37, 5, 21), (64, 0, 64), (19, 18, 19), (40, 3, 3)])
-@pytest.mark.parametrize("impl", ["auto", "split", "masked"])
-def test_omni_attention_uniform_span(L, s, e, impl):
-    q, k, v = _qkv(3, 2, L, 16)
-    is_img = torch.zeros(3, L, dtype=torch.bool)
-    is_img[:, s:e] = True
-    ref = omni_attention_ref(q, k, v, is_img)
-    out = omni_attention(q, k, v, is_img, impl=impl)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    assert uniform_image_span(is_img) == ((s, e) if e > s else (0, 0))
-
-
-def test_omni_attention_mixed_layouts_and_padding():
-    B, L = 4, 29
-    q, k, v = _qkv(B, 3, L, 8)
-    is_img = torch.zeros(B, L, dtype=torch.bool)
-    valid = torch.ones(B, L, dtype=torch.bool)
-    is_img[0, 2:12] = True  # mmu
-    valid[0, 20:] = False  # right padding
-    is_img[1, 15:27] = True  # t2i, left padding
-    valid[1, :4] = False
-    valid[3, 10:] = False  # text only, padded
-    assert uniform_image_span(is_img) is None
-    ref = omni_attention_ref(q, k, v, is_img, valid)
-    out = omni_attention(q, k, v, is_img, valid)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    with pytest.raises(ValueError, match="split"):
-        omni_attention(q, k, v, is_img, valid, impl="split")
-
-
-def test_omni_attention_rule():
-    """Image tokens see their whole image; text sees only the past."""
-    L = 10
-    q, k, v = _qkv(1, 1, L, 4)
-    is_img = torch.zeros(1, L, dtype=torch.bool)
-    is_img[0, 2:6] = True
-    base = omni_attention(q, k, v, is_img)
-    v2 = v.clone()
-    v2[0, 0, 5] += 1.0  # the last image token
-    out = omni_attention(q, k, v2, is_img)
-    changed = (out - base).abs().sum(-1)[0, 0] > 0
-    assert changed.tolist() == [False, False, True, True, True, True, True, True, True, True]
-
-
-@pytest.mark.gpu
-def test_omni_attention_flash_split():
-    pytest.importorskip("flash_attn")
-    if not torch.cuda.is_available():
-        pytest.skip("CUDA needed")
-    q, k, v = (x.cuda().to(torch.bfloat16) for x in _qkv(2, 4, 300, 64, torch.float32))
-    is_img = torch.zeros(2, 300, dtype=torch.bool, device="cuda")
-    is_img[:, 40:296] = True
-    ref = omni_attention_ref(q.double(), k.double(), v.double(), is_img)
-    out = omni_attention(q, k, v, is_img)
-    assert (out.double() - ref).norm() / ref.norm() < 1e-2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,14 +164,14 @@ def test_loss_and_gradients_match_the_torch_backend(backend, experts):
 
 @pytest.mark.skipif(_backend.cpu_ext() is None, reason="C++ CPU kernels not built")
 def test_attention_kernel_in_the_model_matches_the_torch_backend(monkeypatch):
-    """At a head size the C++ omni-attention kernel takes (16), the engine's layers run it with
-    the rotary embedding inside, and the loss and every gradient equal the torch backend's (SDPA
-    with the boolean mask, rotary in PyTorch)."""
-    import unif2ace.ops.attention as attention_op
-
-    calls = []
-    fwd = attention_op._omni_fwd
-    monkeypatch.setattr(attention_op, "_omni_fwd", lambda *a: (calls.append(1), fwd(*a))[1])
+    """Every layer calls ops.omni_attention: at a head size the C++ kernel takes (16) the engine's
+    layers run it with the rotary embedding inside, and the loss and every gradient equal the
+    torch backend's (SDPA with the boolean mask, rotary in PyTorch)."""
+    calls = {"torch": [], "cpu": []}
+    for kernel, backend in (("attention.omni", "torch"), ("attention.omni_fwd", "cpu")):
+        fn = _backend.launcher(kernel, backend)
+        wrapped = lambda *a, fn=fn, log=calls[backend]: (log.append(1), fn(*a))[1]  # noqa: E731
+        monkeypatch.setitem(_backend._LAUNCHERS[kernel], backend, wrapped)
     cfg = small_cfg(n_heads=2, noise_std=0.0)
     assert cfg.head_dim == 16
     model = UniF2ace(cfg)
@@ -249,7 +183,7 @@ def test_attention_kernel_in_the_model_matches_the_torch_backend(monkeypatch):
             loss, _ = model.loss(batch, step=5, seed=2)
             loss.backward()
         grads[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    assert len(calls) == cfg.n_layers  # the cpu pass only
+    assert len(calls["torch"]) == len(calls["cpu"]) == cfg.n_layers
     (l0, g0), (l1, g1) = grads["torch"], grads["cpu"]
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
     for n in g0:
@@ -276,7 +210,7 @@ def test_a_conversation_row_learns_every_answer_and_keeps_the_first_turn():
     """Extra (question, answer) turns: targets on each answer and its <|endoftext|>, nothing else;
     the first turn's logits are those of the single-turn row (text is causal); rows stop at a turn
     boundary before outgrowing ``max_seq_len``."""
-    from unif2ace.data import special_tokens as st
+    from unif2ace.models import special_tokens as st
 
     cfg = small_cfg()
     model = UniF2ace(cfg).eval()

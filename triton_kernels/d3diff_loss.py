@@ -1,4 +1,4 @@
-"""Triton kernels of the D3Diff score-matching loss (shared/DESIGN.md §4).
+"""Triton kernels of the D3Diff score-matching loss.
 
 For one row of logits z[0..K), clean target x0 and ratio a >= 0 (LSE = log sum_y e^{z_y}):
 
@@ -8,8 +8,9 @@ For one row of logits z[0..K), clean target x0 and ratio a >= 0 (LSE = log sum_y
     l  = w_ce * CE + alpha * w_se * SE                     (the SE term is 0 when alpha * w_se == 0)
     dl/dz_y = w_ce * p_y + alpha * w_se * a * e^{z_y - log K} - (w_ce + alpha * w_se * a) * [y == x0]
 
-with p = softmax(z). csrc/include/unif2ace/d3diff_math.h holds the same math in C++; the public op
-lives in ``unif2ace.ops`` and calls :func:`d3diff_loss_fwd` here.
+with p = softmax(z). csrc/include/unif2ace/d3diff_math.h holds the same math in C++; the public
+ops live in ``unif2ace.ops.d3diff_loss``, whose "triton" launcher (``_triton.py``) calls
+:func:`d3diff_loss_fwd` here.
 
 Two kernel designs, picked by :func:`_pick_config`:
 
@@ -26,10 +27,9 @@ Launch configurations are data (:class:`D3DiffConfig`, :func:`_pick_config`); :f
 lists every configuration the launcher can pick and :func:`aot_specs` turns them into ahead-of-time
 compile jobs (``unif2ace.triton_kernels.aot``, tests/test_triton_aot.py).
 
-None of the block sizes below has been timed on a GPU yet (no GPU on the machines that wrote them);
-they follow the usual rules (16-byte vector loads, 32 bytes of a row per thread per step, split-K
-until there are ~2 programs per SM) and compile for sm_80/sm_90 without spills
-(tests/test_triton_aot.py records registers).
+The block sizes below follow the usual rules (16-byte vector loads, 32 bytes of a row per thread
+per step, split-K until there are ~2 programs per SM) and compile for sm_80/sm_90 without spills
+(tests/test_triton_aot.py records registers); benchmarks/bench_d3diff_loss.py times them.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class D3DiffConfig:
 # [1, 8]. Larger blocks would only add registers: the online softmax keeps a running (max, sum)
 # per lane, so the loop has no cross-warp reduction to amortise (unlike the max/sum-per-block
 # form, which wants whole rows in one block). 16 fp32 values per thread on 2 or 4 warps spilled
-# 4 bytes on sm_80 (56 registers, ptxas 12.9 shipped with triton 3.9).
+# registers on sm_80.
 _ROW_MIN_BLOCK = 128
 _ROW_BYTES_PER_THREAD = 32
 _ROW_BYTES_PER_STEP = 8192
@@ -75,8 +75,8 @@ _ROW_BYTES_PER_STEP = 8192
 # Split-K: smaller programs (1024 columns, 4 warps, 8 values per thread) so a row spreads over
 # more SMs; every split gets at least _SPLIT_MIN_STEPS loop steps so the extra launch and the
 # partials stay cheap next to the streaming, and splits stop at _SPLIT_MAX (the combine loads
-# SPLITS partials per program). 2048 columns on 4 warps spilled 4 bytes in the split gradient
-# kernel on sm_80 with unaligned fp32 rows (48 registers, ptxas 12.9 shipped with triton 3.9).
+# SPLITS partials per program). 2048 columns on 4 warps spilled registers in the split gradient
+# kernel on sm_80 with unaligned fp32 rows.
 _SPLIT_BLOCK = 1024
 _SPLIT_WARPS = 4
 _SPLIT_MIN_STEPS = 2
@@ -85,7 +85,7 @@ _SPLIT_MAX = 64
 # program, too few loads in flight to hide DRAM latency. Splits are chosen so N * splits >= that.
 _SPLIT_BELOW_PROGRAMS_PER_SM = 2
 
-# Under TRITON_INTERPRET=1 each program instance costs ~1 ms of Python and a block is one numpy
+# Under TRITON_INTERPRET=1 each program instance is a Python call and a block is one numpy
 # array, so use whole rows (up to 16384 columns) per step and never split.
 _INTERPRET_MAX_BLOCK = 16384
 
@@ -194,15 +194,21 @@ def _expm1_minus_x(u):
 
 
 @triton.jit
-def _d3diff_finalize_row(m, s, zt, in_range, a, w_ce, w_se, alpha, log_k, scale):
+def _d3diff_finalize_row(
+    m, s, zt, in_range, row, ratio_ptr, w_ce_ptr, w_se_ptr, alpha, log_k, scale
+):
     """Row loss and gradient coefficients from the row's (max, sum exp, target logit).
 
+    Loads the row's a, w_ce and w_se; ``scale`` multiplies the gradient (1.0 without one).
     Returns (loss, base, c_x, c_t): the gradient of column y is
     ``e^{z_y - base} * c_x - c_t * [y == x0]``. That is w_ce*p_y + alpha*w_se*a*e^{z_y - log K}
     with a single exp per element: base = LSE when the SE term is off, else min(LSE, log K), so
     c_x = c_p*e^{base-LSE} + c_e*e^{base-log K} multiplies only factors <= 1 (no e^u overflow).
     A target outside [0, K) makes the loss and every coefficient NaN.
     """
+    a = tl.load(ratio_ptr + row)
+    w_ce = tl.load(w_ce_ptr + row)
+    w_se = tl.load(w_se_ptr + row)
     lse = m + tl.log(s)
     ce = lse - zt
     u = lse - log_k
@@ -304,15 +310,9 @@ def _d3diff_loss_fwd_kernel(
         # target never reads out of bounds.
         zt = tl.load(logits_row + tgt, mask=in_range, other=0.0).to(tl.float32)
         m, s = _d3diff_slice_stats(logits_row, 0, K, BLOCK_K)
-        a = tl.load(ratio_ptr + row)
-        w_ce = tl.load(w_ce_ptr + row)
-        w_se = tl.load(w_se_ptr + row)
-        if HAS_SCALE:
-            scale = tl.load(grad_scale_ptr + row)
-        else:
-            scale = 1.0
+        scale = tl.load(grad_scale_ptr + row) if HAS_SCALE else 1.0
         loss, base, c_x, c_t = _d3diff_finalize_row(
-            m, s, zt, in_range, a, w_ce, w_se, alpha, log_k, scale
+            m, s, zt, in_range, row, ratio_ptr, w_ce_ptr, w_se_ptr, alpha, log_k, scale
         )
         tl.store(loss_ptr + row, loss)
         if HAS_GRAD:
@@ -395,15 +395,9 @@ def _d3diff_loss_split_grad_kernel(
         m = tl.max(pm, axis=0)
         s = tl.sum(ps * tl.exp(pm - m), axis=0)
         zt = tl.load(target_logit_ptr + row, mask=in_range, other=0.0)
-        a = tl.load(ratio_ptr + row)
-        w_ce = tl.load(w_ce_ptr + row)
-        w_se = tl.load(w_se_ptr + row)
-        if HAS_SCALE:
-            scale = tl.load(grad_scale_ptr + row)
-        else:
-            scale = 1.0
+        scale = tl.load(grad_scale_ptr + row) if HAS_SCALE else 1.0
         loss, base, c_x, c_t = _d3diff_finalize_row(
-            m, s, zt, in_range, a, w_ce, w_se, alpha, log_k, scale
+            m, s, zt, in_range, row, ratio_ptr, w_ce_ptr, w_se_ptr, alpha, log_k, scale
         )
         if split == 0:
             tl.store(loss_ptr + row, loss)
@@ -509,32 +503,26 @@ def d3diff_loss_fwd(
     ignore_index = int(ignore_index)
     compile_opts = {} if interpret else {"enable_fp_fusion": True}
 
+    # The leading arguments of the row kernel and of the split gradient kernel, in their order.
+    io = (logits, stride_logits, targets, ratio, w_ce, w_se, scale_arg, loss, grad_arg, stride_grad)
+    opts = dict(BLOCK_K=config.block_k, num_warps=config.num_warps, **compile_opts)
+    flags = dict(HAS_GRAD=has_grad, HAS_SCALE=has_scale, **opts)
     if config.splits == 1:
-        _d3diff_loss_fwd_kernel[(N,)](
-            logits, stride_logits, targets, ratio, w_ce, w_se, scale_arg, loss,
-            grad_arg, stride_grad, K, log_k, alpha, ignore_index,
-            HAS_GRAD=has_grad, HAS_SCALE=has_scale, BLOCK_K=config.block_k,
-            num_warps=config.num_warps, **compile_opts,
-        )  # fmt: skip
+        _d3diff_loss_fwd_kernel[(N,)](*io, K, log_k, alpha, ignore_index, **flags)
         return
 
-    splits, block = config.splits, config.block_k
+    splits = config.splits
     chunk = _split_chunk(K, splits)
     part_max = torch.empty((N, splits), dtype=torch.float32, device=logits.device)
     part_sum = torch.empty((N, splits), dtype=torch.float32, device=logits.device)
     target_logit = torch.empty((N,), dtype=torch.float32, device=logits.device)
+    parts = (part_max, part_sum, target_logit)
     _d3diff_loss_partial_kernel[(N, splits)](
-        logits, stride_logits, targets, part_max, part_sum, target_logit,
-        K, chunk, splits, ignore_index,
-        BLOCK_K=block, num_warps=config.num_warps, **compile_opts,
-    )  # fmt: skip
+        logits, stride_logits, targets, *parts, K, chunk, splits, ignore_index, **opts
+    )
     _d3diff_loss_split_grad_kernel[(N, splits if has_grad else 1)](
-        logits, stride_logits, targets, ratio, w_ce, w_se, scale_arg, loss,
-        grad_arg, stride_grad, part_max, part_sum, target_logit,
-        K, chunk, log_k, alpha, ignore_index,
-        HAS_GRAD=has_grad, HAS_SCALE=has_scale, SPLITS=splits, BLOCK_K=block,
-        num_warps=config.num_warps, **compile_opts,
-    )  # fmt: skip
+        *io, *parts, K, chunk, log_k, alpha, ignore_index, SPLITS=splits, **flags
+    )
 
 
 # -----------------------------------------------------------------------------------------------
@@ -547,11 +535,19 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "
 def _signature(kernel, x: str) -> dict[str, str]:
     """Triton types of ``kernel``'s arguments as the launcher passes them; x: the logits type."""
     types = {
-        "logits_ptr": x, "grad_ptr": x, "targets_ptr": "*i64", "log_k": "fp32", "alpha": "fp32",
+        "logits_ptr": x,
+        "grad_ptr": x,
+        "targets_ptr": "*i64",
+        "log_k": "fp32",
+        "alpha": "fp32",
         # Python ints below 2^31 are passed as i32 (strides, K, chunk, ignore_index).
-        "stride_logits": "i32", "stride_grad": "i32", "K": "i32", "chunk": "i32",
-        "num_splits": "i32", "ignore_index": "i32",
-    }  # fmt: skip
+        "stride_logits": "i32",
+        "stride_grad": "i32",
+        "K": "i32",
+        "chunk": "i32",
+        "num_splits": "i32",
+        "ignore_index": "i32",
+    }
     # Every other argument is a pointer to an fp32 [N] vector or workspace. kernel.fn: the Python
     # function under both the JIT and the interpreter wrapper.
     params = inspect.signature(kernel.fn).parameters.values()
@@ -565,10 +561,22 @@ def _signature(kernel, x: str) -> dict[str, str]:
 # aligned): every pointer, both row strides, K and chunk divisible by 16. Unaligned: the logits
 # and grad pointers and strides lose it (a column range of a wider vocab at an odd column).
 _ALIGNED_ARGS = (
-    "logits_ptr", "targets_ptr", "ratio_ptr", "w_ce_ptr", "w_se_ptr", "grad_scale_ptr",
-    "loss_ptr", "grad_ptr", "part_max_ptr", "part_sum_ptr", "target_logit_ptr",
-    "stride_logits", "stride_grad", "K", "chunk",
-)  # fmt: skip
+    "logits_ptr",
+    "targets_ptr",
+    "ratio_ptr",
+    "w_ce_ptr",
+    "w_se_ptr",
+    "grad_scale_ptr",
+    "loss_ptr",
+    "grad_ptr",
+    "part_max_ptr",
+    "part_sum_ptr",
+    "target_logit_ptr",
+    "stride_logits",
+    "stride_grad",
+    "K",
+    "chunk",
+)
 _UNALIGNED_ARGS = tuple(
     a for a in _ALIGNED_ARGS if a not in ("logits_ptr", "grad_ptr", "stride_logits", "stride_grad")
 )
@@ -601,9 +609,13 @@ def aot_specs(full: bool = False):
             seen.add((dt, cfg.block_k, cfg.num_warps, aligned))  # independent of the split count
             kern = _d3diff_loss_partial_kernel
             yield AotSpec(
-                name=f"{kern.__name__}[{tag}]", kernel=kern, signature=_signature(kern, "*" + dt),
-                constexprs={"BLOCK_K": cfg.block_k}, meta=dict(meta, splits=cfg.splits), **common,
-            )  # fmt: skip
+                name=f"{kern.__name__}[{tag}]",
+                kernel=kern,
+                signature=_signature(kern, "*" + dt),
+                constexprs={"BLOCK_K": cfg.block_k},
+                meta=dict(meta, splits=cfg.splits),
+                **common,
+            )
         for has_grad, has_scale in flag_sets:
             constexprs = {"HAS_GRAD": has_grad, "HAS_SCALE": has_scale, "BLOCK_K": cfg.block_k}
             name = f"{tag}-g{int(has_grad)}s{int(has_scale)}"
@@ -614,6 +626,10 @@ def aot_specs(full: bool = False):
                 constexprs["SPLITS"] = cfg.splits
                 name = f"{tag}-s{cfg.splits}-g{int(has_grad)}s{int(has_scale)}"
             yield AotSpec(
-                name=f"{kern.__name__}[{name}]", kernel=kern, signature=_signature(kern, "*" + dt),
-                constexprs=constexprs, meta=dict(meta, splits=cfg.splits), **common,
-            )  # fmt: skip
+                name=f"{kern.__name__}[{name}]",
+                kernel=kern,
+                signature=_signature(kern, "*" + dt),
+                constexprs=constexprs,
+                meta=dict(meta, splits=cfg.splits),
+                **common,
+            )

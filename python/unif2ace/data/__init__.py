@@ -5,22 +5,18 @@
 - :mod:`unif2ace.data.readers` — caption / VQA / attribute records (JSON lines, JSON, Parquet)
 - :mod:`unif2ace.data.text_tokenizer` — byte-level BPE (``TextTokenizer``)
 
-The special tokens belong to the model's vocabulary (:mod:`unif2ace.models.special_tokens`);
-``unif2ace.data.special_tokens`` and ``SPECIAL_TOKENS`` stay importable from here.
+The special tokens belong to the model's vocabulary: :mod:`unif2ace.models.special_tokens`.
 """
 
 from unif2ace.data.readers import FieldMap, ReadStats, RecordError, load_split, read_records
 from unif2ace.data.synthface import SynthFaceConfig, draw_arrays, draw_image, generate
 from unif2ace.data.taxonomy import CATEGORIES, CATEGORY_NAMES, NUM_VALUES
 from unif2ace.data.text_tokenizer import TextTokenizer
-from unif2ace.models import special_tokens
-from unif2ace.models.special_tokens import SPECIAL_TOKENS
 
 __all__ = [
     "CATEGORIES",
     "CATEGORY_NAMES",
     "NUM_VALUES",
-    "SPECIAL_TOKENS",
     "FieldMap",
     "ReadStats",
     "RecordError",
@@ -31,5 +27,4 @@ __all__ = [
     "generate",
     "load_split",
     "read_records",
-    "special_tokens",
 ]

@@ -11,8 +11,9 @@ Losses (:meth:`UniF2ace.loss`): ``L = L_mmu + L_D3Diff + balance``
   :func:`~unif2ace.ops.d3diff_linear_loss` over the image rows of the LM head on the masked
   positions (the logits are never materialised). ``alpha = 0`` is Show-o's mask-only loss;
   ``w_ce = 0, alpha = 1`` is SEDD's score entropy alone.
-* ``L_mmu``: next-token cross-entropy on the answer / caption tokens through the same fused op
-  (``w_se = 0``: plain CE) over the text rows of the head.
+* ``L_mmu``: next-token cross-entropy on the answer / caption tokens by
+  :func:`~unif2ace.ops.fused_linear_cross_entropy` (the same fused kernel, α = 0) over the text
+  rows of the head.
 * the balance losses of both MoE levels.
 
 The loss is a mean over sequences of per-sequence losses (each the mean over its masked image
@@ -30,7 +31,8 @@ import torch
 import torch.nn as nn
 
 from unif2ace import ops
-from unif2ace.data import special_tokens as st
+from unif2ace.io import load_pretrained_state, save_pretrained
+from unif2ace.models import special_tokens as st
 from unif2ace.models.attention import Attention
 from unif2ace.models.config import ModelConfig
 from unif2ace.models.layout import TASK_T2I, positions_of
@@ -291,10 +293,9 @@ class UniF2ace(nn.Module):
         if bool(sel.any()):
             w, bias = self.head_rows("text")
             n_ans = sel.sum(1).float()  # [B] answer tokens per row
+            # each row's mean over its answer tokens, averaged over the batch's B rows
             row_w = (1.0 / (n_ans.clamp(min=1) * B))[sel.nonzero()[:, 0]]
-            ones = torch.ones_like(row_w)
-            loss_mmu = ops.d3diff_linear_loss(h[sel], w, tgt[sel], ones, row_w, ones * 0, 0.0,
-                                              bias=bias)  # fmt: skip
+            loss_mmu = ops.fused_linear_cross_entropy(h[sel], w, tgt[sel], row_w, bias=bias)
             parts["loss_mmu"] = float(loss_mmu.detach()) * B / int((n_ans > 0).sum())
         loss = loss_t2i + loss_mmu + aux
         parts["loss"] = float(loss.detach())
@@ -311,16 +312,12 @@ class UniF2ace(nn.Module):
 
     # --- save / load ---------------------------------------------------------------------------
     def save_pretrained(self, folder) -> None:
-        from unif2ace.data.io import save_pretrained
-
         save_pretrained(folder, self, {"model_type": "unif2ace", **self.config.to_dict()})
 
     @classmethod
     def from_pretrained(cls, folder, expect: ModelConfig | None = None) -> UniF2ace:
         """Load a folder written by :meth:`save_pretrained`. ``expect``: the config the caller
         requires; a checkpoint of another config raises instead of loading partially."""
-        from unif2ace.data.io import load_pretrained_state
-
         state, conf = load_pretrained_state(folder)
         if conf.pop("model_type", None) != "unif2ace":
             raise ValueError(f"{folder}: config.json is not a unif2ace model config")

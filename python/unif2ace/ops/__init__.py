@@ -1,12 +1,13 @@
 """Public ops of unif2ace. Every op takes ``backend=`` and has a plain-PyTorch ``*_ref`` oracle.
 
-D3Diff loss: :func:`d3diff_loss`, :func:`d3diff_linear_loss` (references ``*_ref``), with the
-noise schedules in :mod:`unif2ace.ops.schedules`.
+D3Diff loss (:mod:`unif2ace.ops.d3diff_loss`): :func:`d3diff_loss`, :func:`d3diff_linear_loss`
+and its α = 0 case :func:`fused_linear_cross_entropy` (references ``*_ref``), with the noise
+schedules in :mod:`unif2ace.ops.schedules`.
 
 Grouped MoE dispatch (:mod:`unif2ace.ops.moe`): :func:`moe_route`, :func:`moe_plan`,
 :func:`moe_permute`, :func:`moe_combine`, :func:`moe_mlp`, :func:`moe_shared_experts`,
 :func:`moe_balance_loss`, :func:`moe_z_loss`; the Hugging Face drop-in in
-:mod:`unif2ace.ops.moe_hf`.
+:mod:`unif2ace.ops.moe.hf`.
 
 Omni-attention (:mod:`unif2ace.ops.attention`): :func:`omni_attention` with per-query key limits
 (:func:`omni_limit` gives Show-o's), reference :func:`omni_attention_ref`.
@@ -17,11 +18,13 @@ Mask sampling: :func:`mask_tokens` (training-time masking), :func:`sample_times`
 
 from unif2ace.ops import schedules
 from unif2ace.ops.attention import omni_attention, omni_attention_ref, omni_limit
-from unif2ace.ops.d3diff_loss import (
+from unif2ace.ops.d3diff_loss import (  # D3Diff loss
     d3diff_linear_loss,
     d3diff_linear_loss_ref,
     d3diff_loss,
     d3diff_loss_ref,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_ref,
 )
 from unif2ace.ops.mask_sampling import (  # mask sampling
     mask_tokens,
@@ -55,6 +58,8 @@ __all__ = [
     "d3diff_loss",
     "d3diff_loss_ref",
     "d3diff_weights",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_ref",
     "mask_tokens",  # mask sampling
     "mask_tokens_ref",
     "maskgit_decode",

@@ -1,4 +1,4 @@
-"""Masking noise schedules for absorbing discrete diffusion (shared/DESIGN.md §4, §5).
+"""Masking noise schedules for absorbing discrete diffusion.
 
 A schedule maps time ``t ∈ [0, 1]`` to the masked fraction ``γ(t)`` (the probability a token is the
 mask token). With the SEDD total noise ``σ(t)`` defined by ``e^{-σ} = 1 − γ``:
@@ -15,6 +15,8 @@ Schedules (``t`` is clipped to ``[eps, 1 − eps]`` so that ``a`` and ``σ`` sta
 * ``"linear"``     γ = t                   (MDLM's linear masking)
 * ``"loglinear"``  σ = −log(1 − (1 − eps)·t), i.e. γ = (1 − eps)·t   (SEDD's log-linear schedule)
 
+Used by the D3Diff loss (:func:`d3diff_weights` gives its per-row weights) and by the MaskGIT
+decode loop (:func:`unif2ace.ops.maskgit_decode`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 SCHEDULES = ("cosine", "linear", "loglinear")
+DEFAULT_ALPHA = 0.01  # the D3Diff score-entropy weight: the UniF²ace paper's best
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,3 @@ def d3diff_weights(
     w_ce = torch.full_like(v.ratio, 1.0, dtype=torch.float32) / total
     w_se = v.dsigma.to(torch.float32) / total
     return v.ratio.to(torch.float32), w_ce, w_se
-
-
-DEFAULT_ALPHA = 0.01
