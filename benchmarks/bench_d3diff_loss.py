@@ -28,7 +28,7 @@ read + write pattern). Implementations that make more passes (e.g. backward scal
 gradient in place) show up as a lower fraction. ``linear``: 6·N·D·K FLOPs (logits, dh, dW),
 against a measured matmul in the same dtype.
 
-Run::
+Run (the same cases under pytest-benchmark: ``pytest benchmarks/ --benchmark-only -k d3diff``)::
 
     python benchmarks/bench_d3diff_loss.py --threads 2             # CPU, full sizes
     python benchmarks/bench_d3diff_loss.py --quick --out /tmp/b    # seconds
@@ -40,6 +40,7 @@ loss/gradients disagree with the baseline's).
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
@@ -48,23 +49,16 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*`; appended, so
 # the repo root never shadows an installed package (e.g. Triton's own `triton_kernels`)
-import unif2ace  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
+    Bench,
     Case,
+    CaseSpec,
     Provider,
-    Report,
     Target,
-    check_targets,
-    common_parser,
-    dtype_name,
-    exit_code,
-    machine_info,
-    measure_ceilings,
-    merge_ceilings,
-    pick_device,
-    run_case,
+    kernel_backends,
+    skip_reason,
 )
-from unif2ace import _backend  # noqa: E402
+from benchmarks.measure import dtype_name  # noqa: E402
 from unif2ace.ops import (  # noqa: E402
     d3diff_linear_loss,
     d3diff_linear_loss_ref,
@@ -73,11 +67,11 @@ from unif2ace.ops import (  # noqa: E402
     d3diff_weights,
 )
 
+KERNEL = "d3diff_loss.fwd"
 ALPHA = 0.01
 IGNORE_INDEX = -100
 IGNORE_FRACTION = 0.03
 SEQ_LEN = 256  # rows per sequence: one diffusion time per sequence, as in training
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Agreement with the baseline (‖x − x_ref‖ / ‖x_ref‖ over loss and every gradient). bf16: the
 # gradient is rounded to bf16 (rel. 2^-8 ≈ 4e-3 per element) by every provider, differently.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -105,22 +99,6 @@ def row_inputs(N: int, K: int, device: torch.device, gen: torch.Generator):
     ratio, w_ce, w_se = d3diff_weights(t, num_masked)  # per sequence, then per row
     rows = (targets, ratio[seq], w_ce[seq], w_se[seq])
     return tuple(x.to(device) for x in rows)
-
-
-def backend_unavailable(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot run the D3Diff ops here (None if it can)."""
-    if not _backend.available(backend, device):
-        return f"backend {backend!r} not available for {device.type} tensors here"
-    if backend == "cpu" and not hasattr(_backend.cpu_ext(), "d3diff_loss_fwd"):
-        return "unif2ace._C has no d3diff_loss_fwd (CPU kernel not built yet)"
-    if backend == "cuda" and not hasattr(_backend.cuda_ext(), "d3diff_loss_fwd"):
-        return "unif2ace._C_cuda has no d3diff_loss_fwd (CUDA kernel not built)"
-    if backend == "triton":
-        try:
-            from unif2ace.triton_kernels import d3diff_loss as _tk  # noqa: F401
-        except Exception as exc:  # noqa: BLE001
-            return f"unif2ace.triton_kernels.d3diff_loss does not import: {exc}"
-    return None
 
 
 def _backward(loss: torch.Tensor) -> torch.Tensor:
@@ -175,7 +153,7 @@ def logits_case(
         fn = lambda b=b: _backward(
             d3diff_loss(logits, *rows, ALPHA, ignore_index=IGNORE_INDEX, backend=b)
         )
-        providers.append(Provider(b, fn, reset, skip=backend_unavailable(b, device)))
+        providers.append(Provider(b, fn, reset, skip=skip_reason(b, device, KERNEL)))
 
     elt = torch.finfo(dtype).bits // 8
     return Case(
@@ -228,7 +206,7 @@ def linear_case(
         fn = lambda b=b: _backward(
             d3diff_linear_loss(hidden, weight, *rows, ALPHA, ignore_index=IGNORE_INDEX, backend=b)
         )
-        providers.append(Provider(f"fused-{b}", fn, reset, skip=backend_unavailable(b, device)))
+        providers.append(Provider(f"fused-{b}", fn, reset, skip=skip_reason(b, device, KERNEL)))
 
     return Case(
         name="linear",
@@ -250,178 +228,115 @@ def linear_case(
     )
 
 
-def targets_for(device: torch.device) -> list[Target]:
-    """The issue's goals. CPU: stated for the cpu backend; CUDA: the same bars, mirrored."""
-    kernels = ["cpu"] if device.type == "cpu" else ["triton", "cuda"]
-    suffix = "" if device.type == "cpu" else " (CPU goal mirrored)"
+def targets_for(args) -> list[Target]:
+    """The goals. CPU: stated for the cpu backend; CUDA: the same bars, mirrored."""
+    kernels = kernel_backends(args.device)
+    suffix = "" if args.device.type == "cpu" else " (CPU goal mirrored)"
     out = []
     for b in kernels:
+        base = f"torch-ref{suffix}"
         out += [
-            Target("logits", b, "speedup", ">=", 3.0, f"{b} ≥ 3× faster than torch-ref{suffix}"),
+            Target("logits", b, "speedup", ">=", 3.0, f"{b} ≥ 3× faster than {base}"),
             Target(
                 "logits",
                 b,
                 "mem_reduction",
                 ">=",
                 4.0,
-                f"{b} ≥ 4× lower peak extra memory than torch-ref{suffix}",
+                f"{b} ≥ 4× lower peak extra memory than {base}",
             ),
+        ]
+    for b in [*kernels, "torch"]:
+        f, base = f"fused-{b}", f"torch-linear+ref{suffix if b != 'torch' else ''}"
+        out += [
             Target(
                 "linear",
-                f"fused-{b}",
+                f,
                 "mem_reduction",
                 ">=",
                 5.0,
-                f"fused-{b} ≥ 5× lower peak extra memory than torch-linear+ref{suffix}",
+                f"{f} ≥ 5× lower peak extra memory than {base}",
             ),
-            Target(
-                "linear",
-                f"fused-{b}",
-                "time_ratio",
-                "<=",
-                1.3,
-                f"fused-{b} ≤ 1.3× the time of torch-linear+ref{suffix}",
-            ),
+            Target("linear", f, "time_ratio", "<=", 1.3, f"{f} ≤ 1.3× the time of {base}"),
         ]
-    out += [
-        Target(
-            "linear",
-            "fused-torch",
-            "mem_reduction",
-            ">=",
-            5.0,
-            "fused-torch ≥ 5× lower peak extra memory than torch-linear+ref",
-        ),
-        Target(
-            "linear",
-            "fused-torch",
-            "time_ratio",
-            "<=",
-            1.3,
-            "fused-torch ≤ 1.3× the time of torch-linear+ref",
-        ),
-    ]
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# Main
-# ------------------------------------------------------------------------------------------------
+def case_specs(args) -> list[CaseSpec]:
+    s, device = args.sizes, args.device
+    backends = kernel_backends(device)
+    specs = []
+    for dtype in args.dtypes:
+        for name in args.cases:
+            if name in ("logits", "logits-strided"):
+                strided = name != "logits"
+                peer = not args.no_compile and device.type == "cuda" and not strided
+                providers = ("torch-ref", *(["compile(ref)"] if peer else []), *backends)
+                build = functools.partial(
+                    logits_case,
+                    s["n"],
+                    s["k"],
+                    dtype,
+                    device,
+                    strided=strided,
+                    backends=backends,
+                    compile_peer=peer,
+                )
+            elif name == "linear":
+                providers = ("torch-linear+ref", *(f"fused-{b}" for b in [*backends, "torch"]))
+                build = functools.partial(
+                    linear_case,
+                    s["lin_n"],
+                    s["lin_d"],
+                    s["lin_k"],
+                    dtype,
+                    device,
+                    backends=backends,
+                )
+            else:
+                raise SystemExit(f"unknown case {name!r}")
+            specs.append(CaseSpec(f"{name} {dtype_name(dtype)}", providers, build))
+    return specs
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = common_parser(__doc__.split("\n", 1)[0])
-    for key, default in FULL.items():
-        p.add_argument(
-            f"--{key.replace('_', '-')}",
-            type=int,
-            default=None,
-            help=f"default {default} ({QUICK[key]} with --quick)",
-        )
-    p.add_argument(
-        "--dtypes",
-        default=None,
-        help="comma list of fp32,bf16,fp16 (CPU default fp32; CUDA default fp32,bf16)",
-    )
-    p.add_argument("--cases", default="logits,logits-strided,linear")
+def add_args(p) -> None:
     p.add_argument(
         "--no-compile", action="store_true", help="CUDA: leave out the torch.compile peer"
     )
-    p.add_argument(
-        "--checks",
-        choices=("on", "off", "default"),
-        default="default",
-        help="the ops' data checks (default: on for CPU, off for CUDA, where each "
-        "check is a host sync that the eager reference does not pay)",
-    )
-    args = p.parse_args(argv)
 
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sizes = {k: getattr(args, k) or (QUICK if args.quick else FULL)[k] for k in FULL}
-    dtype_names = (args.dtypes or ("fp32" if device.type == "cpu" else "fp32,bf16")).split(",")
-    dtypes = [DTYPES[d.strip()] for d in dtype_names]
-    cases = [c.strip() for c in args.cases.split(",")]
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    reps = (
-        args.reps
-        if args.reps is not None
-        else (3 if args.quick else (10 if device.type == "cpu" else 30))
-    )
-    checks = args.checks == "on" or (args.checks == "default" and device.type == "cpu")
-    unif2ace.set_checks(checks)
-    backends = ["cpu"] if device.type == "cpu" else ["triton", "cuda"]
-    n_cases = len(cases) * len(dtypes)
-    per_case_s = args.budget_s / n_cases if args.budget_s else None
 
-    meta = machine_info(device)
-    meta.update(sizes=sizes, alpha=ALPHA, value_checks=checks, warmup=warmup, max_reps=reps)
-    print(
-        f"# d3diff_loss on {meta.get('gpu') or meta['cpu_model']} ({device}), torch {meta['torch']}, "
-        f"{meta['torch_threads']} threads, backends here: {meta.get('backends_available')}"
-    )
-    ceilings = measure_ceilings(device, dtypes, quick=args.quick)
-    report = Report("d3diff_loss", args.out, meta, size_keys=SIZE_KEYS, ceilings=ceilings)
-    report.notes += [
+BENCH = Bench(
+    name="d3diff_loss",
+    doc=__doc__,
+    full=FULL,
+    quick=QUICK,
+    size_keys=SIZE_KEYS,
+    specs=case_specs,
+    warmup=(2, 1),
+    reps=(10, 30, 3),
+    cases="logits,logits-strided,linear",
+    dtypes=("fp32", "fp32,bf16"),
+    add_args=add_args,
+    meta=lambda args: {"alpha": ALPHA},
+    notes=lambda args: [
         "Speedup and memory are against the case's baseline (torch-ref / torch-linear+ref), "
         "same inputs, interleaved repetitions, medians; peak extra memory = allocator peak above "
         "the memory live before the call (CPU: torch profiler allocation events; CUDA: "
         "max_memory_allocated), gradients included. RSS = process peak-RSS rise, a cross-check.",
         "logits bytes = read logits + write grad (2·N·K·elt) + 24 B/row; linear FLOPs = 6·N·D·K; "
         "% roofline against a device copy / a matmul measured in this run.",
-        f"Value checks of the ops (index range, finiteness) {'on' if checks else 'off'}.",
-    ]
-    if args.quick:
-        report.notes.append("--quick sizes: a smoke run; the targets are meant for the full sizes.")
-
-    for dtype in dtypes:
-        for name in cases:
-            print(f"\n## {name} {dtype_name(dtype)}", flush=True)
-            if name in ("logits", "logits-strided"):
-                case = logits_case(
-                    sizes["n"],
-                    sizes["k"],
-                    dtype,
-                    device,
-                    strided=name != "logits",
-                    backends=backends,
-                    compile_peer=not args.no_compile,
-                )
-            elif name == "linear":
-                case = linear_case(
-                    sizes["lin_n"], sizes["lin_d"], sizes["lin_k"], dtype, device, backends=backends
-                )
-            else:
-                raise SystemExit(f"unknown case {name!r}")
-            rows = run_case(
-                case,
-                device,
-                warmup=warmup,
-                reps=reps,
-                max_time_s=per_case_s,
-                memory=not args.no_memory,
-                ceilings=ceilings,
-            )
-            report.add(rows)
-            del case, rows
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
+        f"Value checks of the ops (index range, finiteness) {'on' if args.checks else 'off'}.",
+    ],
+    ceilings=lambda args: args.dtypes,
+    targets=targets_for,
     # Targets are judged on the first dtype (fp32 unless --dtypes says otherwise).
-    first = dtype_name(dtypes[0])
-    # Ceilings again at the end; the best of the two is kept (one taken while another process
-    # competed for the memory bus or the cores would inflate every fraction of roofline).
-    report.ceilings = merge_ceilings(ceilings, measure_ceilings(device, dtypes, quick=args.quick))
-    report.targets = check_targets(
-        [r for r in report.rows if r.get("dtype") == first], targets_for(device)
-    )
-    report.finish()
-    print()
-    print(report.markdown())
-    print(f"results: {args.out / 'd3diff_loss.json'}, {args.out / 'd3diff_loss.md'}")
-    return exit_code(report, args.strict)
+    target_rows=lambda args, rows: [
+        r for r in rows if r.get("dtype") == dtype_name(args.dtypes[0])
+    ],
+)
 
+
+main = BENCH.main
 
 if __name__ == "__main__":
     sys.exit(main())

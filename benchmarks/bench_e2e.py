@@ -25,18 +25,12 @@ loss and every parameter gradient against the torch provider's (same weights).
 
 ``--profile`` adds one torch.profiler step per provider and the top ops by self CPU time.
 
-Measured 2026-11-29 on the idle 2-core EPYC, OMP_WAIT_POLICY=PASSIVE, fp32, B = 8 (2613 tokens),
-with the omni-attention kernel: tiny 1 thread torch 412 ms / engine 324 ms (1.27×), peak 194 / 129
-MiB; tiny 2 threads 383 / 259 ms (1.48×); tiny B = 16, 2 threads 1.50×; small 1 thread 1.25×,
-2 threads 1.31×. ``--profile`` adds the GEMM / attention / other split and the speed-up the
-engine would reach with "other" at zero (tiny, 1 thread: 1.58×). With the default OpenMP
-spin-wait on a busy box, 2-thread steps varied 4-13 s and the ratio 0.46-2.15× run to run:
-measure with OMP_WAIT_POLICY=PASSIVE or --threads 1. On the idle box a short spin
-(GOMP_SPINCOUNT=3000) made both providers faster (tiny, 2 threads: torch 264 ms, engine 197 ms,
-1.34×): part of the engine's PASSIVE gain is fewer OpenMP wake-ups (README, "End-to-end training
-step").
+Measure with ``OMP_WAIT_POLICY=PASSIVE`` or ``--threads 1``: with OpenMP's default spin-wait on a
+shared machine the 2-thread step time and the ratio swing widely from run to run, and the ratio
+also depends on how the threads wait (``GOMP_SPINCOUNT``, recorded with the results). The
+measured figures and that dependence are in ``docs/results.md``.
 
-Run::
+Run (the same cases under pytest-benchmark: ``pytest benchmarks/ --benchmark-only -k e2e``)::
 
     python benchmarks/bench_e2e.py --threads 2                  # tiny and small, batch 8
     python benchmarks/bench_e2e.py --quick --out /tmp/b         # CI: tiny, batch 2, < 60 s idle
@@ -46,28 +40,22 @@ Run::
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*` (appended)
 import unif2ace  # noqa: E402
-from benchmarks.harness import (  # noqa: E402
-    Case,
-    Provider,
-    Report,
-    Target,
-    check_targets,
-    common_parser,
-    exit_code,
-    machine_info,
-    pick_device,
-    run_case,
-)
+from benchmarks.harness import Bench, Case, CaseSpec, Provider, Target  # noqa: E402
+from benchmarks.results import Report  # noqa: E402
 from unif2ace import _backend  # noqa: E402
 from unif2ace.models import Example, UniF2ace, collate, get_config  # noqa: E402
 from unif2ace.models.layout import TASK_MMU, TASK_T2I  # noqa: E402
@@ -127,10 +115,12 @@ class Trainer:
 
 
 def build_case(
-    name: str, B: int, layers: int | None, device, extra: dict | None = None
-) -> tuple[Case, dict, list]:
+    name: str, B: int, layers: int | None, device, extra: dict, profile: bool = False
+) -> Case:
+    """One training step of config ``name`` (``extra``: model config overrides) on both
+    providers; ``profile`` adds a torch.profiler step per provider to the report."""
     overrides = {"n_layers": layers} if layers else {}
-    overrides.update(extra or {})
+    overrides.update(extra)
     cfg = get_config(name, **overrides)
     torch.manual_seed(0)
     model = UniF2ace(cfg).to(device).train()
@@ -140,17 +130,49 @@ def build_case(
         "engine": Trainer("engine", copy.deepcopy(model), batch, "auto"),
     }
     params = {
-        "config": name, "layers": cfg.n_layers, "B": B, "tokens": batch["num_tokens"],
-        "seq_len": batch["input_ids"].shape[1], "dtype": "fp32", "device": device.type,
+        "config": name,
+        "layers": cfg.n_layers,
+        "B": B,
+        "tokens": batch["num_tokens"],
+        "seq_len": batch["input_ids"].shape[1],
+        "dtype": "fp32",
+        "device": device.type,
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "engine_resolves_to": _backend.resolve("auto", device, "e2e"),
-    }  # fmt: skip
-    providers = [Provider(n, t.step, t.reset) for n, t in trainers.items()]
-    case = Case(
-        name=f"train_step[{name}]", params=params, providers=providers, baseline="torch", tol=TOL,
+    }
+    case_name = f"train_step[{name}]"
+
+    def after(rows, report) -> None:
+        for r in rows:
+            if r.get("status") == "ok":
+                r["tokens_per_s"] = batch["num_tokens"] / (r["median_ms"] * 1e-3)
+                cpu = trainers[r["provider"]].cpu_s
+                r["cpu_ms"] = 1e3 * statistics.median(cpu) if cpu else None
+        base = next((r for r in rows if r["provider"] == "torch" and r.get("cpu_ms")), None)
+        for r in rows:
+            if base and r.get("cpu_ms"):
+                r["cpu_speedup"] = base["cpu_ms"] / r["cpu_ms"]
+        if not profile:
+            return
+        for t in trainers.values():
+            prof = profile_step(t)
+            report.profiles[f"{case_name} {t.backend}"] = prof
+            top = ", ".join(f"{p['op']} {p['self_pct']:.0f}%" for p in prof["top"][:8])
+            print(f"  top ops ({t.backend}): {top}")
+        note = ceiling_note(report.profiles, case_name)
+        if note:
+            report.notes.append(note)
+            print("  " + note)
+
+    return Case(
+        name=case_name,
+        params=params,
+        providers=[Provider(n, t.step, t.reset) for n, t in trainers.items()],
+        baseline="torch",
+        tol=TOL,
         notes="loss fwd + bwd + AdamW step; tokens/s = num_tokens / median step time",
-    )  # fmt: skip
-    return case, batch, list(trainers.values())
+        after=after,
+    )
 
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
@@ -167,8 +189,6 @@ def op_category(name: str) -> str:
 
 def profile_step(trainer: Trainer, top: int = 15) -> dict:
     """Top ops by self CPU time of one (warm) step, and the self time per op_category."""
-    from torch.profiler import ProfilerActivity, profile
-
     trainer.reset()
     trainer.step()
     trainer.reset()
@@ -181,12 +201,16 @@ def profile_step(trainer: Trainer, top: int = 15) -> dict:
         cats[op_category(e.key)] += e.self_cpu_time_total / 1e3
     return {
         "top": [
-            {"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
-             "self_pct": 100.0 * e.self_cpu_time_total / total}
+            {
+                "op": e.key,
+                "calls": e.count,
+                "self_ms": e.self_cpu_time_total / 1e3,
+                "self_pct": 100.0 * e.self_cpu_time_total / total,
+            }
             for e in avgs[:top]
         ],
         "categories_ms": cats,
-    }  # fmt: skip
+    }
 
 
 def ceiling_note(profiles: dict, case: str) -> str | None:
@@ -207,14 +231,19 @@ def ceiling_note(profiles: dict, case: str) -> str | None:
     )
 
 
+@dataclass
 class E2EReport(Report):
     """The harness report plus a throughput table (tokens/s) and the profiles."""
 
-    profiles: dict | None = None
+    profiles: dict = field(default_factory=dict)
 
     def markdown(self) -> str:
-        lines = ["", "| case | provider | tokens | median ms | tokens/s | × torch | CPU ms | "
-                 "CPU × torch | peak MiB |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines = [
+            "",
+            "| case | provider | tokens | median ms | tokens/s | × torch | CPU ms | "
+            "CPU × torch | peak MiB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in self.rows:
             if r.get("status") != "ok":
                 continue
@@ -226,7 +255,7 @@ class E2EReport(Report):
                 f"{'–' if mem is None else f'{mem / 2**20:.1f}'} |"
             )
         out = super().markdown() + "\nThroughput:\n" + "\n".join(lines) + "\n"
-        for key, prof in (self.profiles or {}).items():
+        for key, prof in self.profiles.items():
             cats = ", ".join(f"{k} {v:.1f} ms" for k, v in prof["categories_ms"].items())
             out += f"\nTop ops by self CPU time, {key} ({cats}):\n\n| op | calls | self ms | % |\n"
             out += "|---|---|---|---|\n" + "".join(
@@ -241,13 +270,29 @@ class E2EReport(Report):
         super().write()
 
 
-def main(argv=None):
-    p = common_parser(__doc__.split("\n", 1)[0])
-    p.add_argument("--configs", default=None, help=f"default {FULL['configs']!r} "
-                   f"({QUICK['configs']!r} with --quick)")  # fmt: skip
-    p.add_argument("--batch", type=int, default=None,
-                   help=f"examples per step, half t2i half mmu (default {FULL['batch']}, "
-                        f"{QUICK['batch']} with --quick)")  # fmt: skip
+def case_specs(args) -> list[CaseSpec]:
+    extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.model_set)}
+    specs = []
+    for name in (c.strip() for c in args.sizes["configs"].split(",") if c.strip()):
+        layers = args.small_layers if name == "small" else None
+        build = functools.partial(
+            build_case, name, args.sizes["batch"], layers, args.device, extra, args.profile
+        )
+        specs.append(CaseSpec(f"train_step[{name}]", ("torch", "engine"), build))
+    return specs
+
+
+def targets_for(args) -> list[Target]:
+    out = []
+    for spec in case_specs(args):
+        out += [
+            Target(spec.id, "engine", "speedup", ">=", 1.3, "engine ≥ 1.3× torch tokens/s"),
+            Target(spec.id, "engine", "mem_ratio", "<", 1.0, "engine peak memory < torch's"),
+        ]
+    return out
+
+
+def add_args(p) -> None:
     p.add_argument(
         "--model-set",
         nargs="*",
@@ -255,26 +300,30 @@ def main(argv=None):
         metavar="KEY=VALUE",
         help="model config overrides, e.g. expert_activation=silu_glu",
     )
-    p.add_argument("--small-layers", type=int, default=None,
-                   help="override the small config's n_layers (default: keep its 8)")  # fmt: skip
+    p.add_argument(
+        "--small-layers",
+        type=int,
+        default=None,
+        help="override the small config's n_layers (default: keep its 8)",
+    )
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops per provider")
-    args = p.parse_args(argv)
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sizes = {k: getattr(args, k) or (QUICK if args.quick else FULL)[k] for k in FULL}
-    warmup = args.warmup if args.warmup is not None else 1
-    reps = args.reps if args.reps is not None else (3 if args.quick else 7)
-    unif2ace.set_checks(device.type == "cpu")
-    meta = machine_info(device)
-    meta.update(sizes=sizes, warmup=warmup, max_reps=reps,
-                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-                gomp_spincount=os.environ.get("GOMP_SPINCOUNT"))  # fmt: skip
-    print(f"# e2e on {meta.get('gpu') or meta['cpu_model']} ({device}), torch {meta['torch']}, "
-          f"{meta['torch_threads']} threads")  # fmt: skip
-    report = E2EReport("e2e", args.out, meta, size_keys=SIZE_KEYS)
-    report.profiles = {}
-    report.notes += [
+
+
+BENCH = Bench(
+    name="e2e",
+    doc=__doc__,
+    full=FULL,
+    quick=QUICK,
+    size_keys=SIZE_KEYS,
+    specs=case_specs,
+    warmup=(1, 1),
+    reps=(7, 7, 3),
+    add_args=add_args,
+    meta=lambda args: {
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+    },
+    notes=lambda args: [
         "Same model weights, same batch; interleaved repetitions, medians. engine = "
         "use_backend('auto'), torch = use_backend('torch'); speedup against torch.",
         "peak extra MiB: torch-allocator peak of one step above what was live before it "
@@ -282,52 +331,11 @@ def main(argv=None):
         "CPU ms: median process CPU time of a call (warm-up, timed and memory calls), all "
         "threads summed; on a shared, busy box it is steadier than wall time (preemption does "
         "not count) but it counts OpenMP spin-waits, so compare it at --threads 1.",
-    ]
-    configs = [c.strip() for c in sizes["configs"].split(",") if c.strip()]
-    per_case_s = args.budget_s / len(configs) if args.budget_s else None
-    targets = []
-    for name in configs:
-        layers = args.small_layers if name == "small" else None
-        import yaml
-
-        extra = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.model_set)}
-        case, batch, trainers = build_case(name, sizes["batch"], layers, device, extra)
-        print(f"\n## {case.name}: {case.params}", flush=True)
-        rows = run_case(case, device, warmup=warmup, reps=reps, max_time_s=per_case_s,
-                        memory=not args.no_memory)  # fmt: skip
-        by_name = {t.name: t for t in trainers}
-        for r in rows:
-            if r.get("status") == "ok":
-                r["tokens_per_s"] = batch["num_tokens"] / (r["median_ms"] * 1e-3)
-                cpu = by_name[r["provider"]].cpu_s
-                r["cpu_ms"] = 1e3 * statistics.median(cpu) if cpu else None
-        base = next((r for r in rows if r["provider"] == "torch" and r.get("cpu_ms")), None)
-        for r in rows:
-            if base and r.get("cpu_ms"):
-                r["cpu_speedup"] = base["cpu_ms"] / r["cpu_ms"]
-        report.add(rows)
-        if args.profile:
-            for t in trainers:
-                prof = profile_step(t)
-                report.profiles[f"{case.name} {t.backend}"] = prof
-                print(f"  top ops ({t.backend}): " + ", ".join(
-                    f"{p['op']} {p['self_pct']:.0f}%" for p in prof["top"][:8]))  # fmt: skip
-            note = ceiling_note(report.profiles, case.name)
-            if note:
-                report.notes.append(note)
-                print("  " + note)
-        targets += [
-            Target(case.name, "engine", "speedup", ">=", 1.3, "engine ≥ 1.3× torch tokens/s"),
-            Target(case.name, "engine", "mem_ratio", "<", 1.0, "engine peak memory < torch's"),
-        ]
-        del trainers, case
-    report.targets = check_targets(report.rows, targets)
-    report.finish()
-    print()
-    print(report.markdown())
-    print(f"results: {args.out / 'e2e.json'}, {args.out / 'e2e.md'}")
-    return exit_code(report, args.strict)
-
+    ],
+    targets=targets_for,
+    report_cls=E2EReport,
+)
+main = BENCH.main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -14,7 +14,7 @@ Cases (sizes from the command line; ``--quick`` shrinks everything to seconds):
                      against the kernels.
 
 The providers draw different random numbers (torch.Generator vs Philox), so their outputs are not
-compared row by row; instead, before timing, every provider runs once on the same supplied noise
+compared row by row; instead, after timing, every provider runs once on the same supplied noise
 and must return the reference's ids and mask exactly (recorded in the notes).
 
 Byte model (step cases): a fused step must read each logits tensor once, ``n_logits·B·L·K·elt``
@@ -23,7 +23,7 @@ bytes (+ 30 B per position for ids, outputs, confidence); GB/s is that over the 
 above the inputs (CPU: torch allocator events; the CPU kernel's own scratch, threads·(4·K + 16·L)
 bytes, is allocated with ``new`` outside torch and added to the cpu row by this script).
 
-Run::
+Run (the same cases under pytest-benchmark: ``pytest benchmarks/ --benchmark-only -k mask``)::
 
     python benchmarks/bench_mask_sampling.py --threads 2            # CPU, full sizes
     python benchmarks/bench_mask_sampling.py --quick --out /tmp/b   # seconds
@@ -34,62 +34,59 @@ Exit status 0 unless a provider crashes (``--strict``: also when a target fails)
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import unif2ace  # noqa: E402
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*` (appended)
 from benchmarks.harness import (  # noqa: E402
+    Bench,
     Case,
+    CaseSpec,
     Provider,
-    Report,
     Target,
-    check_targets,
-    common_parser,
-    dtype_name,
-    exit_code,
-    machine_info,
-    measure_ceilings,
-    pick_device,
-    run_case,
+    kernel_backends,
+    skip_reason,
 )
-from unif2ace import _backend  # noqa: E402
-from unif2ace.ops import mask_sampling as ms  # noqa: E402
+from benchmarks.measure import dtype_name  # noqa: E402
 from unif2ace.ops import mask_tokens, mask_tokens_ref, maskgit_step, maskgit_step_ref  # noqa: E402
+from unif2ace.ops.mask_sampling.reference import gumbel_from_bits  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STEP, MASK = "mask_sampling.maskgit_step", "mask_sampling.mask_tokens"
 SIZE_KEYS = ("B", "L", "K", "dtype", "layout")
 GUIDANCE, TEMPERATURE, CHOICE_T = 2.0, 1.0, 4.5
 FULL = {"b": 16, "l": 256, "k": 8192, "mask_b": 64, "mask_l": 1024}
 QUICK = {"b": 2, "l": 64, "k": 512, "mask_b": 8, "mask_l": 256}
 
 
-def backend_unavailable(backend: str, device: torch.device) -> str | None:
-    if not _backend.available(backend, device):
-        return f"backend {backend!r} not available for {device.type} tensors here"
-    if not ms.launcher_available(backend):
-        return f"no {backend} mask-sampling kernels in this build"
-    return None
-
-
 def exactness_note(logits, uncond, ids, mask_len, backends, device) -> str:
     """Every available backend on the same supplied noise vs the reference (ids and mask equal)."""
     B, L, K = logits.shape
     gen = torch.Generator().manual_seed(0)
-    gn = ms.gumbel_from_bits(torch.randint(0, 2**32, (B, L, K), generator=gen)).to(device)
+    gn = gumbel_from_bits(torch.randint(0, 2**32, (B, L, K), generator=gen)).to(device)
     cn = torch.randn(B, L, generator=gen).to(device)
     g = GUIDANCE if uncond is not None else 0.0
     ref = maskgit_step_ref(logits, ids, K, mask_len, uncond, g, TEMPERATURE, CHOICE_T, gn, cn)
     out = []
     for b in backends:
-        if backend_unavailable(b, device):
+        if skip_reason(b, device, STEP):
             continue
-        got = maskgit_step(logits, ids, K, mask_len, uncond_logits=uncond, guidance=g,
-                           temperature=TEMPERATURE, choice_temperature=CHOICE_T, gumbel_noise=gn,
-                           choice_noise=cn, backend=b)  # fmt: skip
+        got = maskgit_step(
+            logits,
+            ids,
+            K,
+            mask_len,
+            uncond_logits=uncond,
+            guidance=g,
+            temperature=TEMPERATURE,
+            choice_temperature=CHOICE_T,
+            gumbel_noise=gn,
+            choice_noise=cn,
+            backend=b,
+        )
         n_ids = int((got[0] != ref[0]).sum())
         n_mask = int((got[1] != ref[1]).sum())
         out.append(f"{b}: {n_ids} ids / {n_mask} mask entries differ of {B * L}")
@@ -97,7 +94,7 @@ def exactness_note(logits, uncond, ids, mask_len, backends, device) -> str:
     return "; ".join(out) or "no kernel backend to check"
 
 
-def step_case(B, L, K, dtype, device, *, guided, strided, backends, seed=0) -> tuple[Case, str]:
+def step_case(B, L, K, dtype, device, *, guided, strided, backends, seed=0) -> Case:
     gen = torch.Generator().manual_seed(seed)
     if strided:  # Show-o: full [B, L + 2, V] logits, image positions -(L+1):-1, codebook lo:lo+K
         V, lo = K + 2 * 128, 128
@@ -115,23 +112,44 @@ def step_case(B, L, K, dtype, device, *, guided, strided, backends, seed=0) -> t
     ids = torch.full((B, L), K, device=device)  # all masked: mask_id = K
     mask_len = torch.full((B,), int(0.9 * L), device=device)
     g = GUIDANCE if guided else 0.0
-    note = exactness_note(logits, uncond, ids, mask_len, backends, device)
     torch_gen = torch.Generator(device=device).manual_seed(1)
 
     def ref():
-        return maskgit_step_ref(logits, ids, K, mask_len, uncond, g, TEMPERATURE, CHOICE_T,
-                                generator=torch_gen)[:2]  # fmt: skip
+        return maskgit_step_ref(
+            logits, ids, K, mask_len, uncond, g, TEMPERATURE, CHOICE_T, generator=torch_gen
+        )[:2]
 
     providers = [Provider("torch-ref", lambda: (ref(), None)[1])]
     for b in backends:
-        fn = lambda b=b: (maskgit_step(logits, ids, K, mask_len, uncond_logits=uncond, guidance=g,  # noqa: E731
-                                       temperature=TEMPERATURE, choice_temperature=CHOICE_T,
-                                       seed=7, backend=b), None)[1]  # fmt: skip
-        providers.append(Provider(b, fn, skip=backend_unavailable(b, device)))
+        fn = lambda b=b: (
+            maskgit_step(
+                logits,
+                ids,
+                K,
+                mask_len,
+                uncond_logits=uncond,
+                guidance=g,  # noqa: E731
+                temperature=TEMPERATURE,
+                choice_temperature=CHOICE_T,
+                seed=7,
+                backend=b,
+            ),
+            None,
+        )[1]
+        providers.append(Provider(b, fn, skip=skip_reason(b, device, STEP)))
     elt = torch.finfo(dtype).bits // 8
     n_logits = 2 if guided else 1
     name = "step-strided" if strided else ("step" if guided else "step-noguide")
-    case = Case(
+    scratch = torch.get_num_threads() * (4 * (K + 16) + 16 * L)  # the cpu kernel's own buffers
+
+    def after(rows, report) -> None:
+        note = exactness_note(logits, uncond, ids, mask_len, backends, device)
+        note = f"{name} {dtype_name(dtype)}, exactness on supplied noise vs torch-ref — {note}"
+        report.notes.append(note)
+        print("  " + note)
+        add_memory_columns(rows, scratch)
+
+    return Case(
         name=name,
         params={
             "B": B,
@@ -142,14 +160,30 @@ def step_case(B, L, K, dtype, device, *, guided, strided, backends, seed=0) -> t
             "layout": f"view, row stride {logits.stride(1)}" if strided else "contiguous",
             "guided": guided,
             "logits_bytes": B * L * K * elt,
-        },  # fmt: skip
+        },
         providers=providers,
         baseline="torch-ref",
         bytes=n_logits * B * L * K * elt + 30 * B * L,
         tol=math.inf,  # different random streams: exactness is checked on supplied noise instead
         notes=f"bytes = read {n_logits} logits tensor(s) + 30 B/position",
+        after=after,
     )
-    return case, f"{name} {dtype_name(dtype)}, exactness on supplied noise vs torch-ref — {note}"
+
+
+def add_memory_columns(rows, scratch: int) -> None:
+    """mem_vs_logits = peak extra memory over one logits tensor; the cpu row also counts the
+    kernel's scratch (allocated with ``new[]``, which the profiler does not see)."""
+    base = next((r for r in rows if r["provider"] == "torch-ref"), {})
+    for r in rows:
+        lb = r.get("logits_bytes")
+        if not lb or r.get("peak_mem_bytes") is None:
+            continue
+        if r.get("provider") == "cpu":
+            r["peak_mem_bytes"] += scratch
+            if base.get("peak_mem_bytes"):
+                r["mem_ratio"] = r["peak_mem_bytes"] / base["peak_mem_bytes"]
+                r["mem_reduction"] = base["peak_mem_bytes"] / r["peak_mem_bytes"]
+        r["mem_vs_logits"] = r["peak_mem_bytes"] / lb
 
 
 def mask_case(B, L, device, *, backends) -> Case:
@@ -159,7 +193,7 @@ def mask_case(B, L, device, *, backends) -> Case:
     providers = [Provider("torch-ref", lambda: mask_tokens_ref(ids, gamma, n_mask, 8192, 5))]
     for b in backends:
         fn = lambda b=b: mask_tokens(ids, gamma, 8192, seed=5, backend=b)  # noqa: E731
-        providers.append(Provider(b, fn, skip=backend_unavailable(b, device)))
+        providers.append(Provider(b, fn, skip=skip_reason(b, device, MASK)))
     return Case(
         name="mask_tokens",
         params={
@@ -169,7 +203,7 @@ def mask_case(B, L, device, *, backends) -> Case:
             "dtype": "int64",
             "device": device.type,
             "layout": "count",
-        },  # fmt: skip
+        },
         providers=providers,
         baseline="torch-ref",
         tol=0.0,  # integer-only decisions: bit-exact on every backend
@@ -177,125 +211,87 @@ def mask_case(B, L, device, *, backends) -> Case:
     )
 
 
-def targets_for(device: torch.device) -> list[Target]:
-    if device.type == "cpu":
+def targets_for(args) -> list[Target]:
+    mem = "step peak extra memory ≤ 1.2× one logits tensor"
+    if args.device.type == "cpu":
         return [
             Target("step", "cpu", "speedup", ">=", 4.0, "cpu step ≥ 4× faster than torch-ref"),
-            Target(
-                "step",
-                "cpu",
-                "mem_vs_logits",
-                "<=",
-                1.2,
-                "cpu step peak extra memory ≤ 1.2× one logits tensor",
-            ),  # fmt: skip
+            Target("step", "cpu", "mem_vs_logits", "<=", 1.2, f"cpu {mem}"),
         ]
     out = []
-    for b in ("triton", "cuda"):
+    for b in kernel_backends(args.device):
         out += [
             Target("step", b, "speedup", ">=", 5.0, f"{b} step ≥ 5× faster than torch-ref"),
             Target(
                 "step", b, "bw_fraction", ">=", 0.8, f"{b} step reads logits at ≥ 80% of copy BW"
             ),
-            Target(
-                "step",
-                b,
-                "mem_vs_logits",
-                "<=",
-                1.2,
-                f"{b} step peak extra memory ≤ 1.2× one logits tensor",
-            ),  # fmt: skip
+            Target("step", b, "mem_vs_logits", "<=", 1.2, f"{b} {mem}"),
         ]
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = common_parser(__doc__.split("\n", 1)[0])
-    for key, default in FULL.items():
-        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None,
-                       help=f"default {default} ({QUICK[key]} with --quick)")  # fmt: skip
-    p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16 (default fp32)")
-    p.add_argument("--cases", default="step,step-noguide,step-strided,mask_tokens")
-    args = p.parse_args(argv)
+def case_specs(args) -> list[CaseSpec]:
+    s, device = args.sizes, args.device
+    backends = kernel_backends(device)
+    providers = ("torch-ref", *backends)
+    dtypes = args.dtypes
+    specs = []
+    for dtype in dtypes:
+        for name in args.cases:
+            if name.startswith("step"):
+                build = functools.partial(
+                    step_case,
+                    s["b"],
+                    s["l"],
+                    s["k"],
+                    dtype,
+                    device,
+                    guided=name != "step-noguide",
+                    strided=name == "step-strided",
+                    backends=backends,
+                )
+            elif name == "mask_tokens":
+                if dtype != dtypes[0]:
+                    continue  # integer ids: the logits dtype does not apply
+                build = functools.partial(
+                    mask_case, s["mask_b"], s["mask_l"], device, backends=backends
+                )
+            else:
+                raise SystemExit(f"unknown case {name!r}")
+            specs.append(CaseSpec(f"{name} {dtype_name(dtype)}", providers, build))
+    return specs
 
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sizes = {k: getattr(args, k) or (QUICK if args.quick else FULL)[k] for k in FULL}
-    dtypes = [DTYPES[d.strip()] for d in (args.dtypes or "fp32").split(",")]
-    cases = [c.strip() for c in args.cases.split(",")]
-    warmup = args.warmup if args.warmup is not None else 1
-    reps = (
-        args.reps
-        if args.reps is not None
-        else (3 if args.quick else (7 if device.type == "cpu" else 30))
-    )
-    # Value checks (ids range, mask_len bounds) read the data: a host sync on GPU the reference
-    # does not pay. Off on CUDA, on for CPU (they cost ~1 ms here).
-    unif2ace.set_checks(device.type == "cpu")
-    backends = ["cpu"] if device.type == "cpu" else ["triton", "cuda"]
-    n_cases = len(cases) * len(dtypes)
-    per_case_s = args.budget_s / n_cases if args.budget_s else None
 
-    meta = machine_info(device)
-    meta.update(sizes=sizes, guidance=GUIDANCE, temperature=TEMPERATURE,
-                choice_temperature=CHOICE_T, warmup=warmup, max_reps=reps)  # fmt: skip
-    print(f"# mask_sampling on {meta.get('gpu') or meta['cpu_model']} ({device}), torch "
-          f"{meta['torch']}, {meta['torch_threads']} threads")  # fmt: skip
-    ceilings = measure_ceilings(device, [], quick=args.quick)
-    report = Report("mask_sampling", args.out, meta, size_keys=SIZE_KEYS, ceilings=ceilings)
-    report.notes += [
+BENCH = Bench(
+    name="mask_sampling",
+    doc=__doc__,
+    full=FULL,
+    quick=QUICK,
+    size_keys=SIZE_KEYS,
+    specs=case_specs,
+    warmup=(1, 1),
+    reps=(7, 30, 3),
+    cases="step,step-noguide,step-strided,mask_tokens",
+    dtypes=("fp32", "fp32"),
+    meta=lambda args: {
+        "guidance": GUIDANCE,
+        "temperature": TEMPERATURE,
+        "choice_temperature": CHOICE_T,
+    },
+    notes=lambda args: [
         "Speedup and memory against torch-ref (same inputs, interleaved repetitions, medians). "
         "Peak extra memory = allocator peak above the memory live before the call; "
         "mem_vs_logits = that over one logits tensor (B·L·K·elt).",
         "Step bytes = each logits tensor read once + 30 B/position; % roofline against a device "
         "copy measured in this run.",
-    ]
-    threads = torch.get_num_threads()
-    for dtype in dtypes:
-        for name in cases:
-            print(f"\n## {name} {dtype_name(dtype)}", flush=True)
-            if name.startswith("step"):
-                case, note = step_case(sizes["b"], sizes["l"], sizes["k"], dtype, device,
-                                       guided=name != "step-noguide", strided=name == "step-strided",
-                                       backends=backends)  # fmt: skip
-                report.notes.append(note)
-                print("  " + note)
-            elif name == "mask_tokens":
-                if dtype != dtypes[0]:
-                    continue
-                case = mask_case(sizes["mask_b"], sizes["mask_l"], device, backends=backends)
-            else:
-                raise SystemExit(f"unknown case {name!r}")
-            rows = run_case(case, device, warmup=warmup, reps=reps, max_time_s=per_case_s,
-                            memory=not args.no_memory, ceilings=ceilings)  # fmt: skip
-            for r in rows:
-                lb = r.get("logits_bytes")
-                if not lb or r.get("peak_mem_bytes") is None:
-                    continue
-                if (
-                    r.get("provider") == "cpu"
-                ):  # the kernel's scratch (new[], unseen by the profiler)
-                    r["peak_mem_bytes"] += threads * (4 * (sizes["k"] + 16) + 16 * sizes["l"])
-                    base = next((x for x in rows if x["provider"] == "torch-ref"), {})
-                    if base.get("peak_mem_bytes"):
-                        r["mem_ratio"] = r["peak_mem_bytes"] / base["peak_mem_bytes"]
-                        r["mem_reduction"] = base["peak_mem_bytes"] / r["peak_mem_bytes"]
-                r["mem_vs_logits"] = r["peak_mem_bytes"] / lb
-            report.add(rows)
-            del case, rows
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    first = dtype_name(dtypes[0])
-    report.targets = check_targets([r for r in report.rows if r.get("dtype") in (first, "int64")],
-                                   targets_for(device))  # fmt: skip
-    report.finish()
-    print()
-    print(report.markdown())
-    print(f"results: {args.out / 'mask_sampling.json'}, {args.out / 'mask_sampling.md'}")
-    return exit_code(report, args.strict)
-
+    ],
+    ceilings=lambda args: [],  # copy bandwidth only: the step is bound by reading the logits
+    targets=targets_for,
+    target_rows=lambda args, rows: [
+        r for r in rows if r.get("dtype") in (dtype_name(args.dtypes[0]), "int64")
+    ],
+)
+main = BENCH.main
 
 if __name__ == "__main__":
     sys.exit(main())

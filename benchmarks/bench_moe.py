@@ -1,6 +1,6 @@
 """Grouped MoE dispatch: unif2ace's ops against plain-PyTorch MoE, forward + backward, speed and memory.
 
-UniF²ace's token MoE layer (shared/DESIGN.md §6): G = 2 task groups, each 1 shared + E_g = 8
+UniF²ace's token MoE layer: G = 2 task groups, each 1 shared + E_g = 8
 routed SiLU-GLU experts, top-k = 4 within the token's group, tokens split evenly at random
 between groups, plus the per-group balance loss. Cases:
 
@@ -24,11 +24,11 @@ between groups, plus the per-group balance loss. Cases:
                 UNIF2ACE_MOE_GEMM=grouped_mm (the GEMM choice, measured).
 
 Every provider computes the same loss: Σ y·g (a fixed contiguous upstream gradient g: the
-grouped_mm CPU backward fails on an expanded one, shared/DESIGN.md §2) + the balance loss.
+grouped_mm CPU backward fails on an expanded one) + the balance loss.
 FLOPs model (``layer``): 3 × 2·T·(k + 1)·D·(2F + F + ...)= 18·T·(k+1)·D·F (up 2F×D and down D×F
 per routed/shared slot, forward + 2× in backward), against a measured fp32 matmul.
 
-Run::
+Run (the same cases under pytest-benchmark: ``pytest benchmarks/ --benchmark-only -k moe``)::
 
     python benchmarks/bench_moe.py --threads 2           # CPU, T=8192, D=512, F=1024
     python benchmarks/bench_moe.py --quick --out /tmp/b  # seconds
@@ -44,22 +44,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*` (appended)
-import unif2ace  # noqa: E402
 from benchmarks.harness import (  # noqa: E402
+    Bench,
     Case,
+    CaseSpec,
     Provider,
-    Report,
     Target,
-    check_targets,
-    common_parser,
-    exit_code,
-    machine_info,
-    measure_ceilings,
-    pick_device,
-    run_case,
+    kernel_backends,
+    skip_reason,
 )
-from unif2ace import _backend  # noqa: E402
-from unif2ace.ops.moe import (  # noqa: E402
+from unif2ace.ops import (  # noqa: E402
     moe_balance_loss,
     moe_combine,
     moe_mlp,
@@ -70,6 +64,7 @@ from unif2ace.ops.moe import (  # noqa: E402
     moe_shared_experts,
 )
 
+KERNEL = "moe.route"
 SIZE_KEYS = ("T", "D", "F", "G", "E_g", "k", "dtype")
 FULL = {"t": 8192, "d": 512, "f": 1024, "groups": 2, "experts": 8, "k": 4}
 QUICK = {"t": 512, "d": 64, "f": 128, "groups": 2, "experts": 8, "k": 4}
@@ -135,8 +130,15 @@ def dispatch_eager(inp):
 
 
 def dispatch_ops(inp, backend):
-    r = moe_route(inp.logits, inp.k, group_ids=inp.gid, experts_per_group=inp.Eg,
-                  renormalize=False, return_stats=True, backend=backend)  # fmt: skip
+    r = moe_route(
+        inp.logits,
+        inp.k,
+        group_ids=inp.gid,
+        experts_per_group=inp.Eg,
+        renormalize=False,
+        return_stats=True,
+        backend=backend,
+    )
     plan = moe_plan(r.topk_ids, inp.E, backend=backend)
     xs = moe_permute(inp.x, plan, backend=backend)
     y = moe_combine(xs, r.topk_weights, plan, backend=backend)
@@ -192,8 +194,14 @@ def layer_ops(inp, backend, gemm=None):
     if gemm:
         os.environ["UNIF2ACE_MOE_GEMM"] = gemm
     try:
-        r = moe_route(inp.x @ inp.router.T, inp.k, group_ids=inp.gid, experts_per_group=inp.Eg,
-                      return_stats=True, backend=backend)  # fmt: skip
+        r = moe_route(
+            inp.x @ inp.router.T,
+            inp.k,
+            group_ids=inp.gid,
+            experts_per_group=inp.Eg,
+            return_stats=True,
+            backend=backend,
+        )
         y = moe_mlp(inp.x, inp.w_up, inp.w_down, r.topk_ids, r.topk_weights, backend=backend)
         y = y + moe_shared_experts(inp.x, inp.s_up, inp.s_down, group_ids=inp.gid, backend=backend)
         return finish(y, balance(r.expert_counts, r.prob_sums, inp), inp)
@@ -206,27 +214,33 @@ def layer_ops(inp, backend, gemm=None):
 
 
 def _params(inp, device):
-    return {"T": inp.T, "D": inp.D, "F": inp.F, "G": inp.G, "E_g": inp.Eg, "k": inp.k,
-            "dtype": "fp32", "device": device.type}  # fmt: skip
-
-
-def _skip(backend, device):
-    if not _backend.available(backend, device):
-        return f"backend {backend!r} not available for {device.type} tensors here"
-    from unif2ace.ops import moe
-
-    return None if backend in moe._ROUTE else f"no MoE {backend} backend yet"
+    return {
+        "T": inp.T,
+        "D": inp.D,
+        "F": inp.F,
+        "G": inp.G,
+        "E_g": inp.Eg,
+        "k": inp.k,
+        "dtype": "fp32",
+        "device": device.type,
+    }
 
 
 def dispatch_case(inp, device, backends):
     providers = [Provider("torch-eager", lambda: dispatch_eager(inp), inp.reset)]
     for b in backends:
-        providers.append(Provider(b, lambda b=b: dispatch_ops(inp, b), inp.reset, _skip(b, device)))
+        providers.append(
+            Provider(b, lambda b=b: dispatch_ops(inp, b), inp.reset, skip_reason(b, device, KERNEL))
+        )
     return Case(
-        name="dispatch", params=_params(inp, device), providers=providers, baseline="torch-eager",
-        outputs=lambda: [inp.x.grad, inp.logits.grad], tol=TOL,
+        name="dispatch",
+        params=_params(inp, device),
+        providers=providers,
+        baseline="torch-eager",
+        outputs=lambda: [inp.x.grad, inp.logits.grad],
+        tol=TOL,
         notes="route + plan + permute + combine, fwd + bwd (no expert GEMMs)",
-    )  # fmt: skip
+    )
 
 
 def layer_case(inp, device, backends):
@@ -235,90 +249,101 @@ def layer_case(inp, device, backends):
         Provider("grouped_mm", lambda: layer_grouped_mm(inp), inp.reset),
     ]
     for b in backends:
-        providers.append(Provider(b, lambda b=b: layer_ops(inp, b), inp.reset, _skip(b, device)))
+        providers.append(
+            Provider(b, lambda b=b: layer_ops(inp, b), inp.reset, skip_reason(b, device, KERNEL))
+        )
     if device.type == "cpu" and "cpu" in backends:
-        providers.append(Provider("cpu+grouped_mm", lambda: layer_ops(inp, "cpu", "grouped_mm"),
-                                  inp.reset, _skip("cpu", device)))  # fmt: skip
+        providers.append(
+            Provider(
+                "cpu+grouped_mm",
+                lambda: layer_ops(inp, "cpu", "grouped_mm"),
+                inp.reset,
+                skip_reason("cpu", device, KERNEL),
+            )
+        )
     flops = 18.0 * inp.T * (inp.k + 1) * inp.D * inp.F
     return Case(
-        name="layer", params=_params(inp, device), providers=providers, baseline="hf-loop",
-        flops=flops, flops_dtype=torch.float32,
-        outputs=lambda: [inp.x.grad, inp.router.grad, inp.w_up.grad, inp.w_down.grad,
-                         inp.s_up.grad, inp.s_down.grad],
-        tol=TOL, notes="flops = 18·T·(k+1)·D·F (up 2F·D + down F·D per slot, fwd + 2× bwd)",
-    )  # fmt: skip
+        name="layer",
+        params=_params(inp, device),
+        providers=providers,
+        baseline="hf-loop",
+        flops=flops,
+        flops_dtype=torch.float32,
+        outputs=lambda: [
+            inp.x.grad,
+            inp.router.grad,
+            inp.w_up.grad,
+            inp.w_down.grad,
+            inp.s_up.grad,
+            inp.s_down.grad,
+        ],
+        tol=TOL,
+        notes="flops = 18·T·(k+1)·D·F (up 2F·D + down F·D per slot, fwd + 2× bwd)",
+        after=grouped_mm_ratios,
+    )
 
 
-def add_peer_ratio(rows, case, provider, peer, key):
-    """rows[provider][key] = peer's median / provider's median (a second baseline)."""
-    by = {r["provider"]: r for r in rows if r["case"] == case and r.get("status") == "ok"}
-    if provider in by and peer in by:
-        by[provider][key] = by[peer]["median_ms"] / by[provider]["median_ms"]
+def grouped_mm_ratios(rows, report) -> None:
+    """``speedup_vs_grouped_mm``: the F.grouped_mm peer's median over each engine provider's (a
+    second baseline for the layer)."""
+    ok = {r["provider"]: r for r in rows if r.get("status") == "ok"}
+    if "grouped_mm" not in ok:
+        return
+    for name, r in ok.items():
+        if name not in ("hf-loop", "grouped_mm"):
+            r["speedup_vs_grouped_mm"] = ok["grouped_mm"]["median_ms"] / r["median_ms"]
 
 
-def targets_for(device):
-    b = "cpu" if device.type == "cpu" else "triton"
+def targets_for(args) -> list[Target]:
+    b = "cpu" if args.device.type == "cpu" else "triton"
+    vs_mm = f"{b} layer no slower than the F.grouped_mm version"
     return [
         Target("dispatch", b, "speedup", ">=", 3.0, f"{b} route+plan+permute+combine ≥ 3× eager"),
         Target("layer", b, "speedup", ">=", 1.2, f"{b} layer ≥ 1.2× the HF-style loop"),
-        Target(
-            "layer",
-            b,
-            "speedup_vs_grouped_mm",
-            ">=",
-            1.0,
-            f"{b} layer no slower than the F.grouped_mm version",
-        ),  # fmt: skip
+        Target("layer", b, "speedup_vs_grouped_mm", ">=", 1.0, vs_mm),
     ]
 
 
-def main(argv=None):
-    p = common_parser(__doc__.split("\n", 1)[0])
-    for key, default in FULL.items():
-        p.add_argument(f"--{key}", type=int, default=None,
-                       help=f"default {default} ({QUICK[key]} with --quick)")  # fmt: skip
-    p.add_argument("--cases", default="dispatch,layer")
-    args = p.parse_args(argv)
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sizes = {k: getattr(args, k) or (QUICK if args.quick else FULL)[k] for k in FULL}
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    reps = args.reps if args.reps is not None else (3 if args.quick else 10)
-    backends = ["cpu"] if device.type == "cpu" else ["triton", "cuda"]
-    unif2ace.set_checks(device.type == "cpu")
-    meta = machine_info(device)
-    meta.update(sizes=sizes, warmup=warmup, max_reps=reps,
-                moe_gemm=os.environ.get("UNIF2ACE_MOE_GEMM", "default"))  # fmt: skip
-    print(f"# moe on {meta.get('gpu') or meta['cpu_model']} ({device}), torch {meta['torch']}, "
-          f"{meta['torch_threads']} threads")  # fmt: skip
-    ceilings = measure_ceilings(device, [torch.float32], quick=args.quick)
-    report = Report("moe", args.out, meta, size_keys=SIZE_KEYS, ceilings=ceilings)
-    report.notes += [
+def case_specs(args) -> list[CaseSpec]:
+    device, backends = args.device, kernel_backends(args.device)
+    inputs: list[Inputs] = []  # one input set shared by the cases, built by the first that runs
+
+    def build(case_fn):
+        if not inputs:
+            inputs.append(Inputs(args.sizes, device))
+        return case_fn(inputs[0], device, backends)
+
+    cpu_gemm = ["cpu+grouped_mm"] if device.type == "cpu" else []
+    declared = {
+        "dispatch": (("torch-eager", *backends), dispatch_case),
+        "layer": (("hf-loop", "grouped_mm", *backends, *cpu_gemm), layer_case),
+    }
+    return [
+        CaseSpec(name, declared[name][0], lambda fn=declared[name][1]: build(fn))
+        for name in args.cases
+    ]
+
+
+BENCH = Bench(
+    name="moe",
+    doc=__doc__,
+    full=FULL,
+    quick=QUICK,
+    size_keys=SIZE_KEYS,
+    specs=case_specs,
+    warmup=(2, 1),
+    reps=(10, 10, 3),
+    cases="dispatch,layer",
+    meta=lambda args: {"moe_gemm": os.environ.get("UNIF2ACE_MOE_GEMM", "default")},
+    notes=lambda args: [
         "Same inputs, interleaved repetitions, medians; speedup against the case's baseline "
         "(dispatch: torch-eager; layer: hf-loop); speedup_vs_grouped_mm in the JSON rows.",
         "Every provider computes Σ y·g + balance loss and its full backward; fp32.",
-    ]
-    inp = Inputs(sizes, device)
-    cases = [c.strip() for c in args.cases.split(",")]
-    per_case_s = args.budget_s / len(cases) if args.budget_s else None
-    for name in cases:
-        print(f"\n## {name}", flush=True)
-        case = {"dispatch": dispatch_case, "layer": layer_case}[name](inp, device, backends)
-        rows = run_case(case, device, warmup=warmup, reps=reps, max_time_s=per_case_s,
-                        memory=not args.no_memory, ceilings=ceilings)  # fmt: skip
-        add_peer_ratio(rows, "layer", "cpu", "grouped_mm", "speedup_vs_grouped_mm")
-        add_peer_ratio(rows, "layer", "cpu+grouped_mm", "grouped_mm", "speedup_vs_grouped_mm")
-        for tb in ("triton", "cuda"):
-            add_peer_ratio(rows, "layer", tb, "grouped_mm", "speedup_vs_grouped_mm")
-        report.add(rows)
-    report.targets = check_targets(report.rows, targets_for(device))
-    report.finish()
-    print()
-    print(report.markdown())
-    print(f"results: {args.out / 'moe.json'}, {args.out / 'moe.md'}")
-    return exit_code(report, args.strict)
-
+    ],
+    ceilings=lambda args: [torch.float32],
+    targets=targets_for,
+)
+main = BENCH.main
 
 if __name__ == "__main__":
     raise SystemExit(main())

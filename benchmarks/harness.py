@@ -1,72 +1,62 @@
 """Shared benchmark harness: an op against its PyTorch peers, same process, same inputs, interleaved.
 
-Every ``benchmarks/bench_<op>.py`` builds :class:`Case` objects (one input set, several
-:class:`Provider` callables over it) and hands them to :func:`run_case`. For each case:
+A ``benchmarks/bench_<op>.py`` declares its cases as :class:`CaseSpec` objects (an id, the names
+of its providers, and a builder returning a :class:`Case`: one input set and the
+:class:`Provider` callables over it) and describes itself with a :class:`Bench`. The same specs
+run two ways:
+
+* **the script** (``python benchmarks/bench_<op>.py [--quick] [--out DIR]``, :meth:`Bench.main`):
+  :func:`run_case` on every case, then the report files (:mod:`benchmarks.results`). This path
+  keeps what pytest-benchmark does not do: interleaved providers, the error against the baseline
+  next to the time, peak memory, the roofline and the markdown report.
+* **pytest-benchmark** (``pytest benchmarks/ --benchmark-only``, ``benchmarks/conftest.py``): one
+  test per (case, provider), timed by ``benchmark.pedantic`` over the same provider call, so
+  pytest-benchmark's storage, ``--benchmark-compare`` and histograms work between versions.
+
+For each case :func:`run_case` does:
 
 1. **Warm-up**: each provider runs ``warmup`` times (compiles, caches, first-touch page faults).
    The first warm-up call's outputs (the provider's return value plus ``Case.outputs()``, e.g. the
    leaves' ``.grad``) are compared with the baseline's: ``rel_err = ‖x − x_base‖ / ‖x_base‖``
    (worst over outputs), so a fast but wrong provider shows up in the same row as its time.
 2. **Timing**, interleaved: repetition ``r`` runs every provider once, in an order rotated by ``r``
-   (no provider always runs first, after a cold cache or right after the most memory-hungry one).
-   ``Provider.reset`` runs before every call, un-timed (e.g. drop ``.grad`` so each call allocates
-   its gradients as a training step does). CUDA: events around the call plus a synchronize; CPU:
-   ``time.perf_counter``. Reported: median, quartiles (IQR) and min/max per provider, ratios of
-   medians against the baseline provider.
-3. **Memory**, a separate un-timed call per provider (profiling distorts time):
-
-   * CUDA: ``max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the memory
-     allocated just before the call.
-   * CPU: ``tracemalloc`` does not see torch's allocator. The torch profiler with
-     ``profile_memory=True`` records one ``[memory]`` event per allocation (+bytes) and free
-     (−bytes) of the CPU allocator; their running sum ordered by time is the memory live above the
-     start of the call, and its maximum is the peak extra memory. Only allocations made on threads
-     the profiler follows are seen (the calling thread and the CPU autograd engine, which runs on
-     the caller for CPU tensors; not separate Python threads). Our C++/CUDA kernels allocate
-     nothing themselves (they write into torch-allocated outputs), so torch's allocator events are
-     the whole picture for them and for the PyTorch peers alike.
-   * Cross-check on Linux: peak RSS of the call (``VmHWM`` after resetting it through
-     ``/proc/self/clear_refs``, minus ``VmRSS`` before). It over- or under-counts by what glibc
-     keeps or returns, so it is reported next to, never instead of, the allocator figure.
-
+   (:func:`~benchmarks.measure.interleaved_order`). ``Provider.reset`` runs before every call,
+   un-timed (e.g. drop ``.grad`` so each call allocates its gradients as a training step does).
+   Reported: median, quartiles (IQR) and min/max per provider, ratios of medians against the
+   baseline provider.
+3. **Memory**, a separate un-timed call per provider
+   (:func:`~benchmarks.measure.measure_peak_memory`).
 4. **Roofline**: a case may state the bytes its op must move and/or the FLOPs it must do per call
-   (its byte model in ``Case.notes``). The harness then reports GB/s and TFLOP/s, and, against
-   ceilings measured in the same process (:func:`measure_ceilings`: a large device copy for
-   bandwidth, a large matmul per dtype for dense FLOP/s), the fraction of roofline.
-
-Results go to ``<out>/<name>.json`` (machine, versions, commit, date, thread count, every row),
-``<out>/<name>.md`` (the table and the targets), rows appended to ``<out>/<name>.csv`` (history
-across machines, as Liger's benchmarks keep it) and ``<out>/<name>.png`` when matplotlib is
-installed. The files are rewritten after every case, so a run killed by a timeout keeps what it
-finished.
+   (its byte model in ``Case.notes``). The harness then reports GB/s and TFLOP/s and, against the
+   ceilings measured in the same process, the fraction of roofline.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import datetime as _dt
 import gc
-import json
 import math
-import os
-import platform
-import re
-import subprocess
-import sys
-import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MiB = float(1 << 20)
-
+import unif2ace
+from benchmarks.measure import (
+    apply_roofline,
+    dtype_name,
+    interleaved_order,
+    measure_ceilings,
+    measure_peak_memory,
+    merge_ceilings,
+    summarize,
+    time_call,
+)
+from benchmarks.results import REPO_ROOT, Report, machine_info
+from unif2ace import _backend
 
 # ------------------------------------------------------------------------------------------------
 # What a benchmark declares
@@ -95,7 +85,9 @@ class Case:
     ``params`` (sizes, dtype, device, layout …) is copied into every result row. ``bytes`` /
     ``flops`` are per call and feed the roofline columns; ``notes`` states their model.
     ``outputs`` returns tensors produced by a call besides ``fn``'s return value (e.g. ``.grad``).
-    ``tol`` is the largest ``rel_err`` against the baseline accepted as agreement.
+    ``tol`` is the largest ``rel_err`` against the baseline accepted as agreement. ``after``
+    (script path only) sees the case's rows and the report before the rows are added: derived
+    columns, notes, profiles.
     """
 
     name: str
@@ -108,6 +100,18 @@ class Case:
     outputs: Callable[[], Sequence[torch.Tensor | None]] | None = None
     tol: float = 1e-3
     notes: str = ""
+    after: Callable[[list[dict[str, Any]], Report], None] | None = None
+
+
+@dataclass
+class CaseSpec:
+    """A case before it is built: pytest-benchmark parametrizes over ``providers`` at collection
+    time, and ``build`` allocates the inputs only when the case runs. ``providers`` names every
+    provider ``build`` may return (one missing from the built case is a test failure)."""
+
+    id: str
+    providers: tuple[str, ...]
+    build: Callable[[], Case]
 
 
 @dataclass
@@ -127,230 +131,8 @@ class Target:
 
 
 # ------------------------------------------------------------------------------------------------
-# Statistics and timers
-# ------------------------------------------------------------------------------------------------
-
-
-def quantile(sorted_xs: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile of an already sorted sequence (numpy's default method)."""
-    if not sorted_xs:
-        return math.nan
-    pos = q * (len(sorted_xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
-
-
-def summarize(times_s: Sequence[float]) -> dict[str, float]:
-    """Median, quartiles, min, max (in ms) and the count of a list of times in seconds."""
-    xs = sorted(t * 1e3 for t in times_s)
-    return {
-        "median_ms": quantile(xs, 0.5),
-        "q1_ms": quantile(xs, 0.25),
-        "q3_ms": quantile(xs, 0.75),
-        "min_ms": xs[0] if xs else math.nan,
-        "max_ms": xs[-1] if xs else math.nan,
-        "reps": len(xs),
-    }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """Seconds one call of ``fn`` takes (CUDA events + synchronize on GPU, perf_counter on CPU)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        synchronize(device)
-        start.record()
-        out = fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) * 1e-3, out
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def interleaved_order(names: Sequence[str], rep: int) -> list[str]:
-    """The providers' order in repetition ``rep``: the list rotated by ``rep`` positions."""
-    if not names:
-        return []
-    k = rep % len(names)
-    return list(names[k:]) + list(names[:k])
-
-
-# ------------------------------------------------------------------------------------------------
-# Memory
-# ------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Silence fd 2 (kineto prints a line on every profiler start/stop); Python errors still raise."""
-    try:
-        fd = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        sys.stderr.flush()
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(fd, 2)
-        os.close(fd)
-
-
-def cpu_memory_events(prof) -> list[tuple[int, int]]:
-    """(time ns, ±bytes) of the CPU allocator's events recorded by a ``profile_memory`` profile.
-
-    torch 2.13 exposes them as kineto events named ``[memory]`` whose ``nbytes()`` is positive for
-    an allocation and negative for a free (``prof.profiler.kineto_results.events()``).
-    """
-    out = []
-    for e in prof.profiler.kineto_results.events():
-        if e.name() != "[memory]" or e.device_type() != torch.autograd.DeviceType.CPU:
-            continue
-        out.append((e.start_ns(), int(e.nbytes())))
-    out.sort(key=lambda x: x[0])
-    return out
-
-
-def peak_of_events(events: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """(peak, final) of the running sum of ±bytes events: memory live above the start."""
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak, live
-
-
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            m = re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.M)
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
-        return True
-    except OSError:
-        return False
-
-
-def measure_peak_memory(
-    fn: Callable[[], Any], device: torch.device, reset: Callable[[], None] | None = None
-) -> dict[str, int | None]:
-    """Peak extra memory of one call of ``fn`` above what was live before it (see module doc).
-
-    Returns ``peak_mem_bytes`` (torch allocator), ``end_mem_bytes`` (still live after the call:
-    e.g. the ``.grad`` it left) and ``peak_rss_bytes`` (CPU cross-check, None if unavailable).
-    """
-    if reset is not None:
-        reset()
-    gc.collect()
-    if device.type == "cuda":
-        synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        out = fn()
-        synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-        del out
-        end = torch.cuda.memory_allocated(device) - before
-        return {"peak_mem_bytes": int(peak), "end_mem_bytes": int(end), "peak_rss_bytes": None}
-
-    from torch.profiler import ProfilerActivity, profile
-
-    rss_ok = _reset_peak_rss()
-    rss_before = _proc_status_kib("VmRSS")
-    with _quiet_stderr():
-        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        prof.__enter__()
-    try:
-        out = fn()
-        del out
-    finally:
-        with _quiet_stderr():
-            prof.__exit__(None, None, None)
-    hwm = _proc_status_kib("VmHWM")
-    peak, end = peak_of_events(cpu_memory_events(prof))
-    rss = max(0, hwm - rss_before) * 1024 if rss_ok and hwm is not None and rss_before else None
-    return {"peak_mem_bytes": int(peak), "end_mem_bytes": int(end), "peak_rss_bytes": rss}
-
-
-# ------------------------------------------------------------------------------------------------
-# Ceilings (roofline), measured in the same process
-# ------------------------------------------------------------------------------------------------
-
-
-def _median_time(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
-    fn()
-    return summarize([time_call(fn, device)[0] for _ in range(reps)])["median_ms"] * 1e-3
-
-
-def measure_copy_bandwidth(device: torch.device, nbytes: int | None = None, reps: int = 5) -> float:
-    """Bytes/s of a large device copy, counting the read and the write (2 × size)."""
-    if nbytes is None:
-        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    t = _median_time(lambda: dst.copy_(src), device, reps)
-    return 2 * src.numel() * 4 / t
-
-
-def measure_matmul_flops(
-    device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 5
-) -> float:
-    """FLOP/s of an n×n×n matmul in ``dtype`` (under the process's current TF32 settings)."""
-    if n is None:
-        n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    t = _median_time(lambda: a @ b, device, reps)
-    return 2.0 * n**3 / t
-
-
-def measure_ceilings(
-    device: torch.device, dtypes: Sequence[torch.dtype] = (torch.float32,), quick: bool = False
-) -> dict[str, Any]:
-    """Copy bandwidth and dense matmul FLOP/s per dtype on ``device`` (smaller sizes if quick)."""
-    nbytes = (32 << 20) if quick else None
-    n = 512 if quick else None
-    out: dict[str, Any] = {
-        "copy_bytes_per_s": measure_copy_bandwidth(device, nbytes),
-        "matmul_flops": {},
-    }
-    for dt in dtypes:
-        if device.type == "cpu" and dt != torch.float32:
-            continue  # CPU low-precision matmul speed varies with the ISA; fp32 is the ceiling we use
-        out["matmul_flops"][dtype_name(dt)] = measure_matmul_flops(device, dt, n)
-    if device.type == "cuda":
-        out["tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
 # Running a case
 # ------------------------------------------------------------------------------------------------
-
-
-def dtype_name(dt: torch.dtype) -> str:
-    return {
-        torch.float32: "fp32",
-        torch.bfloat16: "bf16",
-        torch.float16: "fp16",
-        torch.float64: "fp64",
-    }.get(dt, str(dt).replace("torch.", ""))
 
 
 def _flatten_outputs(x: Any) -> list[torch.Tensor]:
@@ -535,34 +317,6 @@ def _derive(rows: dict[str, dict[str, Any]], case: Case, ceilings: dict[str, Any
     apply_roofline(rows.values(), ceilings)
 
 
-def apply_roofline(rows: Iterable[dict[str, Any]], ceilings: dict[str, Any] | None) -> None:
-    """(Re)compute ``bw_fraction`` / ``flops_fraction`` of rows from measured ceilings."""
-    if not ceilings:
-        return
-    copy_bw = ceilings.get("copy_bytes_per_s")
-    mm = ceilings.get("matmul_flops", {})
-    for row in rows:
-        if row.get("gbps") is not None and copy_bw:
-            row["bw_fraction"] = row["gbps"] * 1e9 / copy_bw
-        peak = mm.get(row.get("flops_dtype"))
-        if row.get("tflops") is not None and peak:
-            row["flops_fraction"] = row["tflops"] * 1e12 / peak
-
-
-def merge_ceilings(*measured: dict[str, Any] | None) -> dict[str, Any]:
-    """The best of several ceiling measurements (e.g. at the start and the end of a run): a
-    ceiling measured while something else ran is too low and would inflate every fraction."""
-    out: dict[str, Any] = {"copy_bytes_per_s": 0.0, "matmul_flops": {}}
-    for c in measured:
-        if not c:
-            continue
-        out["copy_bytes_per_s"] = max(out["copy_bytes_per_s"], c.get("copy_bytes_per_s", 0.0))
-        for k, v in c.get("matmul_flops", {}).items():
-            out["matmul_flops"][k] = max(out["matmul_flops"].get(k, 0.0), v)
-        out.update({k: v for k, v in c.items() if k not in ("copy_bytes_per_s", "matmul_flops")})
-    return out
-
-
 def check_targets(
     rows: Sequence[dict[str, Any]], targets: Sequence[Target]
 ) -> list[dict[str, Any]]:
@@ -593,319 +347,20 @@ def check_targets(
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# Machine description
-# ------------------------------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _git(*args: str) -> str | None:
-    try:
-        r = subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
-        return r.stdout.strip() if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """Machine, versions, commit, date and threads: stored with every result file."""
-    info: dict[str, Any] = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": str(device),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        # Other processes on the machine distort CPU timings (OpenMP barriers wait for descheduled
-        # threads): the load at the start and end of the run is kept with the results.
-        "loadavg_start": _loadavg(),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception:  # noqa: BLE001
-        info["triton"] = None
-    try:
-        import unif2ace
-        from unif2ace import _backend
-
-        info["unif2ace"] = unif2ace.__version__
-        info["backends_available"] = [
-            b for b in ("torch", "cpu", "triton", "cuda") if _backend.available(b, device)
-        ]
-    except Exception as exc:  # noqa: BLE001
-        info["unif2ace"] = f"import failed: {exc}"
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(
-            gpu=props.name,
-            gpu_memory_gib=round(props.total_memory / 2**30, 1),
-            gpu_capability=f"{props.major}.{props.minor}",
-            cuda=torch.version.cuda,
-        )
-    return info
+def exit_code(report: Report, strict: bool) -> int:
+    """1 when a provider crashed; with ``strict`` also when a target failed or outputs disagreed."""
+    if any(r.get("status") == "error" for r in report.rows):
+        return 1
+    if strict:
+        if any(t["passed"] is False for t in report.targets):
+            return 1
+        if any(r.get("note", "").startswith("disagrees") for r in report.rows):
+            return 1
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------
-# Output: JSON, markdown, CSV, PNG
-# ------------------------------------------------------------------------------------------------
-
-
-def _fmt(x: Any, spec: str = ".3g") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    if isinstance(x, float) and math.isinf(x):
-        return "inf"
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return str(x)
-    return str(x) if isinstance(x, int) else format(x, spec)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]], size_keys: Sequence[str] = ()) -> str:
-    """One line per provider: time (median, IQR), × baseline, peak extra memory, roofline."""
-    head = [
-        "case",
-        *size_keys,
-        "provider",
-        "median ms",
-        "IQR ms",
-        "min–max ms",
-        "speedup",
-        "peak extra MiB",
-        "mem ÷ baseline",
-        "RSS MiB",
-        "GB/s",
-        "TFLOP/s",
-        "% roofline",
-        "rel err",
-        "note",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        ok = r.get("status") == "ok"
-        roof = r.get("bw_fraction", r.get("flops_fraction"))
-        mem = r.get("peak_mem_bytes")
-        rss = r.get("peak_rss_bytes")
-        note = (
-            r.get("note", "")
-            if r.get("status") == "ok"
-            else f"{r.get('status')}: {r.get('note', '')}"
-        )
-        cells = [
-            r["case"],
-            *[_fmt(r.get(k)) for k in size_keys],
-            r["provider"],
-            _fmt(r.get("median_ms"), ".2f") if ok else "–",
-            f"{_fmt(r.get('q1_ms'), '.2f')}–{_fmt(r.get('q3_ms'), '.2f')}" if ok else "–",
-            f"{_fmt(r.get('min_ms'), '.2f')}–{_fmt(r.get('max_ms'), '.2f')}" if ok else "–",
-            f"{_fmt(r.get('speedup'), '.2f')}×" if r.get("speedup") else "–",
-            _fmt(mem / MiB, ".1f") if mem is not None else "–",
-            f"1/{_fmt(r.get('mem_reduction'), '.2f')}" if r.get("mem_reduction") else "–",
-            _fmt(rss / MiB, ".0f") if rss is not None else "–",
-            _fmt(r.get("gbps"), ".1f"),
-            _fmt(r.get("tflops"), ".3f"),
-            f"{100 * roof:.0f}%" if roof is not None else "–",
-            _fmt(r.get("rel_err"), ".1e"),
-            note.replace("|", "/").replace("\n", " "),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def targets_markdown(results: Sequence[dict[str, Any]]) -> str:
-    lines = []
-    for t in results:
-        mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["passed"]]
-        lines.append(f"- {mark} [{t['case']}] {t['label']} (measured {_fmt(t['value'], '.3g')})")
-    return "\n".join(lines)
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, torch.dtype):
-        return dtype_name(x)
-    if isinstance(x, (torch.device, Path)):
-        return str(x)
-    return repr(x)
-
-
-def _json_safe(x: Any) -> Any:
-    """Infinities/NaN become strings (strict JSON has no literal for them)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-@dataclass
-class Report:
-    """Collects a benchmark script's rows and writes them after every case."""
-
-    name: str
-    out_dir: Path
-    meta: dict[str, Any]
-    size_keys: Sequence[str] = ()
-    ceilings: dict[str, Any] | None = None
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    targets: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def add(self, rows: Sequence[dict[str, Any]]) -> None:
-        self.rows.extend(rows)
-        self.write()
-
-    def markdown(self) -> str:
-        m = self.meta
-        where = m.get("gpu") or m.get("cpu_model")
-        parts = [
-            f"## {self.name}",
-            "",
-            f"{where}, {m.get('device')}, torch {m.get('torch')}, triton {m.get('triton')}, "
-            f"{m.get('torch_threads')} threads, commit {str(m.get('git_commit'))[:10]}"
-            f"{' (dirty)' if m.get('git_dirty') else ''}, {m.get('date')}",
-        ]
-        if self.ceilings:
-            c = self.ceilings
-            mm = ", ".join(
-                f"{k} {v / 1e12:.2f} TFLOP/s" for k, v in c.get("matmul_flops", {}).items()
-            )
-            parts.append(
-                f"Measured ceilings: copy {c['copy_bytes_per_s'] / 1e9:.1f} GB/s; matmul {mm}."
-            )
-        load = [m.get("loadavg_start"), m.get("loadavg_end")]
-        if (
-            any(x and x[0] > 0.5 * (m.get("cpu_count") or 1) for x in load)
-            and m.get("device") == "cpu"
-        ):
-            parts.append(
-                f"**Machine busy** (1-min load average {load[0]} at start, {load[1]} at end "
-                f"on {m.get('cpu_count')} CPUs): CPU timings are inflated and noisy."
-            )
-        parts += ["", markdown_table(self.rows, self.size_keys)]
-        if self.targets:
-            parts += ["", "Targets (informational):", "", targets_markdown(self.targets)]
-        if self.notes:
-            parts += ["", *[f"- {n}" for n in self.notes]]
-        return "\n".join(parts) + "\n"
-
-    def write(self) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "benchmark": self.name,
-            "machine": self.meta,
-            "ceilings": self.ceilings,
-            "rows": self.rows,
-            "targets": self.targets,
-            "notes": self.notes,
-        }
-        (self.out_dir / f"{self.name}.json").write_text(
-            json.dumps(_json_safe(doc), indent=1, default=_json_default) + "\n"
-        )
-        (self.out_dir / f"{self.name}.md").write_text(self.markdown())
-
-    def finish(self) -> None:
-        """Final write, plus the CSV history rows and the PNG plot (if matplotlib is installed)."""
-        self.meta["loadavg_end"] = _loadavg()
-        apply_roofline(self.rows, self.ceilings)
-        self.write()
-        self._append_csv()
-        self._plot()
-
-    def _append_csv(self) -> None:
-        keys = [
-            "date",
-            "benchmark",
-            "device_name",
-            "torch",
-            "git_commit",
-            "case",
-            *self.size_keys,
-            "provider",
-            "status",
-            "median_ms",
-            "q1_ms",
-            "q3_ms",
-            "speedup",
-            "peak_mem_bytes",
-            "mem_reduction",
-            "gbps",
-            "tflops",
-            "rel_err",
-        ]
-        path = self.out_dir / f"{self.name}.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            for r in self.rows:
-                w.writerow(
-                    {
-                        **r,
-                        "date": self.meta.get("date"),
-                        "benchmark": self.name,
-                        "device_name": self.meta.get("gpu") or self.meta.get("cpu_model"),
-                        "torch": self.meta.get("torch"),
-                        "git_commit": self.meta.get("git_commit"),
-                    }
-                )
-
-    def _plot(self) -> Path | None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return None
-        ok = [r for r in self.rows if r.get("status") == "ok"]
-        if not ok:
-            return None
-        labels = [f"{r['case']}\n{r['provider']}" for r in ok]
-        fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(ok)), 4.5))
-        axes[0].bar(range(len(ok)), [r.get("speedup", 0) for r in ok])
-        axes[0].set_ylabel("speedup vs baseline (median)")
-        axes[1].bar(range(len(ok)), [r.get("mem_reduction", 0) or 0 for r in ok])
-        axes[1].set_ylabel("peak extra memory reduction vs baseline")
-        for ax in axes:
-            ax.axhline(1.0, color="gray", lw=0.8)
-            ax.set_xticks(range(len(ok)), labels, rotation=60, ha="right", fontsize=7)
-        fig.suptitle(f"{self.name} — {self.meta.get('gpu') or self.meta.get('cpu_model')}")
-        fig.tight_layout()
-        path = self.out_dir / f"{self.name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
-
-
-# ------------------------------------------------------------------------------------------------
-# Command line shared by every bench_*.py (gpu_suite.sh relies on --out and --budget-s)
+# The script every bench_*.py runs (gpu_suite.sh relies on --out and --budget-s)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -930,6 +385,13 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument(
+        "--checks",
+        choices=("on", "off", "default"),
+        default="default",
+        help="the ops' data checks (default: on for CPU, off for CUDA, where each check is a "
+        "host sync that the eager reference does not pay)",
+    )
+    p.add_argument(
         "--strict",
         action="store_true",
         help="exit 1 when a target fails or a provider disagrees with the baseline",
@@ -945,13 +407,162 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def exit_code(report: Report, strict: bool) -> int:
-    """1 when a provider crashed; with ``strict`` also when a target failed or outputs disagreed."""
-    if any(r.get("status") == "error" for r in report.rows):
-        return 1
-    if strict:
-        if any(t["passed"] is False for t in report.targets):
-            return 1
-        if any(r.get("note", "").startswith("disagrees") for r in report.rows):
-            return 1
-    return 0
+def kernel_backends(device: torch.device) -> list[str]:
+    """The engine's kernel backends measured on ``device`` against the PyTorch peers."""
+    return ["cpu"] if device.type == "cpu" else ["triton", "cuda"]
+
+
+def skip_reason(backend: str, device: torch.device, kernel: str) -> str | None:
+    """Why the ops cannot run ``kernel`` on ``backend`` here, or None: the library's own rule
+    (:func:`unif2ace._backend.resolve`: available on the device, and a launcher registered)."""
+    try:
+        _backend.resolve(backend, device, kernel, kernel)
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+Rows = list[dict[str, Any]]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Bench:
+    """One benchmark script: its sizes, defaults and hooks; :meth:`main` is the whole script.
+
+    ``full`` / ``quick`` are the size options (``--<key>``, ``_`` spelled ``-``) at full size and
+    under ``--quick``; ``warmup`` is (full, quick), ``reps`` (full on CPU, full on CUDA, quick).
+    ``cases`` (a comma list) adds ``--cases``; ``dtypes`` (the default on CPU, on CUDA) adds
+    ``--dtypes``. ``specs(args)`` declares the cases (``args.device``, ``args.sizes``,
+    ``args.cases``, ``args.dtypes`` … resolved by :meth:`parse`). ``ceilings(args)`` lists the dtypes whose matmul ceiling the roofline needs
+    (None: no roofline). ``targets(args)`` returns the informational goals, judged on the rows
+    ``target_rows(args, rows)`` keeps (default all).
+    """
+
+    name: str
+    doc: str
+    full: dict[str, Any]
+    quick: dict[str, Any]
+    size_keys: tuple[str, ...]
+    specs: Callable[[argparse.Namespace], list[CaseSpec]]
+    warmup: tuple[int, int] = (2, 1)
+    reps: tuple[int, int, int] = (10, 30, 3)
+    cases: str | None = None
+    dtypes: tuple[str, str] | None = None
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None
+    meta: Callable[[argparse.Namespace], dict[str, Any]] | None = None
+    notes: Callable[[argparse.Namespace], list[str]] = lambda args: []
+    ceilings: Callable[[argparse.Namespace], Sequence[torch.dtype]] | None = None
+    targets: Callable[[argparse.Namespace], list[Target]] = lambda args: []
+    target_rows: Callable[[argparse.Namespace, Rows], Rows] = lambda args, rows: rows
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    report_cls: type[Report] = Report
+
+    def parser(self) -> argparse.ArgumentParser:
+        p = common_parser(self.doc.split("\n", 1)[0])
+        for key, default in self.full.items():
+            p.add_argument(
+                f"--{key.replace('_', '-')}",
+                type=type(default),
+                default=None,
+                help=f"default {default!r} ({self.quick[key]!r} with --quick)",
+            )
+        if self.cases is not None:
+            p.add_argument("--cases", default=self.cases, help="comma list of cases")
+        if self.dtypes is not None:
+            p.add_argument(
+                "--dtypes",
+                default=None,
+                help=f"comma list of fp32,bf16,fp16 (default {self.dtypes[0]} on CPU, "
+                f"{self.dtypes[1]} on CUDA)",
+            )
+        if self.add_args is not None:
+            self.add_args(p)
+        return p
+
+    def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
+        """The command line, with ``device``, ``sizes``, ``warmup``, ``reps`` and ``checks``
+        resolved to what the run uses."""
+        args = self.parser().parse_args(argv)
+        args.device = pick_device(args.device)
+        args.sizes = {
+            k: getattr(args, k) or (self.quick if args.quick else self.full)[k] for k in self.full
+        }
+        if args.warmup is None:
+            args.warmup = self.warmup[1] if args.quick else self.warmup[0]
+        if args.reps is None:
+            full = self.reps[0] if args.device.type == "cpu" else self.reps[1]
+            args.reps = self.reps[2] if args.quick else full
+        if self.cases is not None:
+            args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+        if self.dtypes is not None:
+            names = args.dtypes or self.dtypes[args.device.type != "cpu"]
+            args.dtypes = [DTYPES[d.strip()] for d in names.split(",")]
+        args.checks = args.checks == "on" or (
+            args.checks == "default" and args.device.type == "cpu"
+        )
+        return args
+
+    def configure(self, args: argparse.Namespace) -> None:
+        """The process-wide settings of a run: threads and the ops' data checks."""
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        unif2ace.set_checks(args.checks)
+
+    def main(self, argv: Sequence[str] | None = None) -> int:
+        args = self.parse(argv)
+        device = args.device
+        if device.type not in self.devices:
+            print(f"{self.name}: nothing to measure on {device.type} ({self.doc.splitlines()[0]})")
+            return 0
+        self.configure(args)
+        meta = machine_info(device)
+        meta.update(sizes=args.sizes, value_checks=args.checks, warmup=args.warmup)
+        meta.update(max_reps=args.reps, **(self.meta(args) if self.meta else {}))
+        print(
+            f"# {self.name} on {meta.get('gpu') or meta['cpu_model']} ({device}), torch "
+            f"{meta['torch']}, {meta['torch_threads']} threads, backends here: "
+            f"{meta.get('backends_available')}"
+        )
+        dtypes = self.ceilings(args) if self.ceilings else None
+        ceilings = None if dtypes is None else measure_ceilings(device, dtypes, quick=args.quick)
+        report = self.report_cls(
+            self.name, args.out, meta, size_keys=self.size_keys, ceilings=ceilings
+        )
+        report.notes += self.notes(args)
+        if args.quick:
+            report.notes.append(
+                "--quick sizes: a smoke run; the targets are meant for the full sizes."
+            )
+        specs = self.specs(args)
+        per_case_s = args.budget_s / len(specs) if args.budget_s and specs else None
+        for spec in specs:
+            print(f"\n## {spec.id}", flush=True)
+            case = spec.build()
+            rows = run_case(
+                case,
+                device,
+                warmup=args.warmup,
+                reps=args.reps,
+                max_time_s=per_case_s,
+                memory=not args.no_memory,
+                ceilings=ceilings,
+            )
+            if case.after is not None:
+                case.after(rows, report)
+            report.add(rows)
+            del case, rows
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if dtypes is not None:
+            # Ceilings again at the end; the best of the two is kept (one taken while another
+            # process competed for the memory bus or the cores would inflate every fraction).
+            report.ceilings = merge_ceilings(
+                ceilings, measure_ceilings(device, dtypes, quick=args.quick)
+            )
+        report.targets = check_targets(self.target_rows(args, report.rows), self.targets(args))
+        report.finish()
+        print()
+        print(report.markdown())
+        print(f"results: {args.out / (self.name + '.json')}, {args.out / (self.name + '.md')}")
+        return exit_code(report, args.strict)

@@ -2,7 +2,7 @@
 
 Reads what the suite leaves there: ``steps.tsv`` (step, status, exit code, seconds, log),
 ``env.txt`` / ``nvidia-smi.txt``, the pytest junit file(s) ``junit-*.xml``, and every benchmark's
-``<name>.json`` + ``<name>.md`` (written by benchmarks/harness.py). Failed steps get the tail of
+``<name>.json`` + ``<name>.md`` (written by benchmarks/results.py). Failed steps get the tail of
 their log. Works on a partial folder (a step that never ran is simply absent).
 
     python benchmarks/report.py OUT_DIR
@@ -114,8 +114,16 @@ def main(argv: list[str]) -> int:
         parts += ["```", env.read_text().strip(), "```", ""]
     smi = out / "nvidia-smi.txt"
     if smi.exists():
-        parts += ["<details><summary>nvidia-smi</summary>", "", "```", smi.read_text().strip(), "```",
-                  "", "</details>", ""]  # fmt: skip
+        parts += [
+            "<details><summary>nvidia-smi</summary>",
+            "",
+            "```",
+            smi.read_text().strip(),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     parts += ["## Steps", "", *step_lines, ""]
     parts += ["## Tests", "", *junit_section(out), ""]
     parts += ["## Benchmarks", *bench_sections(out), ""]

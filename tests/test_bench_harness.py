@@ -1,36 +1,42 @@
 """The benchmark harness itself: statistics, interleaving, memory measurement, failure handling,
-and a seconds-long smoke run of the D3Diff benchmark in --quick mode."""
+seconds-long smoke runs of the benchmark scripts in --quick mode, and the same cases collected and
+run once under pytest-benchmark."""
 
 import json
 import math
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*`; appended, so
-# the repo root never shadows an installed package (e.g. Triton's own `triton_kernels`)
-from benchmarks import harness  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO))  # for `benchmarks.*`; appended, so the repo root never shadows an
+# installed package (e.g. Triton's own `triton_kernels`)
+from benchmarks import harness, measure  # noqa: E402
 from benchmarks.harness import Case, Provider, Target  # noqa: E402
+from benchmarks.results import Report  # noqa: E402
 
 CPU = torch.device("cpu")
 MiB = 1 << 20
 
 
 def test_summarize_median_quartiles():
-    s = harness.summarize([0.003, 0.001, 0.002, 0.004, 0.100])  # seconds → ms
+    s = measure.summarize([0.003, 0.001, 0.002, 0.004, 0.100])  # seconds → ms
     assert s["median_ms"] == pytest.approx(3.0)
     assert s["q1_ms"] == pytest.approx(2.0)
     assert s["q3_ms"] == pytest.approx(4.0)
     assert (s["min_ms"], s["max_ms"], s["reps"]) == (pytest.approx(1.0), pytest.approx(100.0), 5)
-    assert harness.summarize([0.001, 0.002])["median_ms"] == pytest.approx(1.5)
-    assert math.isnan(harness.summarize([])["median_ms"])
+    assert measure.summarize([0.001, 0.002])["median_ms"] == pytest.approx(1.5)
+    assert math.isnan(measure.summarize([])["median_ms"])
 
 
 def test_interleaved_order_rotates():
     names = ["a", "b", "c"]
-    orders = [harness.interleaved_order(names, r) for r in range(6)]
+    orders = [measure.interleaved_order(names, r) for r in range(6)]
     assert all(sorted(o) == names for o in orders)
     assert [o[0] for o in orders] == ["a", "b", "c", "a", "b", "c"]
 
@@ -73,12 +79,12 @@ def test_cpu_memory_sees_known_allocation():
         y = torch.empty(4 * MiB, dtype=torch.uint8)
         del x, y
 
-    m = harness.measure_peak_memory(alloc_and_free, CPU)
+    m = measure.measure_peak_memory(alloc_and_free, CPU)
     assert 12 * MiB <= m["peak_mem_bytes"] < 12 * MiB + 64 * 1024
     assert m["end_mem_bytes"] == 0
 
     kept = []
-    m = harness.measure_peak_memory(
+    m = measure.measure_peak_memory(
         lambda: kept.append(torch.ones(3 * MiB, dtype=torch.uint8)), CPU
     )
     assert m["end_mem_bytes"] == pytest.approx(3 * MiB, abs=4096)
@@ -92,13 +98,13 @@ def test_cpu_memory_sees_autograd_backward():
     def fwd_bwd():
         (x.exp() * 2).sum().backward()
 
-    m = harness.measure_peak_memory(fwd_bwd, CPU, reset=lambda: setattr(x, "grad", None))
+    m = measure.measure_peak_memory(fwd_bwd, CPU, reset=lambda: setattr(x, "grad", None))
     assert m["peak_mem_bytes"] >= 3 * MiB
     assert m["end_mem_bytes"] == pytest.approx(MiB, abs=4096)
 
 
 def test_peak_of_events():
-    assert harness.peak_of_events([(0, 5), (1, 3), (2, -5), (3, 4), (4, -7)]) == (8, 0)
+    assert measure.peak_of_events([(0, 5), (1, 3), (2, -5), (3, 4), (4, -7)]) == (8, 0)
 
 
 @pytest.mark.gpu
@@ -110,7 +116,7 @@ def test_cuda_memory_sees_known_allocation():
         x = torch.empty(8 * MiB, dtype=torch.uint8, device=dev)
         del x
 
-    m = harness.measure_peak_memory(alloc_and_free, dev)
+    m = measure.measure_peak_memory(alloc_and_free, dev)
     assert 8 * MiB <= m["peak_mem_bytes"] < 10 * MiB
 
 
@@ -139,7 +145,7 @@ def test_errors_skips_and_disagreement_are_rows():
     assert rows["crash"]["status"] == "error" and "kernel exploded" in rows["crash"]["note"]
     assert rows["absent"]["status"] == "skipped" and rows["absent"]["note"] == "not built"
 
-    rep = harness.Report("t", Path("/nonexistent"), {}, rows=list(rows.values()))
+    rep = Report("t", Path("/nonexistent"), {}, rows=list(rows.values()))
     assert harness.exit_code(rep, strict=False) == 1
 
 
@@ -202,9 +208,23 @@ def test_bench_e2e_quick_with_profile(tmp_path):
     splits each step into GEMM / attention / other with the bound it puts on the speed-up."""
     from benchmarks import bench_e2e as bench
 
-    rc = bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--reps", "2",
-                     "--profile", "--model-set", "n_layers=1", "d_model=32", "n_heads=2",
-                     "expert_ffn=32"])  # fmt: skip
+    rc = bench.main(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+            "--reps",
+            "2",
+            "--profile",
+            "--model-set",
+            "n_layers=1",
+            "d_model=32",
+            "n_heads=2",
+            "expert_ffn=32",
+        ]
+    )
     assert rc == 0
     doc = json.loads((tmp_path / "e2e.json").read_text())
     rows = {r["provider"]: r for r in doc["rows"]}
@@ -234,7 +254,7 @@ def test_report_summarises_a_suite_folder(tmp_path):
         '<testcase classname="t" name="sk"><skipped message="needs CUDA"/></testcase>'
         "</testsuite></testsuites>"
     )
-    rep = harness.Report("fake", tmp_path, {"device": "cuda", "gpu": "H100"})
+    rep = Report("fake", tmp_path, {"device": "cuda", "gpu": "H100"})
     rep.add([{"case": "c", "provider": "p", "status": "ok", "median_ms": 1.0}])
     assert report.main([str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
@@ -247,10 +267,10 @@ def test_report_summarises_a_suite_folder(tmp_path):
 def test_roofline_uses_the_best_ceiling():
     a = {"copy_bytes_per_s": 10e9, "matmul_flops": {"fp32": 1e12}}
     b = {"copy_bytes_per_s": 20e9, "matmul_flops": {"fp32": 0.5e12, "bf16": 2e12}}
-    c = harness.merge_ceilings(a, None, b)
+    c = measure.merge_ceilings(a, None, b)
     assert c["copy_bytes_per_s"] == 20e9 and c["matmul_flops"] == {"fp32": 1e12, "bf16": 2e12}
     rows = [{"gbps": 5.0}, {"tflops": 0.25, "flops_dtype": "fp32"}]
-    harness.apply_roofline(rows, c)
+    measure.apply_roofline(rows, c)
     assert rows[0]["bw_fraction"] == pytest.approx(0.25)
     assert rows[1]["flops_fraction"] == pytest.approx(0.25)
 
@@ -268,3 +288,49 @@ def test_bench_attention_quick(tmp_path):
         if rows[(case, "cpu")]["status"] != "skipped":
             assert rows[(case, "cpu")]["rel_err"] < 1e-4 and rows[(case, "cpu")]["median_ms"] > 0
     assert 0 < rows[("fwd[tiny]", "cpu")]["score_fraction"] < 1
+
+
+def test_bench_mask_sampling_and_moe_quick(tmp_path):
+    """The other two scripts at tiny sizes: every provider runs, the kernels agree."""
+    from benchmarks import bench_mask_sampling, bench_moe
+
+    common = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--reps", "1", "--warmup", "1"]
+    assert bench_mask_sampling.main([*common, "--b", "1", "--l", "16", "--k", "64"]) == 0
+    assert bench_moe.main([*common, "--t", "64", "--d", "16", "--f", "32"]) == 0
+    mask = json.loads((tmp_path / "mask_sampling.json").read_text())
+    assert {r["status"] for r in mask["rows"]} == {"ok"}
+    assert any("exactness on supplied noise" in n for n in mask["notes"])
+    moe = {
+        (r["case"], r["provider"]): r
+        for r in json.loads((tmp_path / "moe.json").read_text())["rows"]
+    }
+    assert moe[("dispatch", "cpu")]["rel_err"] < 1e-4
+    assert moe[("layer", "cpu")]["speedup_vs_grouped_mm"] > 0
+
+
+def _pytest_benchmarks(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "pytest", "benchmarks/", "--bench-quick", "-q"]
+    cmd += ["-p", "no:cacheprovider", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_pytest_benchmark_cases_collect_and_run_once():
+    """Every bench_*.py script's cases are pytest-benchmark tests (one per case and provider), and
+    a sample of them runs once with --benchmark-disable."""
+    r = _pytest_benchmarks("--collect-only")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ids = re.findall(r"test_bench\[([^/]+)/", r.stdout)
+    scripts = {p.stem.removeprefix("bench_") for p in (REPO / "benchmarks").glob("bench_*.py")}
+    assert set(ids) == scripts, r.stdout
+    assert "test_bench[moe/layer/hf-loop]" in r.stdout
+    r = _pytest_benchmarks("--benchmark-disable", "-k", "d3diff_loss or dispatch")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"\b9 passed", r.stdout), r.stdout
+
+
+@pytest.mark.slow
+def test_pytest_benchmark_every_case_runs_once():
+    r = _pytest_benchmarks("--benchmark-disable")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert " failed" not in r.stdout and " error" not in r.stdout, r.stdout
