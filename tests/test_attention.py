@@ -400,8 +400,10 @@ def test_errors():
     limit = torch.full((2, 5), 5, dtype=torch.int32)
     with pytest.raises(ValueError, match="must be \\[B, L, H, Dh\\]"):
         omni_attention(q[0], k[0], v[0], limit)
-    with pytest.raises(ValueError, match="one shape"):
-        omni_attention(q, k[:, :4], v, limit)
+    with pytest.raises(ValueError, match="Lk >= Lq"):
+        omni_attention(q, k[:, :4], v[:, :4], limit)
+    with pytest.raises(ValueError, match="Lk >= Lq"):
+        omni_attention(q, k, v[:, :4], limit)
     with pytest.raises(TypeError, match="one floating dtype"):
         omni_attention(q, k.double(), v, limit)
     with pytest.raises(ValueError, match="limit must be an integer tensor"):
@@ -416,3 +418,43 @@ def test_errors():
         omni_attention(q, k, v, limit, rotary=(torch.ones(2, 5, 9), torch.ones(2, 5, 9)))
     with pytest.raises(ValueError, match="rotary must be a pair"):
         omni_attention(q, k, v, limit, rotary=torch.ones(2, 5, 4))
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (1, 23), (3, 17)])
+def test_fewer_queries_than_keys_is_a_decode_step(backend, Lq, Lk):
+    """The queries are the last Lq positions: query i always sees key Lk - Lq + i (a KV-cache
+    decode step); the default backend on CPU runs it through SDPA (the kernel takes Lq = Lk)."""
+    g = torch.Generator().manual_seed(Lq * 100 + Lk)
+    B, H, Dh = 3, 2, 16
+    q = torch.randn(B, Lq, H, Dh, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Lk, H, Dh, generator=g, dtype=torch.float64) for _ in range(2))
+    limit = torch.randint(0, Lk + 1, (B, Lq), generator=g, dtype=torch.int32)
+    key_valid = torch.rand(B, Lk, generator=g) > 0.3
+    mask = limit_mask(limit, key_valid)
+    assert mask.shape == (B, Lq, Lk)
+    assert mask[:, torch.arange(Lq), torch.arange(Lk - Lq, Lk)].all()  # each query sees itself
+    explicit = torch.softmax(
+        (torch.einsum("bihd,bjhd->bhij", q, k) / Dh**0.5).masked_fill(~mask[:, None], -torch.inf),
+        dim=-1,
+    )
+    want = torch.einsum("bhij,bjhd->bihd", explicit, v)
+    qf, kf, vf = (t.float().requires_grad_() for t in (q, k, v))
+    out = omni_attention(qf, kf, vf, limit, key_valid, backend=backend)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(omni_attention_ref(q, k, v, limit, key_valid), want)
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (qf, kf, vf))
+
+
+@needs_kernel
+def test_decode_step_errors():
+    q = torch.randn(2, 1, 2, 16)
+    k, v = torch.randn(2, 7, 2, 16), torch.randn(2, 7, 2, 16)
+    limit = torch.full((2, 1), 7, dtype=torch.int32)
+    with pytest.raises(ValueError, match="Lq = Lk"):
+        omni_attention(q, k, v, limit, backend="cpu")
+    with pytest.raises(ValueError, match="rotary needs as many queries as keys"):
+        omni_attention(q, k, v, limit, rotary=(torch.ones(2, 1, 4), torch.ones(2, 1, 4)))
+    with pytest.raises(ValueError, match="key_valid must be a bool tensor \\[B, Lk\\]"):
+        omni_attention(q, k, v, limit, torch.ones(2, 1, dtype=torch.bool))

@@ -11,14 +11,13 @@ forward pass is one call of :func:`unif2ace.ops.omni_attention`, whose backend d
 kernel on CPU fp32 (rotary inside, no copies), SDPA under ``use_backend("torch")`` (two calls when
 every row has its image at the same place and no padding, else the boolean mask), flash-attn on
 CUDA fp16 / bf16 for that same layout. :meth:`Attention.decode` (one new token against the KV
-cache) is one SDPA call.
+cache) is the same op with one query and the cached keys.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from unif2ace import ops
 from unif2ace.ops.attention import apply_rotary
@@ -92,6 +91,8 @@ class Attention(nn.Module):
         q, k = self.rotary(q, positions), self.rotary(k, positions)
         cache["k"] = torch.cat([cache["k"], k], 2)
         cache["v"] = torch.cat([cache["v"], v], 2)
-        mask = key_valid[:, None, None, :]
-        o = F.scaled_dot_product_attention(q, cache["k"], cache["v"], attn_mask=mask)
-        return self.dense(o.transpose(1, 2).reshape(B, 1, D))
+        Lk = cache["k"].shape[2]
+        limit = torch.full((B, 1), Lk, dtype=torch.int32, device=x.device)  # causal: every key
+        kt, vt = cache["k"].transpose(1, 2), cache["v"].transpose(1, 2)
+        o = ops.omni_attention(q.transpose(1, 2), kt, vt, limit, key_valid)  # [B, 1, H, Dh]
+        return self.dense(o.reshape(B, 1, D))

@@ -66,27 +66,35 @@ def _check(q, k, v, limit, key_valid, rotary):
             raise TypeError(f"{OP}: {name} must be a tensor, got {type(t).__name__}")
     if q.dim() != 4:
         raise ValueError(f"{OP}: q must be [B, L, H, Dh], got shape {tuple(q.shape)}")
-    if k.shape != q.shape or v.shape != q.shape:
+    B, L = q.shape[:2]
+    Lk = k.shape[1] if k.dim() == 4 else -1
+    if (
+        k.dim() != 4
+        or v.shape != k.shape
+        or (k.shape[0], k.shape[2], k.shape[3]) != (B, q.shape[2], q.shape[3])
+        or Lk < L
+    ):
         raise ValueError(
-            f"{OP}: q, k, v must have one shape, got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
+            f"{OP}: q must be [B, Lq, H, Dh] and k, v [B, Lk, H, Dh] with Lk >= Lq, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(
             f"{OP}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
-    B, L = q.shape[:2]
     if not isinstance(limit, torch.Tensor) or limit.shape != (B, L) or limit.is_floating_point():
         got = tuple(limit.shape) if isinstance(limit, torch.Tensor) else type(limit).__name__
-        raise ValueError(f"{OP}: limit must be an integer tensor [B, L] = [{B}, {L}], got {got}")
-    if key_valid is not None and (key_valid.shape != (B, L) or key_valid.dtype != torch.bool):
+        raise ValueError(f"{OP}: limit must be an integer tensor [B, Lq] = [{B}, {L}], got {got}")
+    if key_valid is not None and (key_valid.shape != (B, Lk) or key_valid.dtype != torch.bool):
         raise ValueError(
-            f"{OP}: key_valid must be a bool tensor [{B}, {L}], got "
+            f"{OP}: key_valid must be a bool tensor [B, Lk] = [{B}, {Lk}], got "
             f"{key_valid.dtype} {tuple(key_valid.shape)}"
         )
     kv = {} if key_valid is None else {"key_valid": key_valid}
     check_device(OP, q.device, k=k, v=v, limit=limit, **kv)
     if rotary is not None:
+        if Lk != L:
+            raise ValueError(f"{OP}: rotary needs as many queries as keys; rotate q and k first")
         if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
             raise ValueError(f"{OP}: rotary must be a pair (cos, sin), got {type(rotary).__name__}")
         cos, sin = rotary
@@ -105,8 +113,8 @@ def _check(q, k, v, limit, key_valid, rotary):
         check_device(OP, q.device, cos=cos, sin=sin)
     if _backend.checks_enabled() and limit.numel() and not torch.compiler.is_compiling():
         lo, hi = int(limit.min()), int(limit.max())
-        if lo < 0 or hi > L:
-            raise ValueError(f"{OP}: limit must lie in [0, L] = [0, {L}], got [{lo}, {hi}]")
+        if lo < 0 or hi > Lk:
+            raise ValueError(f"{OP}: limit must lie in [0, Lk] = [0, {Lk}], got [{lo}, {hi}]")
 
 
 def omni_attention(
@@ -124,33 +132,36 @@ def omni_attention(
 
         out[b, i, h] = Σ_j softmax_j(scale · q̃[b, i, h] · k̃[b, j, h] + mask[b, i, j]) v[b, j, h]
 
-    with ``mask = 0`` where ``(j < limit[b, i] and key_valid[b, j]) or j == i`` and ``-inf``
-    elsewhere; ``q̃, k̃`` are q and k turned by ``rotary`` (:func:`apply_rotary`), or q and k.
+    with ``mask = 0`` where ``(j < limit[b, i] and key_valid[b, j]) or j == Lk - Lq + i`` and
+    ``-inf`` elsewhere; ``q̃, k̃`` are q and k turned by ``rotary`` (:func:`apply_rotary`), or q
+    and k. Usually ``Lq = Lk = L``; fewer queries than keys is a decode step against a KV cache
+    (the queries are the last ``Lq`` positions, as in flash-attn).
 
     Parameters
     ----------
-    q, k, v : Tensor [B, L, H, Dh]
+    q : Tensor [B, Lq, H, Dh]
+    k, v : Tensor [B, Lk, H, Dh], ``Lk >= Lq``
         One floating dtype, any strides (flash-attn's layout; views of ``[B, H, L, Dh]`` work).
-    limit : Tensor [B, L], integer in ``[0, L]``
+    limit : Tensor [B, Lq], integer in ``[0, Lk]``
         Query ``i`` sees the keys ``j < limit[b, i]`` (and itself); :func:`omni_limit` gives
         Show-o's.
-    key_valid : Tensor [B, L] bool, optional
+    key_valid : Tensor [B, Lk] bool, optional
         Keys that may be attended (False: padding); None means all.
     scale : float, optional
         Default ``1 / sqrt(Dh)``.
     rotary : (cos, sin), each Tensor [B, L, half] floating, ``2 · half ≤ Dh``, optional
         The rotary embedding applied to q and k first (inside the kernel on "cpu"); the gradients
-        are those of the un-rotated q and k.
+        are those of the un-rotated q and k. Only with ``Lq = Lk``.
     backend : None | "auto" | "torch" | "cpu" | "cuda"
         None: the process default ("auto" when that backend has no launcher of this op, e.g.
         "triton"); "auto": "cpu", else "torch" on CPU tensors, "cuda", else "torch" on CUDA
         tensors. "torch": SDPA (two calls when the layout allows, else the
-        boolean mask); "cpu": the C++ kernel (fp32, head sizes 16/32/64/128; under "auto" other
-        inputs run "torch"); "cuda": flash-attn for the split layout, SDPA otherwise.
+        boolean mask); "cpu": the C++ kernel (fp32, head sizes 16/32/64/128, ``Lq = Lk``; under
+        "auto" other inputs run "torch"); "cuda": flash-attn for the split layout, SDPA otherwise.
 
     Returns
     -------
-    Tensor [B, L, H, Dh]
+    Tensor [B, Lq, H, Dh]
         q's dtype; contiguous from "cpu", a transposed view from the others. Differentiable.
     """
     _check(q, k, v, limit, key_valid, rotary)
@@ -158,11 +169,11 @@ def omni_attention(
     if backend is None and _backend.get_backend() not in _backend.implemented(KERNEL):
         backend = "auto"  # a process default with no launcher here (triton) is a preference
     name = _backend.resolve(backend, q.device, OP, kernel=KERNEL)
-    if name == "cpu" and not _cpu.supports(q):
+    if name == "cpu" and not (_cpu.supports(q) and k.shape[1] == q.shape[1]):
         if backend not in (None, "auto"):
             raise ValueError(
-                f"{OP}: the cpu kernel takes fp32 with head size 16, 32, 64 or 128; "
-                f"got {q.dtype}, head size {q.shape[-1]}"
+                f"{OP}: the cpu kernel takes fp32 with head size 16, 32, 64 or 128 and Lq = Lk; "
+                f"got {q.dtype}, head size {q.shape[-1]}, Lq {q.shape[1]}, Lk {k.shape[1]}"
             )
         name = "torch"
     cos, sin = (None, None) if rotary is None else rotary

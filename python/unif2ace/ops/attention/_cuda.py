@@ -39,7 +39,7 @@ def flash_available(x: torch.Tensor) -> bool:
 def omni(q, k, v, limit, key_valid, cos, sin, scale):
     with torch.cuda.device(q.device):
         qt, kt, vt = _torch.rotated_heads_first(q, k, v, cos, sin)
-        span = _torch.split_span(limit, key_valid)
+        span = _torch.split_span(limit, key_valid) if q.shape[1] == k.shape[1] else None
         if span is None or not flash_available(q):
             return _torch.sdpa(qt, kt, vt, limit, key_valid, span, scale).transpose(1, 2)
         flash = _flash_attn_func()

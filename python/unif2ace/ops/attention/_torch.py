@@ -3,7 +3,10 @@
 Shapes: ``q, k, v [B, L, H, Dh]`` (flash-attn's layout; any strides with the head dimension
 contiguous); ``limit [B, L]`` integer and ``key_valid [B, L]``; query ``i`` of row ``b`` may attend
 to key ``j`` when ``(j < limit[b, i] and key_valid[b, j]) or j == i``
-(:func:`~unif2ace.ops.attention.reference.limit_mask`). ``cos, sin [B, L, half]`` (or both None)
+(:func:`~unif2ace.ops.attention.reference.limit_mask`). ``"attention.omni"`` also takes fewer
+queries than keys (``q [B, Lq, H, Dh]``, ``k, v [B, Lk, H, Dh]``, ``limit [B, Lq]``,
+``key_valid [B, Lk]``, no rotary): the queries are the last ``Lq`` positions and query ``i``
+always sees key ``Lk - Lq + i`` (a decode step against a KV cache). ``cos, sin [B, L, half]`` (or both None)
 turn q and k first (:func:`~unif2ace.ops.attention.rotary.apply_rotary`); gradients are those of
 the un-rotated q and k. ``scale`` is a float.
 
@@ -78,7 +81,7 @@ def sdpa(qt, kt, vt, limit, key_valid, span, scale):
     """SDPA of ``[B, H, L, Dh]`` inputs: the split of ``span = (s, e)``, or the boolean mask when
     ``span`` is None. Returns ``[B, H, L, Dh]``."""
     if span is None:
-        mask = limit_mask(limit, key_valid)[:, None]
+        mask = limit_mask(limit, key_valid, kt.shape[2])[:, None]
         return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
     s, e = span
     out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
@@ -91,7 +94,8 @@ def sdpa(qt, kt, vt, limit, key_valid, span, scale):
 @_backend.register("attention.omni", "torch")
 def omni(q, k, v, limit, key_valid, cos, sin, scale):
     qt, kt, vt = rotated_heads_first(q, k, v, cos, sin)
-    out = sdpa(qt, kt, vt, limit, key_valid, split_span(limit, key_valid), scale)
+    span = split_span(limit, key_valid) if q.shape[1] == k.shape[1] else None
+    out = sdpa(qt, kt, vt, limit, key_valid, span, scale)
     return out.transpose(1, 2)
 
 
