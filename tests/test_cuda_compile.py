@@ -1,10 +1,10 @@
 """Every ``csrc/cuda/*.cu`` compiles with nvcc for sm_80 and sm_90a, warnings as errors, no spills.
 
-On a machine without a GPU this is the only check CUDA code gets (shared/DESIGN.md §2, §11): a
+On a machine without a GPU this is the only check CUDA code gets: a
 failed compile, any warning, or a register spill in any kernel fails the test. Registers, stack
 frame and shared memory per kernel are printed (straight to the terminal, no ``-s`` needed) and
 recorded as test properties. Skipped when nvcc is not on PATH. The compiles run in parallel, one
-per core (~10 s for d3diff_loss.cu on 2 cores).
+per core.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Triton MoE kernels (triton_kernels/moe.py) against the torch launchers (ops/moe/_torch.py),
-beyond what tests/test_moe.py covers through the public ops: every output element written
-(NaN-poisoned buffers), combine backward in place (grad_src = src), the saved pre-activation h of
-the gathered grouped GEMM, and plans with a block_m other than the default 64. Under the
-interpreter on CPU (tests/conftest.py), on the GPU with UNIF2ACE_TEST_GPU=1."""
+"""Triton MoE kernels (triton_kernels/moe.py, moe_route.py) against the torch launchers
+(ops/moe/_torch.py), beyond what tests/test_moe.py covers through the public ops: every output
+element written (NaN-poisoned buffers), combine backward in place (grad_src = src), the saved
+pre-activation h of the gathered grouped GEMM, and plans with a block_m other than the default 64.
+Under the interpreter on CPU (tests/conftest.py), on the GPU with UNIF2ACE_TEST_GPU=1."""
 
 import pytest
 import torch
@@ -16,6 +16,8 @@ pytestmark = pytest.mark.skipif(
     not _backend.available("triton", device_for("triton")), reason="triton not available here"
 )
 tk = pytest.importorskip("unif2ace.triton_kernels.moe")
+from unif2ace.triton_kernels import moe_aot, moe_route  # noqa: E402
+
 DEV = device_for("triton")
 
 
@@ -104,8 +106,8 @@ def test_plan_without_tile_map_is_a_clear_error():
 
 
 def test_pick_config_stays_within_aot_configs():
-    covered = {(cfg, dtype) for kind, cfg, dtype in tk.aot_configs() if kind != "row"}
-    for dtype in tk.AOT_DTYPES:
+    covered = {(cfg, dtype) for kind, cfg, dtype in moe_aot.aot_configs() if kind != "row"}
+    for dtype in moe_aot.AOT_DTYPES:
         assert (tk._pick_gemm_config(dtype), dtype) in covered
     assert tk._pick_row_config(False) == tk._ROW
 
@@ -146,7 +148,7 @@ def test_route_kernel_matches_torch_launcher(mode, T, E, k, ties):
         for _ in range(2)
     ]
     args = (z, offs, gid, bias, k, scoring, True, ng, tg, 1.5)
-    tk.route(*args, *outs[0])
+    moe_route.route(*args, *outs[0])
     _torch.route(z.double(), *args[1:], *outs[1])
     ids, w, cnt, ps = outs[0]
     ids_r, w_r, cnt_r, ps_r = outs[1]
@@ -185,10 +187,10 @@ def test_route_bwd_torch_matches_cpu(scoring, renormalize):
 
 
 def test_route_config_stays_within_aot_configs():
-    covered = {cfg for kind, cfg, _ in tk.aot_configs() if kind[0] == "route"}
-    for E in range(1, tk.ROUTE_MAX_E + 1):
-        assert tk._pick_route_config(E, False) in covered
-    assert not tk.route_supported(tk.ROUTE_MAX_E + 1, 2, 0)
+    covered = {cfg for kind, cfg, _ in moe_aot.aot_configs() if kind[0] == "route"}
+    for E in range(1, moe_route.ROUTE_MAX_E + 1):
+        assert moe_route._pick_route_config(E, False) in covered
+    assert not moe_route.route_supported(moe_route.ROUTE_MAX_E + 1, 2, 0)
 
 
 def test_route_beyond_kernel_limits_falls_back():

@@ -1,14 +1,14 @@
-"""Ahead-of-time GPU compiles of the Triton kernels, on a machine without a GPU (DESIGN.md §2, §11).
+"""Ahead-of-time GPU compiles of the Triton kernels, on a machine without a GPU.
 
 Every configuration a launcher can pick is compiled for sm_80 and sm_90, in fp32, bf16 and fp16,
 with Triton's own ptxas; a failed compile or a register spill fails the test. Registers, spills,
 shared memory and the widest global load are printed and written to build/aot/<module>.json.
+Each module in MODULES lists its compile jobs as ``aot_specs(full=False)``.
 
 tests/conftest.py sets TRITON_INTERPRET=1 before the package is imported, which makes every
 ``@triton.jit`` an interpreter wrapper that cannot be compiled; the compiles therefore run in a
-subprocess without that variable (``unif2ace.triton_kernels.aot.run_report``). d3diff_loss: 76
-compiles, 15-45 s on 2 shared cores; the every-variant sweep (flag combinations, unaligned
-strides: 572 compiles for d3diff_loss, ~2 min of CPU) is marked slow.
+subprocess without that variable (``unif2ace.triton_kernels.aot.run_report``). The every-variant
+sweep (flag combinations, unaligned strides) takes minutes of CPU and is marked slow.
 """
 
 import itertools
@@ -25,13 +25,14 @@ torch = pytest.importorskip("torch")
 
 from unif2ace.triton_kernels import aot  # noqa: E402
 from unif2ace.triton_kernels import d3diff_loss as d3  # noqa: E402
+from unif2ace.triton_kernels import d3diff_loss_aot as d3_aot  # noqa: E402
 
 ARCHS = (80, 90)
 REPORT_DIR = Path(__file__).resolve().parents[1] / "build" / "aot"
 MODULES = [
-    "unif2ace.triton_kernels.d3diff_loss",
-    "unif2ace.triton_kernels.mask_sampling",
-    "unif2ace.triton_kernels.moe",
+    "unif2ace.triton_kernels.d3diff_loss_aot",
+    "unif2ace.triton_kernels.mask_sampling_aot",
+    "unif2ace.triton_kernels.moe_aot",
 ]
 
 
@@ -82,11 +83,11 @@ def test_compiles_without_spills(report):
 
 def test_every_d3diff_config_is_compiled(report):
     module, results = report
-    if module != "unif2ace.triton_kernels.d3diff_loss":
+    if module != "unif2ace.triton_kernels.d3diff_loss_aot":
         pytest.skip("d3diff_loss only")
     names = {(r.name, r.arch) for r in results}
-    for cfg, dtype in d3.aot_configs():
-        tag = f"{d3._TRITON_DTYPE[dtype]}-bk{cfg.block_k}-w{cfg.num_warps}"
+    for cfg, dtype in d3_aot.aot_configs():
+        tag = f"{aot.TRITON_DTYPE[dtype]}-bk{cfg.block_k}-w{cfg.num_warps}"
         if cfg.splits == 1:
             expected = [f"_d3diff_loss_fwd_kernel[{tag}-g1s1]"]
         else:
@@ -101,7 +102,7 @@ def test_every_d3diff_config_is_compiled(report):
 def test_d3diff_loads_are_16_byte_vectors(report):
     """With 16-byte-aligned rows, a thread holding >= 16 bytes of a block loads them as v4."""
     module, results = report
-    if module != "unif2ace.triton_kernels.d3diff_loss":
+    if module != "unif2ace.triton_kernels.d3diff_loss_aot":
         pytest.skip("d3diff_loss only")
     sizes = {"fp32": 4, "bf16": 2, "fp16": 2}
     for r in results:
@@ -115,7 +116,7 @@ def test_d3diff_loads_are_16_byte_vectors(report):
 
 def test_pick_config_stays_within_aot_configs():
     """The launcher never picks a configuration that the AOT compile did not cover."""
-    covered = {cfg for cfg, _ in d3.aot_configs()}
+    covered = {cfg for cfg, _ in d3_aot.aot_configs()}
     for N, K, sms, dtype in itertools.product(
         [1, 2, 7, 37, 100, 263, 264, 512, 10_000, 1 << 20],
         [1, 3, 100, 1013, 4095, 4096, 8192, 8193, 16384, 32000, 131072, 262144, 1 << 22],
@@ -133,7 +134,7 @@ def test_compile_spec_in_process_or_clear_error():
     """In this process the kernels are JIT functions (compile here) or interpreter wrappers
     (compile_spec must refuse with a message that points at run_report)."""
     spec = next(
-        s for s in d3.aot_specs() if "bk128" in s.name and s.name.startswith("_d3diff_loss_fwd")
+        s for s in d3_aot.aot_specs() if "bk128" in s.name and s.name.startswith("_d3diff_loss_fwd")
     )
     res = aot.compile_spec(spec, 90)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -145,5 +146,5 @@ def test_compile_spec_in_process_or_clear_error():
 @pytest.mark.slow
 @pytest.mark.parametrize("module", MODULES)
 def test_every_variant_compiles_without_spills(module):
-    """Loss-only / unscaled flag variants and unaligned strides too (~2-3 min on 2 cores)."""
+    """Loss-only / unscaled flag variants and unaligned strides too (minutes of CPU)."""
     _assert_clean(_report(module, full=True))

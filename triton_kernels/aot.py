@@ -1,9 +1,9 @@
 """Compile ``@triton.jit`` kernels ahead of time for a GPU target, on a machine without a GPU.
 
 Triton lowers a kernel to PTX and runs the ptxas it ships with, so a kernel can be compiled for
-sm_80 / sm_90 anywhere (shared/DESIGN.md §2). This module turns that into a check: a kernel module
-lists its compile jobs as :class:`AotSpec` (``aot_specs(full=False)``, one per configuration its
-launcher can pick), and :func:`compile_spec` compiles one job and reads ptxas' own resource report
+sm_80 / sm_90 anywhere. This module turns that into a check: a kernel module lists its compile
+jobs as :class:`AotSpec` (``aot_specs(full=False)``, one per configuration its launcher can
+pick), and :func:`compile_spec` compiles one job and reads ptxas' own resource report
 (registers, spill stores/loads, stack frame): ``CompiledKernel.n_regs`` / ``n_spills`` exist only
 after the binary is loaded on a device, so without a GPU the ptxas log is the source.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import multiprocessing
@@ -33,7 +34,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
+
 DEFAULT_ARCHS = (80, 90)
+# torch dtype -> Triton's pointer element type ("*" + TRITON_DTYPE[dtype] in a signature)
+TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True)
@@ -101,17 +106,20 @@ def _parse_ptxas_log(log: str) -> dict:
 
 def compile_spec(spec: AotSpec, arch: int) -> AotResult:
     """Compile ``spec`` for ``sm_<arch>`` and return ptxas' resource report."""
-    import triton
+    import triton  # heavy and optional: only the compile needs it
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
 
     if not isinstance(spec.kernel, JITFunction):
         return AotResult(
-            spec.name, arch, False, meta=dict(spec.meta),
+            spec.name,
+            arch,
+            False,
+            meta=dict(spec.meta),
             error=f"{type(spec.kernel).__name__} is not a JITFunction (TRITON_INTERPRET=1 set "
             "before the kernel module was imported?); compile through run_report()",
-        )  # fmt: skip
+        )
     arg_names = spec.kernel.arg_names
     attrs = {
         (arg_names.index(a),): [["tt.divisibility", 16]]
@@ -119,13 +127,16 @@ def compile_spec(spec: AotSpec, arch: int) -> AotResult:
         if a in spec.signature
     }
     src = triton.compiler.ASTSource(
-        fn=spec.kernel, signature=dict(spec.signature), constexprs=dict(spec.constexprs),
+        fn=spec.kernel,
+        signature=dict(spec.signature),
+        constexprs=dict(spec.constexprs),
         attrs=attrs,
-    )  # fmt: skip
+    )
     options = {
-        "num_warps": spec.num_warps, "num_stages": spec.num_stages,
+        "num_warps": spec.num_warps,
+        "num_stages": spec.num_stages,
         "enable_fp_fusion": spec.enable_fp_fusion,
-    }  # fmt: skip
+    }
     log = io.StringIO()
     t0 = time.perf_counter()
     # ptxas runs with -v; TRITON_DUMP_PTXAS_LOG makes Triton print its log, and a compile found in
@@ -137,9 +148,13 @@ def compile_spec(spec: AotSpec, arch: int) -> AotResult:
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as e:  # a failed compile is a result, not a crash of the whole report
         return AotResult(
-            spec.name, arch, False, compile_s=time.perf_counter() - t0,
-            error=_describe(e), meta=dict(spec.meta),
-        )  # fmt: skip
+            spec.name,
+            arch,
+            False,
+            compile_s=time.perf_counter() - t0,
+            error=_describe(e),
+            meta=dict(spec.meta),
+        )
     finally:
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old
     elapsed = time.perf_counter() - t0
@@ -151,10 +166,16 @@ def compile_spec(spec: AotSpec, arch: int) -> AotResult:
         )
     vec = [int(v) for v in _RE_VLOAD.findall(compiled.asm["ptx"])]
     return AotResult(
-        spec.name, arch, True, shared_bytes=compiled.metadata.shared,
-        num_warps=compiled.metadata.num_warps, max_vector_load=max(vec, default=1),
-        compile_s=elapsed, meta=dict(spec.meta), **res,
-    )  # fmt: skip
+        spec.name,
+        arch,
+        True,
+        shared_bytes=compiled.metadata.shared,
+        num_warps=compiled.metadata.num_warps,
+        max_vector_load=max(vec, default=1),
+        compile_s=elapsed,
+        meta=dict(spec.meta),
+        **res,
+    )
 
 
 def _describe(e: BaseException) -> str:
@@ -200,8 +221,16 @@ def run_report(
     with tempfile.TemporaryDirectory(prefix="u2a_aot_") as tmp:
         env.setdefault("TRITON_CACHE_DIR", os.path.join(tmp, "cache"))
         out = os.path.join(tmp, "report.json")
-        cmd = [sys.executable, "-m", "unif2ace.triton_kernels.aot", module, "--json", out,
-               "--arch", *map(str, archs)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "unif2ace.triton_kernels.aot",
+            module,
+            "--json",
+            out,
+            "--arch",
+            *map(str, archs),
+        ]
         if full:
             cmd.append("--full")
         if jobs:
@@ -239,9 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the report here ('-' for stdout)")
     args = p.parse_args(argv)
 
-    import importlib
-
-    import triton
+    import triton  # heavy and optional: only the compile needs it
 
     mod = importlib.import_module(args.module)
     t0 = time.perf_counter()

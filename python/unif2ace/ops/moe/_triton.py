@@ -1,6 +1,6 @@
 """The "triton" launchers of the grouped MoE family: the kernels of
-``unif2ace.triton_kernels.moe`` (triton_kernels/moe.py). Contract: the module docstring of
-_torch.py.
+``unif2ace.triton_kernels.moe_route`` (routing) and ``unif2ace.triton_kernels.moe`` (dispatch).
+Contract: the module docstring of _torch.py.
 
 Routing forward (E <= 256, k <= 8, n_group <= 32; else the torch launcher), permute, combine,
 combine backward and the ScatterMoE-style grouped GEMMs (x gathered while loading the A tile,
@@ -39,8 +39,10 @@ def route(
     counts,
     prob_sums,
 ):
-    tk = _kernels()
-    launch = tk.route if tk.route_supported(logits.shape[1], top_k, n_group) else _torch.route
+    from unif2ace.triton_kernels import moe_route  # lazy: triton is heavy and optional
+
+    supported = moe_route.route_supported(logits.shape[1], top_k, n_group)
+    launch = moe_route.route if supported else _torch.route
     launch(
         logits,
         group_offsets,
