@@ -41,18 +41,18 @@ setup: $(VENV)/.built
 build: setup
 
 demo: setup
-	$(RUN_ENV) $(PY) -m unif2ace.cli demo --out runs/demo --threads 2
+	$(RUN_ENV) $(PY) -m unif2ace demo --out runs/demo --threads 2
 
 demo-fast: setup
-	$(RUN_ENV) $(PY) -m unif2ace.cli demo --out runs/demo-fast --threads 2 --fast
+	$(RUN_ENV) $(PY) -m unif2ace demo --out runs/demo-fast --threads 2 --fast
 
 train-tiny: setup
-	$(RUN_ENV) $(PY) -m unif2ace.cli data-all --out $(RUN) --threads 2
-	$(RUN_ENV) $(PY) -m unif2ace.cli train --out $(RUN) --threads 2 --config configs/tiny.yaml
-	$(RUN_ENV) $(PY) -m unif2ace.cli evaluate --out $(RUN) --threads 2
+	$(RUN_ENV) $(PY) -m unif2ace data-all --out $(RUN) --threads 2
+	$(RUN_ENV) $(PY) -m unif2ace train --out $(RUN) --threads 2 --config configs/tiny.yaml
+	$(RUN_ENV) $(PY) -m unif2ace evaluate --out $(RUN) --threads 2
 
 ablate: setup
-	$(RUN_ENV) $(PY) -m unif2ace.cli ablate --out $(RUN) --threads 2 --config configs/tiny.yaml \
+	$(RUN_ENV) $(PY) -m unif2ace ablate --out $(RUN) --threads 2 --config configs/tiny.yaml \
 		--set train.steps=800
 
 test: setup
