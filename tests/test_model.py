@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from model_data import examples, small_cfg
-from unif2ace import _backend, use_backend
+from unif2ace import _backend, ops, use_backend
 from unif2ace.models import Example, UniF2ace, collate, get_config, parameter_count
-from unif2ace.models.layout import TASK_MMU, TASK_T2I
+from unif2ace.models.layout import TASK_MMU, TASK_T2I, BatchMeta
 from unif2ace.models.sampling import generate_images, generate_text
+from unif2ace.models.unif2ace import draw_noise
+from unif2ace.train.trainer import _to_device
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +49,9 @@ def test_sequence_moe_embedding_experts_follow_the_scale_of_m():
     cfg = small_cfg()
     moe = SequenceMoE(cfg).eval()
     torch.nn.init.zeros_(moe.router.weight)
-    moe.router.weight.data[[CLIP_SLOT, FACE_SLOT], 0] = 1.0  # understanding rows: CLIP + Face, 1/2 each
+    moe.router.weight.data[[CLIP_SLOT, FACE_SLOT], 0] = (
+        1.0  # understanding rows: CLIP + Face, 1/2 each
+    )
     B, L, D = 3, 7, cfg.d_model
     m = torch.randn(B, L, D)
     m[..., 0] = m[..., 0].abs() + 1.0  # pooled feature 0 > 0: CLIP and Face win the top-2
@@ -75,14 +79,20 @@ def test_embedding_standardisation_is_fitted_saved_and_checked(tmp_path):
     model = UniF2ace(cfg)
     g = torch.Generator().manual_seed(3)
     common = torch.randn(cfg.semantic_dim, generator=g)
-    sem = torch.nn.functional.normalize(4 * common + torch.randn(500, cfg.semantic_dim, generator=g), dim=1)
+    sem = torch.nn.functional.normalize(
+        4 * common + torch.randn(500, cfg.semantic_dim, generator=g), dim=1
+    )
     ide = torch.nn.functional.normalize(torch.randn(500, cfg.identity_dim, generator=g), dim=1)
     raw = model.standardize_embeddings("semantic", sem)
     assert raw.mean(0).abs().mean() > 0.5  # unfitted: the shared direction dominates
     model.fit_embedding_stats(sem, ide)
     z = model.standardize_embeddings("semantic", sem).double()
-    torch.testing.assert_close(z.mean(0), torch.zeros(cfg.semantic_dim, dtype=torch.float64), atol=1e-5, rtol=0)
-    torch.testing.assert_close(z.std(0), torch.ones(cfg.semantic_dim, dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        z.mean(0), torch.zeros(cfg.semantic_dim, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        z.std(0), torch.ones(cfg.semantic_dim, dtype=torch.float64), atol=1e-4, rtol=0
+    )
     assert model.standardize_embeddings("identity", None) is None
     model.save_pretrained(tmp_path / "m")
     back = UniF2ace.from_pretrained(tmp_path / "m", expect=cfg)
@@ -122,7 +132,9 @@ def test_image_position_and_code_vector_embeddings(tmp_path):
         torch.testing.assert_close(got[row, p], want)
     loss, _ = model.loss(batch, step=1, seed=0)
     loss.backward()
-    assert model.image_pos.weight.grad.abs().sum() > 0 and model.code_proj.weight.grad.abs().sum() > 0
+    assert (
+        model.image_pos.weight.grad.abs().sum() > 0 and model.code_proj.weight.grad.abs().sum() > 0
+    )
     model.save_pretrained(tmp_path / "m")
     back = UniF2ace.from_pretrained(tmp_path / "m", expect=cfg)
     torch.testing.assert_close(back.code_vectors, model.code_vectors)
@@ -197,7 +209,9 @@ def test_answer_tokens_never_change_earlier_positions():
     model = UniF2ace(cfg).eval()
     ex = examples(cfg, 1)[0]
     b1 = collate(cfg, [ex])
-    ex2 = Example(ex.task, ex.codes, ex.prompt, [a + 1 for a in ex.answer], ex.semantic, ex.identity)
+    ex2 = Example(
+        ex.task, ex.codes, ex.prompt, [a + 1 for a in ex.answer], ex.semantic, ex.identity
+    )
     b2 = collate(cfg, [ex2])
     with torch.no_grad():
         l1, l2 = model(b1), model(b2)
@@ -288,7 +302,9 @@ def test_generate_text_no_repeat_ngram():
     plain = generate_text(model, codes, [[30], [31, 32]], max_new_tokens=12)
     assert plain[0] == [20] * 12
     for n in (1, 2, 3):
-        for ans in generate_text(model, codes, [[30], [31, 32]], max_new_tokens=12, no_repeat_ngram=n):
+        for ans in generate_text(
+            model, codes, [[30], [31, 32]], max_new_tokens=12, no_repeat_ngram=n
+        ):
             grams = [tuple(ans[i : i + n]) for i in range(len(ans) - n + 1)]
             assert len(grams) == len(set(grams)), (n, ans)
             assert len(ans) == 12
@@ -317,3 +333,59 @@ def test_generate_images_and_text():
         head = n - len(ans[b]) - 1  # positions before the answer
         pred = logits[0, head - 1 : n - 2, : cfg.text_vocab].argmax(-1).tolist()
         assert pred == ans[b]
+
+
+# ------------------------------------------------------------------------------------------------
+# host metadata: the step's decisions without device reads (the fake-CUDA harness checks the reads)
+
+
+def test_collate_meta_describes_the_tensors():
+    """``batch["meta"]`` (host values) says what the tensors hold: spans, counts, tasks."""
+    cfg = small_cfg()
+    exs = examples(cfg, 7) + [Example(TASK_T2I, None, [])]  # an empty prompt too
+    batch = collate(cfg, exs)
+    meta = batch["meta"]
+    derived = BatchMeta.of({k: v for k, v in batch.items() if k != "meta"})  # reads the tensors
+    assert meta == derived
+    assert meta.t2i_rows == [b for b, ex in enumerate(exs) if ex.task == TASK_T2I]
+    assert meta.padded == (not bool(batch["valid"].all()))
+    assert batch["num_tokens"] == meta.num_valid == int(batch["valid"].sum())
+    for b, (s, e) in enumerate(meta.image):
+        assert e - s == cfg.image_tokens and bool(batch["is_image"][b, s:e].all())
+    assert meta.prompt[-1] == (0, 0)
+    # moved like any batch: tensors to the device, the meta as it is
+    moved = _to_device(batch, torch.device("cpu"))
+    assert moved["meta"] is meta
+
+
+@pytest.mark.parametrize("cond_drop", [0.0, 1.0])
+def test_loss_from_meta_equals_loss_from_tensors(cond_drop):
+    """The loss takes its decisions from the meta; a hand-built batch without one (its meta
+    derived from the tensors) gives the same loss and gradients bit for bit. The parts are
+    detached 0-dim tensors, read when logging."""
+    cfg = small_cfg(cond_drop=cond_drop, noise_std=0.0)
+    model = UniF2ace(cfg)
+    batch = collate(cfg, examples(cfg, 6))
+    got = []
+    for b in (batch, {k: v for k, v in batch.items() if k != "meta"}):
+        model.zero_grad()
+        loss, parts = model.loss(b, step=4, seed=3)
+        loss.backward()
+        got.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+        assert set(parts) == {"loss", "balance", "loss_t2i", "loss_mmu"}
+        assert all(
+            torch.is_tensor(v) and v.shape == () and not v.requires_grad for v in parts.values()
+        )
+    assert torch.equal(got[0][0], got[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(got[0][1], got[1][1]))
+
+
+def test_draw_noise_counts_the_masked_tokens_of_mask_tokens():
+    """The host count of masked image tokens (the static size of the loss's gather) is the count
+    that ops.mask_tokens masks, whatever the time."""
+    cfg = small_cfg()
+    noise = draw_noise(cfg, list(range(40)), step=2, seed=5)
+    codes = torch.zeros(1, cfg.image_tokens, dtype=torch.long)
+    for r, n in enumerate(noise.num_masked):
+        _, mask = ops.mask_tokens(codes, noise.values[0, r : r + 1], 99, seed=noise.mask_seeds[r])
+        assert int(mask.sum()) == n

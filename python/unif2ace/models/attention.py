@@ -6,7 +6,7 @@ Token ``i`` may attend to key ``j`` when
 
 or ``j == i`` (one image per row, its tokens one contiguous span ``[s, e)``; padding keys are never
 attended; a padding query attends to itself so no row is empty). That is the per-query key limit
-``e`` for the image tokens and ``i + 1`` for the others (:func:`unif2ace.ops.omni_limit`), so every
+``e`` for the image tokens and ``i + 1`` for the others (:func:`unif2ace.ops.omni_limit`; the model computes it once per forward), so every
 forward pass is one call of :func:`unif2ace.ops.omni_attention`, whose backend decides how: the C++
 kernel on CPU fp32 (rotary inside, no copies), SDPA under ``use_backend("torch")`` (two calls when
 every row has its image at the same place and no padding, else the boolean mask), flash-attn on
@@ -59,17 +59,15 @@ class Attention(nn.Module):
         self.dense = nn.Linear(D, D)
         self.rotary = Rotary(int(cfg.head_dim * cfg.rotary_frac), cfg.rope_theta)
 
-    def forward(self, x, positions, is_image, key_valid, cache: dict | None = None):
-        """x ``[B, L, D]``, positions / is_image / key_valid ``[B, L]``. ``cache``: a dict that
-        receives this layer's rotated keys and values ``[B, H, L, Dh]`` (prefill)."""
+    def forward(self, x, positions, limit, key_valid, cache: dict | None = None):
+        """x ``[B, L, D]``; positions, limit (int32, :func:`unif2ace.ops.omni_limit`) and key_valid
+        (bool or None) ``[B, L]``. ``cache``: a dict that receives this layer's rotated keys and
+        values ``[B, H, L, Dh]`` (prefill)."""
         B, L, D = x.shape
         shape = (B, L, self.n_heads, self.head_dim)
         q, k, v = (
             p(x).view(shape) for p in (self.q_proj, self.k_proj, self.v_proj)
         )  # [B, L, H, Dh]
-        limit = ops.omni_limit(is_image)
-        if limit is None:
-            raise ValueError("omni-attention: each row's image tokens must be one contiguous span")
         if cache is None:  # rotary inside the op (inside the kernel on CPU)
             rot = self.rotary.tables(positions) if self.rotary.rot_dim else None
             o = ops.omni_attention(q, k, v, limit, key_valid, rotary=rot)

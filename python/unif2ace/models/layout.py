@@ -16,12 +16,17 @@
   with the loss on every answer: the image's 256 tokens are paid once for all its questions.
 
 Image codes ``c ∈ [0, K)`` become token ids ``text_vocab + c``; ``c = K`` is the mask token.
-:func:`collate` pads a list of :class:`Example` into the tensors the model takes:
-``input_ids, valid, is_image, positions, task, pool, prompt, targets`` (see :class:`UniF2ace`).
+:func:`collate` pads a list of :class:`Example` into the tensors the model takes
+(``input_ids, valid, is_image, pool, prompt, targets`` ``[B, L]``, ``task, index`` ``[B]``,
+``semantic, identity`` ``[B, dim]``) and the host-side facts about them, ``meta`` (a
+:class:`BatchMeta` of plain Python values: which rows are which task, the spans, the counts), from
+which a training step takes its decisions without reading device data. Move a batch with
+``{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +51,90 @@ class Example:
     index: int = 0  # sample index (seeds the per-sample noise)
     # mmu: more (question, answer) turns about the same image after the first (a conversation)
     turns: tuple[tuple[list[int], list[int]], ...] = ()
+
+
+@dataclass(frozen=True)
+class BatchMeta:
+    """Host-side facts about a batch of ``B`` rows of length ``L``, as plain Python values.
+
+    The model takes every data-dependent decision of a step (which rows are text → image, how many
+    tokens are valid, masked or learned, where the image and the prompt sit) from these, never
+    from the batch's device tensors, so a step reads nothing back from the device (as flash-attn's
+    varlen API takes ``max_seqlen`` as a host int).
+    """
+
+    seq_len: int  # L
+    task: tuple[int, ...]  # TASK_MMU / TASK_T2I per row
+    index: tuple[int, ...]  # sample index per row (seeds its noise)
+    image: tuple[tuple[int, int], ...]  # [s, e) of each row's image tokens ((0, 0): none)
+    prompt: tuple[tuple[int, int], ...]  # [s, e) of a t2i row's prompt tokens ((0, 0): none)
+    valid: tuple[int, ...]  # valid tokens per row
+    answer: tuple[int, ...]  # tokens with a next-token target (targets != IGNORE) per row
+
+    @property
+    def num_valid(self) -> int:
+        return sum(self.valid)
+
+    @property
+    def padded(self) -> bool:
+        """Whether some token is padding (``valid`` is not all True)."""
+        return self.num_valid < len(self.valid) * self.seq_len
+
+    @property
+    def t2i_rows(self) -> list[int]:
+        return [b for b, t in enumerate(self.task) if t == TASK_T2I]
+
+    def drop_prompts(self, rows: list[int]) -> BatchMeta:
+        """The meta after the prompts of ``rows`` became padding (classifier-free guidance)."""
+        valid = list(self.valid)
+        for b in rows:
+            s, e = self.prompt[b]
+            valid[b] -= e - s
+        return dataclasses.replace(self, valid=tuple(valid))
+
+    @classmethod
+    def of(cls, batch: dict) -> BatchMeta:
+        """``batch["meta"]``, or for a batch built by hand without it, the meta derived from its
+        tensors (this reads them: one device → host copy)."""
+        meta = batch.get("meta")
+        if meta is not None:
+            return meta
+        valid, is_img, prompt = batch["valid"], batch["is_image"], batch["prompt"]
+        B, L = valid.shape
+        idx = torch.arange(L, device=valid.device)
+
+        def spans(m):
+            n = m.sum(1)
+            first = torch.where(m, idx, L).amin(1) if L else n
+            return first, n
+
+        (i0, ni), (p0, np_) = spans(is_img), spans(prompt)
+        host = torch.stack(
+            [
+                i0,
+                ni,
+                p0,
+                np_,
+                valid.sum(1),
+                (batch["targets"] != IGNORE).sum(1),
+                batch["task"],
+                batch["index"],
+            ]
+        ).tolist()
+        i0, ni, p0, np_, nv, na, task, index = host
+        image = tuple((s, s + n) if n else (0, 0) for s, n in zip(i0, ni))
+        for b, (s, e) in enumerate(image):
+            if not bool(is_img[b, s:e].all()):
+                raise ValueError(f"row {b}: the image tokens must be one contiguous span")
+        return cls(
+            seq_len=L,
+            task=tuple(task),
+            index=tuple(index),
+            image=image,
+            prompt=tuple((s, s + n) if n else (0, 0) for s, n in zip(p0, np_)),
+            valid=tuple(nv),
+            answer=tuple(na),
+        )
 
 
 def _row(cfg, ex: Example):
@@ -86,7 +175,8 @@ def _row(cfg, ex: Example):
 
 def collate(cfg, examples: list[Example]) -> dict:
     """Pad examples (right padding; t2i rows are left-padded to a fixed prompt length by
-    construction) into the model's batch dict of tensors."""
+    construction) into the model's batch: a dict of CPU tensors, ``num_tokens`` (int) and
+    ``meta`` (:class:`BatchMeta`)."""
     rows = [_row(cfg, ex) for ex in examples]
     L = max(len(r[0]) for r in rows)
     B = len(rows)
@@ -106,7 +196,25 @@ def collate(cfg, examples: list[Example]) -> dict:
     out["index"] = torch.tensor([ex.index for ex in examples], dtype=torch.long)
     out["semantic"] = _stack([ex.semantic for ex in examples], B, cfg.semantic_dim)
     out["identity"] = _stack([ex.identity for ex in examples], B, cfg.identity_dim)
-    out["num_tokens"] = int(out["valid"].sum())
+    image, prompt = [], []
+    for r in rows:
+        spans = []
+        for m in (r[1], r[4]):  # is_image, prompt: one contiguous span each by construction
+            s = m.index(True) if True in m else 0
+            spans.append((s, s + sum(m)))
+        image.append(spans[0])
+        prompt.append(spans[1])
+    meta = BatchMeta(
+        seq_len=L,
+        task=tuple(ex.task for ex in examples),
+        index=tuple(ex.index for ex in examples),
+        image=tuple(image),
+        prompt=tuple(prompt),
+        valid=tuple(sum(r[2]) for r in rows),
+        answer=tuple(sum(t != IGNORE for t in r[5]) for r in rows),
+    )
+    out["num_tokens"] = meta.num_valid
+    out["meta"] = meta
     return out
 
 

@@ -26,16 +26,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
-from unif2ace import ops
+from unif2ace import _backend, ops
 from unif2ace.io import load_pretrained_state, save_pretrained
 from unif2ace.models import special_tokens as st
 from unif2ace.models.attention import Attention
 from unif2ace.models.config import ModelConfig
-from unif2ace.models.layout import TASK_T2I, positions_of
+from unif2ace.models.layout import TASK_T2I, BatchMeta, positions_of
 from unif2ace.models.moe import DenseMLP, SequenceMoE, TokenMoE
 
 
@@ -50,11 +51,12 @@ class Block(nn.Module):
     def forward(self, x, ctx: dict, cache: dict | None = None):
         B, L, D = x.shape
         h = self.input_layernorm(x)
-        a = self.self_attn(h, ctx["positions"], ctx["is_image"], ctx["key_valid"], cache)
+        a = self.self_attn(h, ctx["positions"], ctx["limit"], ctx["key_valid"], cache)
         # the MLP branch runs on the valid tokens only (padding is neither computed nor routed)
         sel = ctx["valid_flat"]
         m_valid, aux = self.mlp(h.reshape(B * L, D)[sel], ctx["group_flat"])
-        m = h.new_zeros(B * L, D).index_copy(0, sel, m_valid).view(B, L, D)
+        # in m_valid's dtype: under autocast a dense MLP returns the autocast dtype
+        m = h.new_zeros(B * L, D, dtype=m_valid.dtype).index_copy(0, sel, m_valid).view(B, L, D)
         if self.seq_moe is not None:
             if cache is not None:  # the decoder reuses the prefix's mixture for new tokens
                 sa, sc, _, aux_seq = self.seq_moe.mixture(
@@ -63,7 +65,9 @@ class Block(nn.Module):
                 cache["seq"] = (sa, sc)
                 m = sa[:, None, None] * m + sc[:, None, :]
             else:
-                m, aux_seq = self.seq_moe(m, ctx["pool"], ctx["task"], ctx["semantic"], ctx["identity"])
+                m, aux_seq = self.seq_moe(
+                    m, ctx["pool"], ctx["task"], ctx["semantic"], ctx["identity"]
+                )
             aux = aux + aux_seq
         return x + a + m, aux
 
@@ -89,6 +93,45 @@ def _sample_seed(seed: int, step: int, index: int) -> int:
     return z & ((1 << 62) - 1)
 
 
+class StepNoise(NamedTuple):
+    """The per-sample randomness of the t2i rows of a training step, drawn on the host."""
+
+    values: torch.Tensor  # float32 [3, R] on the CPU: γ(t), the ratio a(t) and σ'(t) per row
+    mask_seeds: list[int]  # the Philox seed of each row's mask (ops.mask_tokens)
+    num_masked: list[int]  # masked image tokens per row: clamp(round(N·γ), 1, N)
+    drop: list[bool]  # whether the row's prompt is dropped (classifier-free guidance)
+
+
+def draw_noise(cfg: ModelConfig, indices: list[int], step: int, seed: int) -> StepNoise:
+    """The noise of the t2i samples ``indices`` at ``step``: per sample, from a CPU generator
+    seeded by ``(seed, step, index)``, a time ``t ~ U(0, 1)``, a mask seed and the prompt-drop
+    draw; then the schedule at ``t``. Host computation only (plain values and CPU tensors)."""
+    times, gammas, mask_seeds, drop = [], [], [], []
+    for index in indices:
+        g = torch.Generator().manual_seed(_sample_seed(seed, step, index))
+        t = torch.rand(1, generator=g)
+        gammas.append(ops.schedule(t, cfg.schedule).gamma)
+        mask_seeds.append(int(torch.randint(0, 2**62, (1,), generator=g)))
+        drop.append(float(torch.rand(1, generator=g)) < cfg.cond_drop)
+        times.append(t)
+    if not indices:
+        return StepNoise(torch.zeros(3, 0), [], [], [])
+    gamma = torch.cat(gammas)
+    sv = ops.schedule(torch.cat(times), cfg.schedule)
+    N = cfg.image_tokens
+    # the count of ops.mask_tokens' "count" mode: round half to even of N·γ in float64
+    num_masked = [min(max(round(g * N), 1), N) for g in gamma.double().tolist()]
+    values = torch.stack([gamma, sv.ratio.float(), sv.dsigma.float()])
+    return StepNoise(values, mask_seeds, num_masked, drop)
+
+
+def _masked_rows(x: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """``x[mask]`` (``mask`` over x's first two dims) for a ``count`` known on the host: the
+    same elements in the same order, without reading the mask's size back from the device."""
+    at = torch.nonzero_static(mask, size=count)
+    return x[at[:, 0], at[:, 1]]
+
+
 class UniF2ace(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -101,7 +144,9 @@ class UniF2ace(nn.Module):
             self.image_pos = nn.Embedding(cfg.image_tokens, cfg.d_model)
         if cfg.code_vector_dim:
             self.code_proj = nn.Linear(cfg.code_vector_dim, cfg.d_model, bias=False)
-            self.register_buffer("code_vectors", torch.zeros(cfg.codebook_size, cfg.code_vector_dim))
+            self.register_buffer(
+                "code_vectors", torch.zeros(cfg.codebook_size, cfg.code_vector_dim)
+            )
         # per-entry standardisation of the semantic / identity embeddings the sequence-MoE
         # resamplers read (:meth:`fit_embedding_stats`); the default scales a unit vector's
         # entries to ~1
@@ -131,8 +176,10 @@ class UniF2ace(nn.Module):
         for name, e in pairs:  # check both before changing either
             dim = getattr(self, f"{name}_mean").numel()
             if e.ndim != 2 or e.shape[1] != dim or e.shape[0] < 2:
-                raise ValueError(f"{name} embeddings for the statistics must be [N >= 2, "
-                                 f"{dim}], got {list(e.shape)}")  # fmt: skip
+                raise ValueError(
+                    f"{name} embeddings for the statistics must be [N >= 2, "
+                    f"{dim}], got {list(e.shape)}"
+                )
         for name, e in pairs:
             e = e.double()
             sd = e.std(0)
@@ -179,14 +226,21 @@ class UniF2ace(nn.Module):
         return list(self.layers)
 
     # --- forward -----------------------------------------------------------------------------
-    def _context(self, batch: dict, valid: torch.Tensor) -> dict:
-        task = batch["task"]
-        valid_flat = valid.reshape(-1).nonzero().flatten()
+    def _context(self, batch: dict, meta: BatchMeta) -> dict:
+        """Per-forward tensors every layer shares, computed once, with the data-dependent sizes
+        and decisions taken from ``meta`` (host values): nothing is read back from the device."""
+        task, valid, is_image = batch["task"], batch["valid"], batch["is_image"]
+        valid_flat = torch.nonzero_static(valid.reshape(-1), size=meta.num_valid).flatten()
         group = (task == TASK_T2I).long()[:, None].expand_as(valid).reshape(-1)[valid_flat]
+        # Show-o's limit (ops.omni_limit) without its contiguity check, which reads the data:
+        # the image spans are contiguous by construction (collate, BatchMeta.of)
+        L = is_image.shape[1]
+        idx = torch.arange(L, device=is_image.device)
+        end = torch.where(is_image, idx, -1).amax(1) + 1 if L else idx.new_zeros(len(meta.task))
         return {
             "positions": positions_of(valid),
-            "is_image": batch["is_image"],
-            "key_valid": None if bool(valid.all()) else valid,
+            "limit": torch.where(is_image, end[:, None], idx + 1).to(torch.int32),
+            "key_valid": valid if meta.padded else None,
             "valid_flat": valid_flat,
             "group_flat": group,  # token MoE group: 0 understanding, 1 generation
             "pool": batch["pool"] & valid,
@@ -195,13 +249,11 @@ class UniF2ace(nn.Module):
             "identity": self.standardize_embeddings("identity", batch.get("identity")),
         }
 
-    def hidden_states(self, input_ids: torch.Tensor, batch: dict, valid: torch.Tensor | None = None,
-                      cache: list[dict] | None = None):  # fmt: skip
+    def hidden_states(self, input_ids: torch.Tensor, batch: dict, cache: list[dict] | None = None):
         """Final-LayerNorm hidden states ``[B, L, D]`` and the summed balance loss. ``cache``: an
         empty list that receives each layer's keys, values and sequence-MoE mixture (prefill for
         :meth:`decode_step`)."""
-        valid = batch["valid"] if valid is None else valid
-        ctx = self._context(batch, valid)
+        ctx = self._context(batch, BatchMeta.of(batch))
         x = self.embed(input_ids, batch["is_image"])
         aux = x.new_zeros(())
         for layer in self.layers:
@@ -213,8 +265,13 @@ class UniF2ace(nn.Module):
             aux = aux + a
         return self.final_layernorm(x), aux
 
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: list[dict],
-                    key_valid: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: list[dict],
+        key_valid: torch.Tensor,
+    ) -> torch.Tensor:
         """Append one text token per row (understanding group) to a prefilled ``cache``:
         tokens ``[B]`` at rotary positions ``[B]``; ``key_valid [B, Lc + 1]`` says which cached
         keys (and the new one, last) may be attended. Returns the new hidden state ``[B, D]``."""
@@ -243,62 +300,88 @@ class UniF2ace(nn.Module):
 
     # --- training ----------------------------------------------------------------------------
     def loss(self, batch: dict, step: int = 0, seed: int = 0) -> tuple[torch.Tensor, dict]:
-        """The training loss of a collated batch (see the module docstring) and its parts."""
+        """The training loss of a collated batch (see the module docstring) and its parts
+        (detached 0-dim tensors ``loss``, ``balance``, ``loss_t2i``, ``loss_mmu``; read them when
+        logging).
+
+        Every tensor of the step lives on the batch's device. The per-sample noise is drawn on
+        the host (:func:`draw_noise`) and moved once; which rows are which task, and how many
+        tokens are valid, masked or learned, come from ``batch["meta"]`` (:class:`BatchMeta`), so
+        with ``unif2ace.set_checks(False)`` the step reads nothing back from the device (the MoE
+        ops' expert sizes aside)."""
         cfg = self.config
+        meta = BatchMeta.of(batch)
         ids = batch["input_ids"].clone()
         valid = batch["valid"].clone()
-        is_img, task = batch["is_image"], batch["task"]
-        t2i_rows = (task == TASK_T2I).nonzero().flatten().tolist()
-        n_img = cfg.image_tokens
-        times, masks = [], []
-        for b in t2i_rows:
-            g = torch.Generator().manual_seed(_sample_seed(seed, step, int(batch["index"][b])))
-            t = torch.rand(1, generator=g)
-            gamma = ops.schedule(t, cfg.schedule).gamma
-            codes = ids[b][is_img[b]] - cfg.image_offset  # [N]
-            mseed = int(torch.randint(0, 2**62, (1,), generator=g))
-            masked, mask = ops.mask_tokens(codes[None], gamma, cfg.codebook_size, seed=mseed)
-            ids[b, is_img[b]] = masked[0] + cfg.image_offset
-            if float(torch.rand(1, generator=g)) < cfg.cond_drop:  # unconditional for CFG
-                drop = batch["prompt"][b]
-                ids[b, drop] = st.PAD_ID
-                valid[b, drop] = False
-            times.append(t)
+        dev, B, N = ids.device, ids.shape[0], cfg.image_tokens
+        rows = meta.t2i_rows
+        R = len(rows)
+        noise = draw_noise(cfg, [meta.index[b] for b in rows], step, seed)
+        per_row = noise.values.to(dev, non_blocking=True)  # [3, R]: gamma, ratio, dsigma
+        masks = []
+        for r, b in enumerate(rows):
+            s, e = meta.image[b]
+            codes = ids[b, s:e] - cfg.image_offset  # [N]
+            gamma = per_row[0, r : r + 1]
+            masked, mask = ops.mask_tokens(
+                codes[None], gamma, cfg.codebook_size, seed=noise.mask_seeds[r]
+            )
+            ids[b, s:e] = masked[0] + cfg.image_offset
+            if noise.drop[r]:  # unconditional for CFG
+                s, e = meta.prompt[b]
+                ids[b, s:e] = st.PAD_ID
+                valid[b, s:e] = False
             masks.append(mask[0])
-        h, aux = self.hidden_states(ids, batch, valid)
+        dropped = [b for r, b in enumerate(rows) if noise.drop[r]]
+        step_batch = {**batch, "valid": valid, "meta": meta.drop_prompts(dropped)}
+        h, aux = self.hidden_states(ids, step_batch)
         D = h.shape[-1]
         zero = h.new_zeros(())
-        parts = {"balance": float(aux.detach())}
+        parts = {"balance": aux.detach()}
         loss_t2i = zero
-        B = ids.shape[0]
-        if t2i_rows:
-            rows = torch.tensor(t2i_rows, device=h.device)
-            img_h = h[rows][is_img[rows]].view(len(t2i_rows), n_img, D)
+        if R:
+            rows_t = torch.tensor(rows).to(dev, non_blocking=True)
+            img = batch["is_image"][rows_t]
+            img_h = _masked_rows(h[rows_t], img, R * N).view(R, N, D)
+            clean = _masked_rows(batch["input_ids"][rows_t], img, R * N).view(R, N)
             mask = torch.stack(masks)  # [R, N]
-            clean = batch["input_ids"][rows][is_img[rows]].view(len(t2i_rows), n_img)
-            sv = ops.schedule(torch.cat(times), cfg.schedule)
             # each sequence's mean over its masked tokens, averaged over the batch's B sequences
             per_tok = 1.0 / (mask.sum(1).float() * B)  # [R]
-            row_of = mask.nonzero()[:, 0]
+            M = sum(noise.num_masked)
+            if _backend.checks_enabled() and int(mask.sum()) != M:  # a value check: reads
+                raise RuntimeError(f"UniF2ace.loss: {int(mask.sum())} masked tokens, counted {M}")
+            at = torch.nonzero_static(mask, size=M)  # [M, 2]
+            row_of, col = at[:, 0], at[:, 1]
+            ratio, dsigma = per_row[1], per_row[2]
             w, bias = self.head_rows("image")
             loss_t2i = ops.d3diff_linear_loss(
-                img_h[mask], w, clean[mask] - cfg.image_offset, sv.ratio.float()[row_of],
-                (per_tok * cfg.w_ce)[row_of], (per_tok * sv.dsigma.float())[row_of], cfg.alpha,
+                img_h[row_of, col],
+                w,
+                clean[row_of, col] - cfg.image_offset,
+                ratio[row_of],
+                (per_tok * cfg.w_ce)[row_of],
+                (per_tok * dsigma)[row_of],
+                cfg.alpha,
                 bias=bias,
-            )  # fmt: skip
-            parts["loss_t2i"] = float(loss_t2i.detach()) * B / len(t2i_rows)
+            )
+            parts["loss_t2i"] = loss_t2i.detach().double() * B / R
         loss_mmu = zero
         tgt = batch["targets"]
-        sel = tgt != -100
-        if bool(sel.any()):
+        n_learn = sum(meta.answer)
+        if n_learn:
+            sel = tgt != -100
             w, bias = self.head_rows("text")
             n_ans = sel.sum(1).float()  # [B] answer tokens per row
+            at = torch.nonzero_static(sel, size=n_learn)  # [n_learn, 2]
             # each row's mean over its answer tokens, averaged over the batch's B rows
-            row_w = (1.0 / (n_ans.clamp(min=1) * B))[sel.nonzero()[:, 0]]
-            loss_mmu = ops.fused_linear_cross_entropy(h[sel], w, tgt[sel], row_w, bias=bias)
-            parts["loss_mmu"] = float(loss_mmu.detach()) * B / int((n_ans > 0).sum())
+            row_w = (1.0 / (n_ans.clamp(min=1) * B))[at[:, 0]]
+            loss_mmu = ops.fused_linear_cross_entropy(
+                h[at[:, 0], at[:, 1]], w, tgt[at[:, 0], at[:, 1]], row_w, bias=bias
+            )
+            n_rows = sum(n > 0 for n in meta.answer)
+            parts["loss_mmu"] = loss_mmu.detach().double() * B / n_rows
         loss = loss_t2i + loss_mmu + aux
-        parts["loss"] = float(loss.detach())
+        parts["loss"] = loss.detach()
         return loss, parts
 
     # --- sampling ------------------------------------------------------------------------------
@@ -306,7 +389,8 @@ class UniF2ace(nn.Module):
         """Logits over the codebook at the image positions, ``[B, image_tokens, K]``."""
         h, _ = self.hidden_states(input_ids, batch)
         B, _, D = h.shape
-        img_h = h[batch["is_image"]].view(B, self.config.image_tokens, D)
+        N = self.config.image_tokens
+        img_h = _masked_rows(h, batch["is_image"], B * N).view(B, N, D)
         w, bias = self.head_rows("image")
         return img_h @ w.T + bias
 
@@ -331,6 +415,8 @@ class UniF2ace(nn.Module):
         model = cls(cfg)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{folder}: weights do not fit the config (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]})")  # fmt: skip
+            raise ValueError(
+                f"{folder}: weights do not fit the config (missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]})"
+            )
         return model

@@ -332,7 +332,8 @@ def train(
     collate : ``list[item] -> batch`` (tensors anywhere inside dicts/lists/tuples are moved to
         the device; a mapping batch with ``num_tokens`` enables tokens/s).
     loss_fn : ``(model, batch, step) -> (loss, metrics)``: ``loss`` a scalar tensor, the MEAN
-        over the micro-batch; ``metrics`` a ``dict[str, float]`` (same keys on every rank);
+        over the micro-batch; ``metrics`` a ``dict[str, float | 0-dim tensor]`` (same keys on
+        every rank; tensors are read only on the steps that log);
         ``step`` the number of optimizer steps already taken (0 on the first).
     cfg : TrainConfig
     model_config : dict, optional
@@ -422,18 +423,21 @@ def _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop
         total=cfg.steps, initial=start, desc="train", disable=not (cfg.progress and d.rank == 0)
     )
     t_run = time.perf_counter()
-    t_log, steps_since_log, samples_since, tokens_since = t_run, 0, 0, 0.0
+    t_log, samples_since, tokens_since = t_run, 0, 0.0
     total_tokens, last_ckpt, last_eval = 0.0, (latest_checkpoint(out) if start else None), None
     metric_keys: list[str] | None = None
     step = start
     model.train()
+    # each step's [loss, tokens, *metrics] stay on the device until a step that logs, evaluates,
+    # checkpoints or stops: then one read brings the pending steps to the host
+    pending: list[torch.Tensor] = []
     for step in range(start, cfg.steps):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
         mine = order.batch(step, B)[d.rank * per_rank : (d.rank + 1) * per_rank]
         loss_acc = torch.zeros((), dtype=torch.float64, device=d.device)
-        metric_acc: dict[str, float] = {}
+        metric_acc: dict[str, torch.Tensor] = {}
         ntok = 0.0
         for k in range(accum):
             items = [dataset[i] for i in mine[k * micro : (k + 1) * micro].tolist()]
@@ -445,7 +449,8 @@ def _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop
                 (loss / accum).backward()
             loss_acc += loss.detach().double() / accum
             for key, v in (metrics or {}).items():
-                metric_acc[key] = metric_acc.get(key, 0.0) + float(v) / accum
+                v = torch.as_tensor(v, dtype=torch.float64, device=d.device).detach()
+                metric_acc[key] = metric_acc.get(key, 0.0) + v / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -453,27 +458,31 @@ def _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop
         # one all-reduce per step: loss, tokens and metrics averaged (tokens summed) over ranks
         if metric_keys is None:
             metric_keys = sorted(metric_acc)
-        extra = [0.0 if math.isnan(ntok) else ntok, *(metric_acc.get(m, 0.0) for m in metric_keys)]
-        stats = torch.cat(
-            [loss_acc.view(1), torch.tensor(extra, dtype=torch.float64, device=d.device)]
-        )
+        ntok_t = torch.tensor([0.0 if math.isnan(ntok) else ntok], dtype=torch.float64)
+        zero = torch.zeros((), dtype=torch.float64, device=d.device)
+        metric_t = [metric_acc.get(m, zero).view(1) for m in metric_keys]
+        stats = torch.cat([loss_acc.view(1), ntok_t.to(d.device, non_blocking=True), *metric_t])
         if d.world > 1:
             dist.all_reduce(stats)
             stats[0] /= d.world
             stats[2:] /= d.world
-        stats = stats.tolist()
-        step_loss = stats[0]
-        losses.append(step_loss)
+        pending.append(stats)
         done = step + 1
-        steps_since_log += 1
         samples_since += B
-        if not math.isnan(ntok):
-            tokens_since += stats[1]
-            total_tokens += stats[1]
         bar.update(1)
+        log_now = done % cfg.log_every == 0 or done == cfg.steps or done == stop_after
+        eval_now = eval_fn is not None and (done % eval_every == 0 or done == cfg.steps)
+        stop_now = stop_after is not None and done >= stop_after
+        if log_now or eval_now or stop_now or done % cfg.ckpt_every == 0:
+            for row in torch.stack(pending).tolist():
+                losses.append(row[0])
+                tokens_since += row[1]  # 0 without num_tokens
+                total_tokens += row[1]
+            pending.clear()
+            step_loss, step_metrics = row[0], row[2:]
 
         entry = None
-        if done % cfg.log_every == 0 or done == cfg.steps or done == stop_after:
+        if log_now:
             now = time.perf_counter()
             dt = max(now - t_log, 1e-9)
             entry = {
@@ -483,16 +492,16 @@ def _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop
                 "grad_norm": _as_float(grad_norm),
                 "samples_per_s": samples_since / dt,
                 "elapsed": elapsed_before + now - t_run,
-                "metrics": dict(zip(metric_keys, stats[2:])),
+                "metrics": dict(zip(metric_keys, step_metrics)),
             }
             if not math.isnan(ntok):
                 entry["tokens_per_s"] = tokens_since / dt
-            t_log, steps_since_log, samples_since, tokens_since = now, 0, 0, 0.0
+            t_log, samples_since, tokens_since = now, 0, 0.0
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-        if stop_after is not None and done >= stop_after:
+        if stop_now:
             _write_log(d, log_path, entry)
             break
-        if eval_fn is not None and (done % eval_every == 0 or done == cfg.steps):
+        if eval_now:
             was_training = model.training
             model.eval()
             with torch.no_grad(), autocast:
