@@ -29,6 +29,7 @@ from unif2ace.ops import (
     sample_times,
     schedule,
 )
+from unif2ace.ops._native import desc
 
 EULER_GAMMA = 0.5772156649015329
 # the C++ kernels are in this build (the cpu backend's launchers are always registered)
@@ -148,7 +149,7 @@ def test_gumbel_tail_draws_cpu_kernel():
     total = 0.0
     buf = torch.empty(chunk, dtype=torch.float32)
     for off in range(n // chunk):
-        ext.philox_gumbel(12345, off, chunk, buf.data_ptr())
+        ext.philox_gumbel(12345, off, desc(buf))
         over16 += int((buf > 16).sum())
         over14 += int((buf > 14).sum())
         total += float(buf.sum(dtype=torch.float64))
@@ -157,7 +158,7 @@ def test_gumbel_tail_draws_cpu_kernel():
     assert abs(over14 - n * p14) < 5 * math.sqrt(n * p14)
     assert abs(total / n - EULER_GAMMA) < 5 * math.sqrt(math.pi**2 / 6 / n)
     # the same words through torch: the uniforms are the same, the logs agree to float rounding
-    ext.philox_gumbel(7, 3, 1000, buf.data_ptr())
+    ext.philox_gumbel(7, 3, desc(buf[:1000]))
     w = ms.philox4x32(7, torch.arange(250), 0, 0, 4 * 3 + ms.STREAM_SAMPLE)
     g = ms.gumbel_from_bits(torch.stack(w, -1).reshape(-1))
     assert (buf[:1000] - g).abs().max() < 1e-5

@@ -10,6 +10,7 @@ import unif2ace
 from conftest import backend_params, device_for, rel_err
 from unif2ace import _backend
 from unif2ace.ops import moe
+from unif2ace.ops._native import desc
 from unif2ace.ops.moe import (
     _cpu,
     _custom_ops,
@@ -357,13 +358,7 @@ def test_cpu_activation_kernels_match_torch(activation, dtype):
     if activation != "silu_glu":  # the C++ forward itself (the erf form's dispatch is torch's)
         outs.append(torch.empty(N, Fd, dtype=dtype))
         _backend.cpu_ext().moe_gelu_fwd(
-            padded.data_ptr(),
-            N,
-            Fd,
-            padded.stride(0),
-            activation == "gelu_tanh",
-            _backend.DTYPE_CODES[dtype],
-            outs[-1].data_ptr(),
+            desc(padded[:, :Fu]), activation == "gelu_tanh", desc(outs[-1])
         )
     for a in outs:
         assert (a.double() - ar).abs().max() <= tol * (1 + ar.abs()).max()

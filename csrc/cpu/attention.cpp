@@ -1,9 +1,9 @@
-// Omni-attention, C++ CPU kernels (fp32). Contract: attention.h and python/unif2ace/ops/attention.py.
+// Omni-attention, C++ CPU kernels (fp32). Contract: attention.h and the omni-attention op.
 //
 // One (sequence, head) pair per OpenMP task. Queries go in blocks of R rows; a block reads the keys
 // [0, hi) only, hi = the largest limit in the block (rounded up to 16), so keys no query of the
 // block may see are skipped, not masked: on the tiny model's training batch (text prompt, then
-// a 256-token image, then padding) the kernel reads about 74 % of the dense L × L scores.
+// an image, then padding) the kernel reads only part of the dense L × L scores.
 //
 // Forward, per block: S = (scale·Q_blk) Kᵀ over 16 keys at a time from a transposed copy of K
 // (R accumulators, one broadcast-FMA per row and head element), the mask, the row max and
@@ -15,12 +15,10 @@
 // loaded once for the block) and, 16 keys at a time with the block's dS and P columns in
 // registers, dKᵀ += (scale·Q_blk)ᵀ dS and dVᵀ += dO_blkᵀ P into the pair's transposed fp32
 // accumulators (per thread, [Dh, L]; one load and store per accumulator vector and row block, a
-// quarter of the loads of row-wise accumulation, 0-3 % faster); nothing is atomic.
+// quarter of the loads of row-wise accumulation); nothing is atomic.
 //
-// Measured (benchmarks/bench_attention.py: AMD EPYC, AVX-512 clone, idle, the tiny model's batch:
-// B 8, L 371, H 4, Dh 32, omni mask with padding, rotary inside) against torch's SDPA with the
-// boolean mask (its flash CPU kernel), 1 thread: forward 4.98 vs 11.17 ms, forward + backward
-// 15.2 vs 30.4 ms; small (H 6, Dh 64) 11.5 vs 26.0 and 41.7 vs 78.1 ms. 2 threads: 2.0-2.7×.
+// benchmarks/bench_attention.py times it against torch's SDPA with the boolean mask (its flash CPU
+// kernel); docs/results.md has the figures.
 #include "attention.h"
 
 #include <omp.h>
@@ -82,7 +80,8 @@ struct Rope {
 };
 
 // dst = mul · rope(x row i), Dh elements.
-inline void load_row(const float* x, int64_t i, const Rope& rp, int64_t Dh, float mul, float* dst) {
+U2A_ALWAYS_INLINE void load_row(const float* x, int64_t i, const Rope& rp, int64_t Dh, float mul,
+                                float* dst) {
   for (int64_t d = 0; d < Dh; ++d) dst[d] = x[d] * mul;
   const int64_t h = rp.half;
   const float *c = rp.cos + i * h, *sn = rp.sin + i * h;
@@ -94,7 +93,7 @@ inline void load_row(const float* x, int64_t i, const Rope& rp, int64_t Dh, floa
 }
 
 // The gradient through the rotation, in place: g = ropeᵀ(g) for row i.
-inline void unrotate_row(float* g, int64_t i, const Rope& rp) {
+U2A_ALWAYS_INLINE void unrotate_row(float* g, int64_t i, const Rope& rp) {
   const int64_t h = rp.half;
   const float *c = rp.cos + i * h, *sn = rp.sin + i * h;
   for (int64_t d = 0; d < h; ++d) {
@@ -105,9 +104,10 @@ inline void unrotate_row(float* g, int64_t i, const Rope& rp) {
 }
 
 // Transposed copy of one head's [L, Dh] rows (rotated by rp) into t[Dh][Lp], zero columns
-// beyond L; rows: a [L, Dh] copy of the rotated rows as well, or nullptr.
-inline void transpose_head(const float* x, int64_t sl, int64_t L, int64_t Dh, const Rope& rp,
-                           float* t, float* rows) {
+// beyond L; rows: a [L, Dh] copy of the rotated rows as well, or nullptr. Inlined into each SIMD
+// clone of the caller (the rotation then contracts to FMAs there); see also rotated_keys below.
+U2A_ALWAYS_INLINE void transpose_head(const float* x, int64_t sl, int64_t L, int64_t Dh,
+                                      const Rope& rp, float* t, float* rows) {
   const int64_t Lp = round_up(L);
   float tmp[128];
   for (int64_t j = 0; j < L; ++j) {
@@ -117,6 +117,15 @@ inline void transpose_head(const float* x, int64_t sl, int64_t L, int64_t Dh, co
   }
   for (int64_t d = 0; d < Dh; ++d)
     for (int64_t j = L; j < Lp; ++j) t[d * Lp + j] = 0.f;
+}
+
+// The backward's transposed copy of the rotated K rows (and the rows themselves, for dQ), kept out
+// of line: compiled once for the baseline target, so the rotation's rounding (no FMA contraction)
+// does not depend on the SIMD clone that calls it or on the inliner's budget. The backward's
+// gradients have always been computed this way; the forward rotates K inline.
+__attribute__((noinline)) void rotated_keys(const float* k, int64_t sl, int64_t L, int64_t Dh,
+                                            const Rope& rp, float* t, float* rows) {
+  transpose_head(k, sl, L, Dh, rp, t, rows);
 }
 
 // Bitwise, not && / || (no control flow in the simd loops); kv is padded to Lp, so reading kv[j]
@@ -211,7 +220,7 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void bwd_pair(
   float *kt = w.kt.data(), *vt = w.vt.data(), *dka = w.dka.data(), *dva = w.dva.data();
   float *p = w.s.data(), *ds = w.ds.data(), *kr = w.kr.data();
   const uint8_t* kv = w.kv.data();
-  transpose_head(k, sl_k, L, DH, rp, kt, kr);  // kr: the rotated K rows, for dQ
+  rotated_keys(k, sl_k, L, DH, rp, kt, kr);  // kr: the rotated K rows, for dQ
   transpose_head(v, sl_v, L, DH, Rope{}, vt, nullptr);
   std::memset(dka, 0, sizeof(float) * DH * Lp);
   std::memset(dva, 0, sizeof(float) * DH * Lp);
@@ -315,17 +324,13 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void bwd_pair(
   }
 }
 
-Status check_args(BLHD q, BLHD k, BLHD v, int64_t B, int64_t L, int64_t H, int64_t Dh,
-                  const int32_t* limit, const uint8_t* key_valid) {
-  if (B < 0 || L < 0 || H < 0) return kBadShape;
-  if (!omni_attention_supported(Dh)) return kBadShape;
-  if (B * L * H > 0 && (!q.p || !k.p || !v.p || !limit || !key_valid)) return kBadArgument;
-  return kOk;
-}
-
-Status check_rope(const float* cos, const float* sin, int64_t half, int64_t Dh) {
-  if (half < 0 || 2 * half > Dh) return kBadShape;
-  if (half > 0 && (!cos || !sin)) return kBadArgument;
+Status check_args(const OmniAttentionArgs& a) {
+  if (a.B < 0 || a.L < 0 || a.H < 0) return kBadShape;
+  if (!omni_attention_supported(a.Dh)) return kBadShape;
+  if (a.B * a.L * a.H > 0 && (!a.q.p || !a.k.p || !a.v.p || !a.limit || !a.key_valid))
+    return kBadArgument;
+  if (a.rope_half < 0 || 2 * a.rope_half > a.Dh) return kBadShape;
+  if (a.rope_half > 0 && (!a.rope_cos || !a.rope_sin)) return kBadArgument;
   return kOk;
 }
 
@@ -370,51 +375,45 @@ bool omni_attention_supported(int64_t head_dim) {
   return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
 }
 
-Status omni_attention_fwd_cpu(BLHD q, BLHD k, BLHD v, int64_t B, int64_t L, int64_t H,
-                              int64_t Dh, const int32_t* limit, const uint8_t* key_valid,
-                              const float* rope_cos, const float* rope_sin, int64_t rope_half,
-                              float scale, float* out, float* lse) {
-  if (const Status st = check_args(q, k, v, B, L, H, Dh, limit, key_valid); st != kOk) return st;
-  if (const Status st = check_rope(rope_cos, rope_sin, rope_half, Dh); st != kOk) return st;
+Status omni_attention_fwd_cpu(const OmniAttentionArgs& a, float* out, float* lse) {
+  if (const Status st = check_args(a); st != kOk) return st;
+  const int64_t B = a.B, L = a.L, H = a.H, Dh = a.Dh;
   if (B * L * H == 0) return kOk;
   if (!out || !lse) return kBadArgument;
-  for_each_pair(B, L, H, Dh, key_valid, false, [&](int64_t b, int64_t h, Scratch& w) {
-    const float* qp = q.p + b * q.sb + h * q.sh;
-    const float* kp = k.p + b * k.sb + h * k.sh;
-    const float* vp = v.p + b * v.sb + h * v.sh;
+  for_each_pair(B, L, H, Dh, a.key_valid, false, [&](int64_t b, int64_t h, Scratch& w) {
+    const float* qp = a.q.p + b * a.q.sb + h * a.q.sh;
+    const float* kp = a.k.p + b * a.k.sb + h * a.k.sh;
+    const float* vp = a.v.p + b * a.v.sb + h * a.v.sh;
     float* op = out + (b * L * H + h) * Dh;
-    const int32_t* lim = limit + b * L;
+    const int32_t* lim = a.limit + b * L;
     float* lp = lse + (b * H + h) * L;
-    const Rope rp = rope_of(rope_cos, rope_sin, rope_half, b, L);
+    const Rope rp = rope_of(a.rope_cos, a.rope_sin, a.rope_half, b, L);
     with_head_size(Dh, [&](auto dh) {
-      fwd_pair<dh()>(qp, kp, vp, q.sl, k.sl, v.sl, L, lim, rp, scale, op, H * Dh, lp, w);
+      fwd_pair<dh()>(qp, kp, vp, a.q.sl, a.k.sl, a.v.sl, L, lim, rp, a.scale, op, H * Dh, lp, w);
     });
   });
   return kOk;
 }
 
-Status omni_attention_bwd_cpu(BLHD q, BLHD k, BLHD v, BLHD out, BLHD grad_out, int64_t B,
-                              int64_t L, int64_t H, int64_t Dh, const int32_t* limit,
-                              const uint8_t* key_valid, const float* rope_cos,
-                              const float* rope_sin, int64_t rope_half, float scale,
+Status omni_attention_bwd_cpu(const OmniAttentionArgs& a, BLHD out, BLHD grad_out,
                               const float* lse, float* dq, float* dk, float* dv) {
-  if (const Status st = check_args(q, k, v, B, L, H, Dh, limit, key_valid); st != kOk) return st;
-  if (const Status st = check_rope(rope_cos, rope_sin, rope_half, Dh); st != kOk) return st;
+  if (const Status st = check_args(a); st != kOk) return st;
+  const int64_t B = a.B, L = a.L, H = a.H, Dh = a.Dh;
   if (B * L * H == 0) return kOk;
   if (!out.p || !grad_out.p || !lse || !dq || !dk || !dv) return kBadArgument;
-  for_each_pair(B, L, H, Dh, key_valid, true, [&](int64_t b, int64_t h, Scratch& w) {
-    const float* qp = q.p + b * q.sb + h * q.sh;
-    const float* kp = k.p + b * k.sb + h * k.sh;
-    const float* vp = v.p + b * v.sb + h * v.sh;
+  for_each_pair(B, L, H, Dh, a.key_valid, true, [&](int64_t b, int64_t h, Scratch& w) {
+    const float* qp = a.q.p + b * a.q.sb + h * a.q.sh;
+    const float* kp = a.k.p + b * a.k.sb + h * a.k.sh;
+    const float* vp = a.v.p + b * a.v.sb + h * a.v.sh;
     const float* op = out.p + b * out.sb + h * out.sh;
     const float* gp = grad_out.p + b * grad_out.sb + h * grad_out.sh;
     const int64_t off = (b * L * H + h) * Dh;
-    const int32_t* lim = limit + b * L;
+    const int32_t* lim = a.limit + b * L;
     const float* lp = lse + (b * H + h) * L;
-    const Rope rp = rope_of(rope_cos, rope_sin, rope_half, b, L);
+    const Rope rp = rope_of(a.rope_cos, a.rope_sin, a.rope_half, b, L);
     with_head_size(Dh, [&](auto dh) {
-      bwd_pair<dh()>(qp, kp, vp, op, gp, q.sl, k.sl, v.sl, out.sl, grad_out.sl, L, lim, rp, scale,
-                     lp, dq + off, dk + off, dv + off, H * Dh, w);
+      bwd_pair<dh()>(qp, kp, vp, op, gp, a.q.sl, a.k.sl, a.v.sl, out.sl, grad_out.sl, L, lim, rp,
+                     a.scale, lp, dq + off, dk + off, dv + off, H * Dh, w);
     });
   });
   return kOk;

@@ -1,4 +1,4 @@
-// D3Diff score-matching loss, C++ CPU kernel (shared/DESIGN.md §4).
+// D3Diff score-matching loss, C++ CPU kernel (the formula: unif2ace/d3diff_math.h).
 //
 // One row at a time, chunks of rows handed to OpenMP threads. A row comes from memory once (pass 1b
 // prefetches the next row while it computes) and stays in L1/L2 for the rest of its passes (8192
@@ -37,17 +37,8 @@ namespace {
 
 using namespace cpu;  // NOLINT: the shared SIMD helpers
 
-struct Args {
-  const void* logits;
-  int64_t n_cols, row_stride;
-  const int64_t* targets;
-  const float *ratio, *w_ce, *w_se;
-  float alpha;
-  int64_t ignore_index;
-  float* loss;
-  void* grad;
-  int64_t grad_row_stride;
-  const float* grad_scale;
+// The launcher's operands and log K.
+struct Args : D3DiffLossArgs {
   float log_k;
 };
 
@@ -77,8 +68,7 @@ U2A_ALWAYS_INLINE float row_sum_exp(const typename E::T* z, int64_t k, float m, 
   for (int64_t b = 0; b < k; b += kSumBlock) {
     const int64_t nb = std::min(kSumBlock, k - b);
     // The same block of the next row, one prefetch per 64-byte line, so that its DRAM reads overlap
-    // this row's exps. Loss-only pass at 4096 x 8192 fp32, 2 threads, huge pages, best of 3 runs on
-    // the (shared, noisy) 2-core dev VM: 8.0 -> 2.8 ms, i.e. down to the in-cache compute time.
+    // this row's exps (the loss-only pass then runs at about its in-cache compute time).
     if (next) {
       const char* p = reinterpret_cast<const char*>(next + b);
       const char* pe = reinterpret_cast<const char*>(next + b + nb);
@@ -164,53 +154,22 @@ U2A_ALWAYS_INLINE void d3diff_row(const Args& a, int64_t i, float* e, bool prefe
 
 U2A_D3DIFF_ROWS(d3diff_rows_baseline, )
 #if U2A_X86
-U2A_D3DIFF_ROWS(d3diff_rows_avx_fma, __attribute__((target("avx,fma"))))
-U2A_D3DIFF_ROWS(d3diff_rows_avx2_fma, __attribute__((target("avx2,fma"))))
-U2A_D3DIFF_ROWS(d3diff_rows_avx512,
-                __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))))
+U2A_D3DIFF_ROWS(d3diff_rows_avx_fma, U2A_TARGET_AVX_FMA)
+U2A_D3DIFF_ROWS(d3diff_rows_avx2_fma, U2A_TARGET_AVX2_FMA)
+U2A_D3DIFF_ROWS(d3diff_rows_avx512, U2A_TARGET_AVX512)
 #endif
 #undef U2A_D3DIFF_ROWS
 
 // ---- run-time choice of the instruction-set variant --------------------------------------------
 
-enum SimdLevel : int { kBaseline = 0, kAvxFma = 1, kAvx2Fma = 2, kAvx512 = 3, kNumLevels = 4 };
-constexpr const char* kLevelNames[kNumLevels] = {"baseline", "avx_fma", "avx2_fma", "avx512"};
-
-int detect_level() {
-#if U2A_X86
-  __builtin_cpu_init();
-  // libgcc's checks include the OS's XSAVE support for the AVX/AVX-512 registers.
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2Fma;
-  if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("fma")) return kAvxFma;
-#endif
-  return kBaseline;
-}
-
-int level_from_name(const char* name) {
-  for (int l = 0; l < kNumLevels; ++l)
-    if (std::strcmp(name, kLevelNames[l]) == 0) return l;
-  return -1;
-}
-
-int max_level() {
-  static const int level = detect_level();
-  return level;
-}
-
+// The level in use: set by d3diff_cpu_set_simd_level, else the best this CPU runs capped by
+// UNIF2ACE_CPU_SIMD.
 std::atomic<int> g_level{-1};
 
 int current_level() {
   int l = g_level.load(std::memory_order_relaxed);
   if (l >= 0) return l;
-  l = max_level();
-  if (const char* env = std::getenv("UNIF2ACE_CPU_SIMD")) {
-    const int want = level_from_name(env);
-    if (want >= 0) l = std::min(l, want);
-  }
+  l = std::min(max_simd_level(), simd_level_cap());
   g_level.store(l, std::memory_order_relaxed);
   return l;
 }
@@ -221,9 +180,9 @@ template <class E>
 RowsFn rows_fn(int level) {
 #if U2A_X86
   switch (level) {
-    case kAvx512: return d3diff_rows_avx512<E>;
-    case kAvx2Fma: return d3diff_rows_avx2_fma<E>;
-    case kAvxFma: return d3diff_rows_avx_fma<E>;
+    case kSimdAvx512: return d3diff_rows_avx512<E>;
+    case kSimdAvx2Fma: return d3diff_rows_avx2_fma<E>;
+    case kSimdAvxFma: return d3diff_rows_avx_fma<E>;
     default: break;
   }
 #else
@@ -234,51 +193,35 @@ RowsFn rows_fn(int level) {
 
 }  // namespace
 
-const char* d3diff_cpu_simd_level() { return kLevelNames[current_level()]; }
+const char* d3diff_cpu_simd_level() { return kSimdLevelNames[current_level()]; }
 
 Status d3diff_cpu_set_simd_level(const char* name) {
-  const int l = name ? level_from_name(name) : -1;
-  if (l < 0 || l > max_level()) return kBadArgument;
+  const int l = simd_level_from_name(name);
+  if (l < 0 || l > max_simd_level()) return kBadArgument;
   g_level.store(l, std::memory_order_relaxed);
   return kOk;
 }
 
-Status d3diff_loss_fwd_cpu(const void* logits, int64_t n_rows, int64_t n_cols, int64_t row_stride,
-                           int dtype, const int64_t* targets, const float* ratio, const float* w_ce,
-                           const float* w_se, float alpha, int64_t ignore_index, float* loss,
-                           void* grad, int64_t grad_row_stride, const float* grad_scale) {
-  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) return kBadDtype;
+Status d3diff_loss_fwd_cpu(const D3DiffLossArgs& args) {
+  const int64_t n_rows = args.n_rows, n_cols = args.n_cols;
   if (n_rows < 0 || n_cols < 1) return kBadShape;
-  if (row_stride < n_cols || (grad && grad_row_stride < n_cols)) return kBadStride;
+  if (args.row_stride < n_cols || (args.grad && args.grad_row_stride < n_cols)) return kBadStride;
   // In place means the same rows: the same base and the same stride.
-  if (grad && grad == logits && grad_row_stride != row_stride) return kBadStride;
+  if (args.grad && args.grad == args.logits && args.grad_row_stride != args.row_stride)
+    return kBadStride;
   if (n_rows == 0) return kOk;
-  if (!logits || !targets || !ratio || !w_ce || !w_se || !loss) return kBadArgument;
-
-  Args a;
-  a.logits = logits;
-  a.n_cols = n_cols;
-  a.row_stride = row_stride;
-  a.targets = targets;
-  a.ratio = ratio;
-  a.w_ce = w_ce;
-  a.w_se = w_se;
-  a.alpha = alpha;
-  a.ignore_index = ignore_index;
-  a.loss = loss;
-  a.grad = grad;
-  a.grad_row_stride = grad_row_stride;
-  a.grad_scale = grad_scale;
-  a.log_k = static_cast<float>(std::log(static_cast<double>(n_cols)));
+  if (!args.logits || !args.targets || !args.ratio || !args.w_ce || !args.w_se || !args.loss)
+    return kBadArgument;
+  const Args a{args, static_cast<float>(std::log(static_cast<double>(n_cols)))};
 
   const int level = current_level();
-  const RowsFn fn = dtype == kFloat32    ? rows_fn<ElemF32>(level)
-                    : dtype == kBFloat16 ? rows_fn<ElemBF16>(level)
-                                         : rows_fn<ElemF16>(level);
+  RowsFn fn = nullptr;
+  if (const int s = U2A_DISPATCH_FLOAT(args.dtype, E, fn = rows_fn<E>(level)); s != kOk)
+    return static_cast<Status>(s);
 
   // Chunks of rows handed out dynamically: on a shared machine a thread loses its core for a
   // scheduler tick (4 ms) now and then, and with a fixed split the other thread then waits at the
-  // end. A chunk is ~128K elements (16 rows at K = 8192: ~100 µs), so the hand-out costs nothing,
+  // end. A chunk is ~128K elements (16 rows at K = 8192), so the hand-out costs nothing,
   // and a problem of one chunk runs on the calling thread (no fork/join for small inputs).
   const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 17) / n_cols);
   const int64_t n_chunks = (n_rows + chunk - 1) / chunk;
@@ -289,7 +232,7 @@ Status d3diff_loss_fwd_cpu(const void* logits, int64_t n_rows, int64_t n_cols, i
   // Rows padded to 64 bytes so that two threads never write one cache line.
   const int64_t ld = (n_cols + 15) / 16 * 16;
   std::unique_ptr<float[]> scratch;
-  if (grad) {
+  if (args.grad) {
     scratch.reset(new (std::nothrow) float[static_cast<size_t>(max_threads) * ld]);
     if (!scratch) return kBadShape;  // n_cols too large for the scratch rows
   }

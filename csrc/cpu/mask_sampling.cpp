@@ -1,5 +1,5 @@
-// Discrete-diffusion mask sampling, C++ CPU kernels (shared/DESIGN.md §5). Semantics: the launcher
-// contract at the top of python/unif2ace/ops/mask_sampling.py.
+// Discrete-diffusion mask sampling, C++ CPU kernels. Semantics: the launcher contract of the
+// mask-sampling op family.
 //
 // maskgit_step, phase 1, one masked position at a time (positions split across OpenMP threads,
 // dynamically: known positions cost nothing). The position's K logits (cond, and uncond with
@@ -15,13 +15,9 @@
 // Phase 2, one sequence at a time: nth_element of the L (confidence, position) pairs.
 //
 // Philox words come 4 per counter (columns 4q … 4q+3 share counter q), 16 counters per 64-column
-// block in one vectorised loop. Measured (AMD EPYC, AVX-512 variant, 1 thread, row in cache,
-// K = 8192): 1.24 ns per column on the Philox path, of which Philox ~0.7, exp ~0.1, log ~0.3;
-// 0.47 ns with explicit noise. Hand-written AVX-512 Philox (mul_epu32 on even/odd lanes) is the
-// next step if the CPU step ever matters more than memory bandwidth. log/exp are our own branch-free polynomials (libm's do not
-// vectorise without -ffast-math); each position routine is compiled for several instruction sets
-// and one is picked at run time, as in d3diff_loss.cpp (whose exp_simd and fp16 loader are
-// repeated here; a shared header for them is a follow-up).
+// block in one vectorised loop; Philox is most of a column's cost on that path. log/exp are our own
+// branch-free polynomials (libm's do not vectorise without -ffast-math); each position routine is
+// compiled for several instruction sets and one is picked at run time (cpu_simd.h).
 #include "mask_sampling.h"
 
 #include <omp.h>
@@ -47,10 +43,10 @@ using namespace cpu;  // NOLINT: the shared SIMD helpers
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 
-// exp(x) in fp32, Cephes expf (as d3diff_loss.cpp): x = n·ln2 + r, |r| <= ln2/2, degree-5
-// polynomial, 2^n in the exponent bits. Relative error ~1.2e-7. Here x = y − m <= 0 always; below
-// -87.3 the result is 0 (such a token has probability < e^-87 of being drawn).
-U2A_ALWAYS_INLINE float exp_simd(float x) {
+// exp(x) in fp32, Cephes expf (cpu_simd.h's polynomial) with its own range handling: here
+// x = y − m <= 0 always, and below -87.3 (or NaN) the result is 0 (such a token has probability
+// < e^-87 of being drawn).
+U2A_ALWAYS_INLINE float exp_nonpositive(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kLn2Hi = 0.693359375f;
   constexpr float kLn2Lo = -2.12194440e-4f;
@@ -58,12 +54,7 @@ U2A_ALWAYS_INLINE float exp_simd(float x) {
   const float xc = x > -87.3f ? x : -87.3f;  // NaN -> clamp; n stays in [-126, 0]
   const float n = (xc * kLog2e + kRound) - kRound;
   const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  float p = expf_poly(r);
   p = p * (r * r) + r + 1.f;
   const float two_n = bits_as_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
   const float y = p * two_n;
@@ -110,19 +101,10 @@ U2A_ALWAYS_INLINE float exponential_simd(uint32_t x) {
   return corr - log_simd(u);
 }
 
-struct StepArgs {
-  const void* logits;
-  const void* uncond;
-  int64_t L, K, sb, sl, usb, usl;
-  const int64_t* ids;
-  int64_t mask_id;
-  float g1, g0, inv_t, tau;
-  uint64_t seed;
+// The launcher's operands and the scalars derived from them.
+struct StepArgs : MaskgitStepArgs {
+  float g1, g0;  // float32(1 + g) and float32(g), as torch rounds a Python scalar for fp32 math
   uint32_t c3_sample, c3_choice;
-  const float* gumbel;
-  const float* choice;
-  int64_t* out_ids;
-  float* confidence;
 };
 
 constexpr int kLanes = 16;            // argmax / sum lanes: one AVX-512 vector of fp32
@@ -162,7 +144,7 @@ U2A_ALWAYS_INLINE std::pair<int64_t, float> race_philox(const float* y, int64_t 
       const int32_t k0 = static_cast<int32_t>(kb + sub * kLanes);
 #pragma omp simd
       for (int j = 0; j < kLanes; ++j) {
-        const float e = exp_simd(yb[j] - m);
+        const float e = exp_nonpositive(yb[j] - m);
         sum[j] += e;
         const float E = exponential_simd(wb[j]);
         const bool better = e * best_E[j] > best_e[j] * E;  // strict: earliest column of a lane wins
@@ -186,7 +168,7 @@ U2A_ALWAYS_INLINE std::pair<int64_t, float> race_philox(const float* y, int64_t 
   for (; kb < K; kb += 4) {  // tail (< 64 columns), scalar
     const Philox4 p = philox4x32_10(static_cast<uint32_t>(kb >> 2), l, b, c3, seed);
     for (int64_t j = 0; j < 4 && kb + j < K; ++j) {
-      const float e = exp_simd(y[kb + j] - m);
+      const float e = exp_nonpositive(y[kb + j] - m);
       s += e;
       const float E = exponential_simd(p.w[j]);
       if (e * bE > be * E) {
@@ -215,7 +197,7 @@ U2A_ALWAYS_INLINE std::pair<int64_t, float> gumbel_max_explicit(const float* y, 
 #pragma omp simd
     for (int j = 0; j < kLanes; ++j) {
       const float v = y[kb + j] + g[kb + j];
-      sum[j] += exp_simd(y[kb + j] - m);
+      sum[j] += exp_nonpositive(y[kb + j] - m);
       const bool better = v > best[j];
       best[j] = better ? v : best[j];
       besti[j] = better ? static_cast<int32_t>(kb + j) : besti[j];
@@ -232,7 +214,7 @@ U2A_ALWAYS_INLINE std::pair<int64_t, float> gumbel_max_explicit(const float* y, 
   }
   for (; kb < K; ++kb) {
     const float v = y[kb] + g[kb];
-    s += exp_simd(y[kb] - m);
+    s += exp_nonpositive(y[kb] - m);
     if (bi < 0 || v > bv) {
       bv = v;
       bi = kb;
@@ -252,11 +234,11 @@ U2A_ALWAYS_INLINE void step_position(const StepArgs& a, int64_t n, float* y) {
     return;
   }
   const int64_t b = n / a.L, l = n % a.L, K = a.K;
-  const T* c = static_cast<const T*>(a.logits) + b * a.sb + l * a.sl;
+  const T* c = static_cast<const T*>(a.logits) + b * a.stride_b + l * a.stride_l;
   float m = -kInf;
   if (a.uncond) {
-    const T* u = static_cast<const T*>(a.uncond) + b * a.usb + l * a.usl;
-    const float g1 = a.g1, g0 = a.g0, it = a.inv_t;
+    const T* u = static_cast<const T*>(a.uncond) + b * a.ustride_b + l * a.ustride_l;
+    const float g1 = a.g1, g0 = a.g0, it = a.inv_temperature;
 #pragma omp simd reduction(max : m)
     for (int64_t k = 0; k < K; ++k) {
       const float v = (g1 * E::load(c[k]) - g0 * E::load(u[k])) * it;
@@ -264,7 +246,7 @@ U2A_ALWAYS_INLINE void step_position(const StepArgs& a, int64_t n, float* y) {
       m = v > m ? v : m;
     }
   } else {
-    const float it = a.inv_t;
+    const float it = a.inv_temperature;
 #pragma omp simd reduction(max : m)
     for (int64_t k = 0; k < K; ++k) {
       const float v = E::load(c[k]) * it;
@@ -278,13 +260,13 @@ U2A_ALWAYS_INLINE void step_position(const StepArgs& a, int64_t n, float* y) {
                : race_philox(y, K, mm, static_cast<uint32_t>(l), static_cast<uint32_t>(b),
                              a.c3_sample, a.seed);
   float conf = (y[r.first] - mm) - std::log(r.second);
-  if (a.tau != 0.f) {
+  if (a.choice_temperature != 0.f) {
     const float gc = a.choice ? a.choice[n]
                               : gumbel_from_bits(philox4x32_10(0u, static_cast<uint32_t>(l),
                                                                static_cast<uint32_t>(b),
                                                                a.c3_choice, a.seed)
                                                      .w[0]);
-    conf = conf + a.tau * gc;
+    conf = conf + a.choice_temperature * gc;
   }
   a.out_ids[n] = r.first;
   a.confidence[n] = conf;
@@ -300,9 +282,8 @@ U2A_ALWAYS_INLINE void step_position(const StepArgs& a, int64_t n, float* y) {
 
 U2A_STEP_POSITIONS(step_positions_baseline, )
 #if U2A_X86
-U2A_STEP_POSITIONS(step_positions_avx2, __attribute__((target("avx2,fma"))))
-U2A_STEP_POSITIONS(step_positions_avx512,
-                   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))))
+U2A_STEP_POSITIONS(step_positions_avx2, U2A_TARGET_AVX2_FMA)
+U2A_STEP_POSITIONS(step_positions_avx512, U2A_TARGET_AVX512)
 #endif
 #undef U2A_STEP_POSITIONS
 
@@ -321,37 +302,20 @@ U2A_STEP_POSITIONS(step_positions_avx512,
   }
 U2A_GUMBEL_FILL(gumbel_fill_baseline, )
 #if U2A_X86
-U2A_GUMBEL_FILL(gumbel_fill_avx512,
-                __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))))
+U2A_GUMBEL_FILL(gumbel_fill_avx512, U2A_TARGET_AVX512)
 #endif
 #undef U2A_GUMBEL_FILL
 
 // ---- run-time choice of the instruction-set variant ----------------------------------------------
 
-enum SimdLevel : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
-constexpr const char* kLevelNames[] = {"baseline", "avx2_fma", "avx512"};
-
-int detect_level() {
-#if U2A_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
-#endif
-  return kBaseline;
-}
-
+// cpu_simd.h's level, but this kernel has no AVX-without-AVX2 copy: a CPU at that level runs the
+// baseline, and UNIF2ACE_CPU_SIMD=avx_fma caps at the AVX2 copy.
 int current_level() {
   static const int level = [] {
-    int l = detect_level();
-    // UNIF2ACE_CPU_SIMD caps the level (the same switch as the D3Diff kernel's).
-    if (const char* env = std::getenv("UNIF2ACE_CPU_SIMD")) {
-      if (std::strcmp(env, "baseline") == 0) l = kBaseline;
-      else if ((std::strcmp(env, "avx2_fma") == 0 || std::strcmp(env, "avx_fma") == 0) && l > kAvx2) l = kAvx2;
-    }
-    return l;
+    int cap = simd_level_cap();
+    if (cap == kSimdAvxFma) cap = kSimdAvx2Fma;
+    const int l = std::min(max_simd_level(), cap);
+    return l == kSimdAvxFma ? static_cast<int>(kSimdBaseline) : l;
   }();
   return level;
 }
@@ -361,8 +325,8 @@ using PositionsFn = void (*)(const StepArgs&, int64_t, int64_t, float*);
 template <class E>
 PositionsFn positions_fn(int level) {
 #if U2A_X86
-  if (level == kAvx512) return step_positions_avx512<E>;
-  if (level == kAvx2) return step_positions_avx2<E>;
+  if (level == kSimdAvx512) return step_positions_avx512<E>;
+  if (level == kSimdAvx2Fma) return step_positions_avx2<E>;
 #else
   (void)level;
 #endif
@@ -381,68 +345,45 @@ struct RankKey {
 // Mark the n smallest of keys[0, L) (any order on entry) as masked: out_ids = mask_id, mask = 1.
 template <class V>
 void mask_smallest(RankKey<V>* keys, int64_t L, int64_t n, int64_t mask_id, int64_t* out_ids,
-                   uint8_t* out_mask) {
+                   bool* out_mask) {
   n = std::min<int64_t>(std::max<int64_t>(n, 0), L);
-  for (int64_t l = 0; l < L; ++l) out_mask[l] = 0;
+  for (int64_t l = 0; l < L; ++l) out_mask[l] = false;
   if (n == 0) return;
   if (n < L) std::nth_element(keys, keys + n, keys + L);
   for (int64_t i = 0; i < n; ++i) {
     out_ids[keys[i].pos] = mask_id;
-    out_mask[keys[i].pos] = 1;
+    out_mask[keys[i].pos] = true;
   }
 }
 
 }  // namespace
 
-const char* mask_sampling_cpu_simd_level() { return kLevelNames[current_level()]; }
+const char* mask_sampling_cpu_simd_level() { return kSimdLevelNames[current_level()]; }
 
-Status maskgit_step_cpu(const void* logits, int64_t B, int64_t L, int64_t K, int64_t stride_b,
-                        int64_t stride_l, int dtype, const void* uncond, int64_t ustride_b,
-                        int64_t ustride_l, const int64_t* ids, const int64_t* mask_len,
-                        int64_t mask_id, double guidance, float inv_temperature,
-                        float choice_temperature, uint64_t seed, uint32_t offset,
-                        const float* gumbel, const float* choice, int64_t* out_ids,
-                        uint8_t* out_mask, float* confidence) {
-  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) return kBadDtype;
+Status maskgit_step_cpu(const MaskgitStepArgs& args) {
+  const int64_t B = args.B, L = args.L, K = args.K;
   // K < 2^31 − 64: column indices are int32 in the vectorised argmax.
   // Counter words are uint32: b, l < 2^32.
   if (B < 0 || L < 1 || K < 1 || K > (int64_t{1} << 31) - kBlock || B > (int64_t{1} << 32) ||
       L > (int64_t{1} << 32))
     return kBadShape;
-  if (stride_b < 0 || stride_l < 0 || (uncond && (ustride_b < 0 || ustride_l < 0))) return kBadStride;
-  if (offset >= (1u << 30) || !(inv_temperature > 0.f) || !(choice_temperature >= 0.f))
+  if (args.stride_b < 0 || args.stride_l < 0 ||
+      (args.uncond && (args.ustride_b < 0 || args.ustride_l < 0)))
+    return kBadStride;
+  if (args.offset >= (1u << 30) || !(args.inv_temperature > 0.f) ||
+      !(args.choice_temperature >= 0.f))
     return kBadArgument;
   if (B == 0) return kOk;
-  if (!logits || !ids || !mask_len || !out_ids || !out_mask || !confidence) return kBadArgument;
-
-  StepArgs a;
-  a.logits = logits;
-  a.uncond = uncond;
-  a.L = L;
-  a.K = K;
-  a.sb = stride_b;
-  a.sl = stride_l;
-  a.usb = ustride_b;
-  a.usl = ustride_l;
-  a.ids = ids;
-  a.mask_id = mask_id;
-  // float32(1 + g) and float32(g) from the double, as torch rounds a Python scalar for fp32 math.
-  a.g1 = static_cast<float>(1.0 + guidance);
-  a.g0 = static_cast<float>(guidance);
-  a.inv_t = inv_temperature;
-  a.tau = choice_temperature;
-  a.seed = seed;
-  a.c3_sample = 4u * offset + kStreamSample;
-  a.c3_choice = 4u * offset + kStreamChoice;
-  a.gumbel = gumbel;
-  a.choice = choice;
-  a.out_ids = out_ids;
-  a.confidence = confidence;
+  if (!args.logits || !args.ids || !args.mask_len || !args.out_ids || !args.out_mask ||
+      !args.confidence)
+    return kBadArgument;
+  const StepArgs a{args, static_cast<float>(1.0 + args.guidance), static_cast<float>(args.guidance),
+                   4u * args.offset + kStreamSample, 4u * args.offset + kStreamChoice};
 
   const int level = current_level();
-  const PositionsFn fn = dtype == kFloat32    ? positions_fn<ElemF32>(level)
-                         : dtype == kBFloat16 ? positions_fn<ElemBF16>(level)
-                                              : positions_fn<ElemF16>(level);
+  PositionsFn fn = nullptr;
+  if (const int s = U2A_DISPATCH_FLOAT(args.dtype, E, fn = positions_fn<E>(level)); s != kOk)
+    return static_cast<Status>(s);
   const int64_t N = B * L;
   // Below ~64K elements of work the fork/join costs more than the positions.
   const bool parallel = N > 1 && N * K >= (int64_t{1} << 16);
@@ -464,51 +405,55 @@ Status maskgit_step_cpu(const void* logits, int64_t B, int64_t L, int64_t K, int
     RankKey<float>* kk = keys.get() + tid * L;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
-      const float* cf = confidence + b * L;
+      const float* cf = args.confidence + b * L;
       for (int64_t l = 0; l < L; ++l) kk[l] = {std::isnan(cf[l]) ? -kInf : cf[l], l};
-      mask_smallest(kk, L, mask_len[b], mask_id, out_ids + b * L, out_mask + b * L);
+      mask_smallest(kk, L, args.mask_len[b], args.mask_id, args.out_ids + b * L,
+                    args.out_mask + b * L);
     }
   }
   return kOk;
 }
 
-Status mask_tokens_cpu(const int64_t* ids, int64_t B, int64_t L, const float* gamma,
-                       const int64_t* n_mask, int64_t mask_id, uint64_t seed, uint32_t offset, int mode,
-                       int64_t* out_ids, uint8_t* out_mask) {
-  if (mode != 0 && mode != 1) return kBadArgument;
+Status mask_tokens_cpu(const MaskTokensArgs& a) {
+  const int64_t B = a.B, L = a.L;
+  if (a.mode != 0 && a.mode != 1) return kBadArgument;
   if (B < 0 || L < 1 || L > (int64_t{1} << 32) || B > (int64_t{1} << 32)) return kBadShape;
-  if (offset >= (1u << 30)) return kBadArgument;
+  if (a.offset >= (1u << 30)) return kBadArgument;
   if (B == 0) return kOk;
-  if (!ids || !out_ids || !out_mask || (mode == 0 ? !n_mask : !gamma)) return kBadArgument;
-  const uint32_t c3 = 4u * offset + kStreamMask;
+  if (!a.ids || !a.out_ids || !a.out_mask || (a.mode == 0 ? !a.n_mask : !a.gamma))
+    return kBadArgument;
+  const uint32_t c3 = 4u * a.offset + kStreamMask;
   const bool parallel = B > 1 && B * L >= 4096;
   const int max_threads = parallel ? std::max(omp_get_max_threads(), 1) : 1;
   std::unique_ptr<RankKey<uint64_t>[]> keys(
-      mode == 0 ? new (std::nothrow) RankKey<uint64_t>[static_cast<size_t>(max_threads) * L] : nullptr);
-  if (mode == 0 && !keys) return kBadShape;
+      a.mode == 0 ? new (std::nothrow) RankKey<uint64_t>[static_cast<size_t>(max_threads) * L]
+                  : nullptr);
+  if (a.mode == 0 && !keys) return kBadShape;
 #pragma omp parallel num_threads(max_threads) if (parallel)
   {
     const int tid = omp_get_thread_num();
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
-      const int64_t* row = ids + b * L;
-      int64_t* orow = out_ids + b * L;
-      uint8_t* mrow = out_mask + b * L;
+      const int64_t* row = a.ids + b * L;
+      int64_t* orow = a.out_ids + b * L;
+      bool* mrow = a.out_mask + b * L;
       for (int64_t l = 0; l < L; ++l) orow[l] = row[l];
-      if (mode == 0) {
+      if (a.mode == 0) {
         RankKey<uint64_t>* kk = keys.get() + tid * L;
         for (int64_t l = 0; l < L; ++l) {
-          const Philox4 p = philox4x32_10(0u, static_cast<uint32_t>(l), static_cast<uint32_t>(b), c3, seed);
+          const Philox4 p =
+              philox4x32_10(0u, static_cast<uint32_t>(l), static_cast<uint32_t>(b), c3, a.seed);
           kk[l] = {(static_cast<uint64_t>(p.w[0]) << 32) | p.w[1], l};
         }
-        mask_smallest(kk, L, n_mask[b], mask_id, orow, mrow);
+        mask_smallest(kk, L, a.n_mask[b], a.mask_id, orow, mrow);
       } else {
-        const float thr = gamma[b] * 16777216.0f;
+        const float thr = a.gamma[b] * 16777216.0f;
         for (int64_t l = 0; l < L; ++l) {
-          const Philox4 p = philox4x32_10(0u, static_cast<uint32_t>(l), static_cast<uint32_t>(b), c3, seed);
+          const Philox4 p =
+              philox4x32_10(0u, static_cast<uint32_t>(l), static_cast<uint32_t>(b), c3, a.seed);
           const bool m = static_cast<float>(p.w[0] >> 8) < thr;
-          mrow[l] = m ? 1 : 0;
-          if (m) orow[l] = mask_id;
+          mrow[l] = m;
+          if (m) orow[l] = a.mask_id;
         }
       }
     }
@@ -523,7 +468,7 @@ Status philox_gumbel_cpu(uint64_t seed, uint32_t offset, int64_t n, float* out) 
   if (!out) return kBadArgument;
   const uint32_t c3 = 4u * offset + kStreamSample;
   const int64_t nq = n / kBlock * kLanes;  // counters done in the vectorised blocks
-  const bool avx512 = current_level() == kAvx512;
+  const bool avx512 = current_level() == kSimdAvx512;
   const int64_t chunk = 1 << 14;  // counters per task (a multiple of kLanes)
 #pragma omp parallel for schedule(static) if (nq >= 2 * chunk)
   for (int64_t q0 = 0; q0 < nq; q0 += chunk) {

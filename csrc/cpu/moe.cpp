@@ -1,4 +1,4 @@
-// Grouped MoE dispatch, C++ CPU kernels (shared/DESIGN.md §6; contract: python/unif2ace/ops/moe.py).
+// Grouped MoE dispatch, C++ CPU kernels (the semantics: the MoE op family's launcher contract).
 //
 // route    one pass per token: scores and keys of the token's candidates into a per-thread double
 //          buffer, partial selection of k by insertion into a sorted k-array (k ≤ 8 typically,
@@ -21,42 +21,18 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
+
+#include "unif2ace/cpu_simd.h"
 
 namespace unif2ace {
 namespace {
 
-// ---- element access for the three storage dtypes ------------------------------------------------
-struct bf16 {
-  uint16_t bits;
-};
-struct fp16 {
-  uint16_t bits;
-};
-inline float ld(const float* p) { return *p; }
-inline float ld(const bf16* p) { return bf16_bits_to_float(p->bits); }
-inline float ld(const fp16* p) { return fp16_bits_to_float(p->bits); }
-inline void st(float* p, float v) { *p = v; }
-inline void st(bf16* p, float v) { p->bits = float_to_bf16_bits(v); }
-inline void st(fp16* p, float v) { p->bits = float_to_fp16_bits(v); }
-
-// Run f with the storage type of `dtype` (a null pointer of that type picks the overload).
-template <class Fn>
-Status with_dtype(int dtype, Fn&& f) {
-  switch (dtype) {
-    case kFloat32: f(static_cast<float*>(nullptr)); return kOk;
-    case kBFloat16: f(static_cast<bf16*>(nullptr)); return kOk;
-    case kFloat16: f(static_cast<fp16*>(nullptr)); return kOk;
-    default: return kBadDtype;
-  }
-}
-
 // Large outputs are usually fresh allocations (torch's CPU allocator hands blocks over 32 MiB
-// straight from mmap), so their first touch costs a page fault and a kernel zero-fill per 4 KiB:
-// ~28 ms of the 34 ms a 64 MiB permute takes on the 2-core EPYC box (5.6 ms into a reused buffer).
-// Asking for transparent huge pages on the 2 MiB-aligned interior before writing cuts the faults
-// 512-fold where THP is in "madvise" mode (as here); elsewhere it is a no-op.
+// straight from mmap), so their first touch costs a page fault and a kernel zero-fill per 4 KiB,
+// most of the time of a large permute into a fresh buffer. Asking for transparent huge pages on the
+// 2 MiB-aligned interior before writing cuts the faults 512-fold where THP is in "madvise" mode;
+// elsewhere it is a no-op.
 void advise_huge_pages(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t{1} << 21;
@@ -70,7 +46,7 @@ void advise_huge_pages(void* p, size_t bytes) {
 #endif
 }
 
-// Work below this many elements runs on one thread (an OpenMP fork costs ~5-20 us on 2 cores).
+// Work below this many elements runs on one thread (an OpenMP fork costs more than it saves).
 constexpr int64_t kParallelMin = 1 << 15;
 inline int threads_for(int64_t work) {
   if (work < kParallelMin) return 1;
@@ -93,20 +69,21 @@ inline void insert_topk(double key, int64_t idx, double* vals, int64_t* idxs, in
 }
 
 // Scores of one token's candidates, in double: softmax over the candidates, or sigmoid.
-template <class S>
-void token_scores(const S* z, int64_t n, int scoring, double* p) {
+template <class ET>
+void token_scores(const typename ET::T* z, int64_t n, int scoring, double* p) {
   if (scoring == kScoreSoftmax) {
     double m = -std::numeric_limits<double>::infinity();
-    for (int64_t c = 0; c < n; ++c) m = std::max(m, static_cast<double>(ld(z + c)));
+    for (int64_t c = 0; c < n; ++c) m = std::max(m, static_cast<double>(ET::load(z[c])));
     double s = 0.0;
     for (int64_t c = 0; c < n; ++c) {
-      p[c] = std::exp(static_cast<double>(ld(z + c)) - m);
+      p[c] = std::exp(static_cast<double>(ET::load(z[c])) - m);
       s += p[c];
     }
     const double inv = 1.0 / s;
     for (int64_t c = 0; c < n; ++c) p[c] *= inv;
   } else {
-    for (int64_t c = 0; c < n; ++c) p[c] = 1.0 / (1.0 + std::exp(-static_cast<double>(ld(z + c))));
+    for (int64_t c = 0; c < n; ++c)
+      p[c] = 1.0 / (1.0 + std::exp(-static_cast<double>(ET::load(z[c]))));
   }
 }
 
@@ -115,6 +92,10 @@ struct RouteShape {
   const int64_t* offsets;
   const int64_t* group_ids;
 };
+
+RouteShape route_shape(const MoeRouteLogits& in, int64_t k, int64_t n_group, int64_t topk_group) {
+  return RouteShape{in.T, in.E, in.G, k, n_group, topk_group, in.group_offsets, in.group_ids};
+}
 
 // Checks shared by forward and backward that do not need the per-token data.
 Status check_route(const RouteShape& r) {
@@ -137,10 +118,14 @@ int64_t max_group(const RouteShape& r) {
   return m;
 }
 
-template <class S>
-Status route_fwd(const S* logits, int64_t ld_row, const RouteShape& r, const float* bias,
-                 int scoring, bool renormalize, float scaling, int64_t* ids, float* weights,
-                 int32_t* counts, float* prob_sums) {
+template <class ET>
+Status route_fwd(const MoeRouteArgs& args, const RouteShape& r) {
+  const auto* logits = static_cast<const typename ET::T*>(args.in.logits);
+  const int64_t ld_row = args.in.row_stride;
+  const int scoring = args.in.scoring;
+  const float* bias = args.bias;
+  int64_t* ids = args.ids;
+  float* weights = args.weights;
   const int64_t E = r.E, k = r.k;
   const int64_t nmax = max_group(r);
   const int nt = threads_for(r.T * nmax);
@@ -169,8 +154,9 @@ Status route_fwd(const S* logits, int64_t ld_row, const RouteShape& r, const flo
         continue;
       }
       const int64_t lo = r.offsets[g], n = r.offsets[g + 1] - lo;
-      token_scores(logits + t * ld_row + lo, n, scoring, p.data());
-      for (int64_t c = 0; c < n; ++c) key[c] = p[c] + (bias ? static_cast<double>(bias[lo + c]) : 0.0);
+      token_scores<ET>(logits + t * ld_row + lo, n, scoring, p.data());
+      for (int64_t c = 0; c < n; ++c)
+        key[c] = p[c] + (bias ? static_cast<double>(bias[lo + c]) : 0.0);
       if (r.n_group > 0) {  // DeepSeek-V3: keep the topk_group subgroups with the best top-2 sums
         const int64_t gs = n / r.n_group;
         std::fill(idxs.begin(), idxs.begin() + r.topk_group, -1);
@@ -195,7 +181,7 @@ Status route_fwd(const S* logits, int64_t ld_row, const RouteShape& r, const flo
         if (r.n_group == 0 || allowed[c]) insert_topk(key[c], c, vals.data(), idxs.data(), k);
       double vsum = 0.0;
       for (int64_t j = 0; j < k; ++j) vsum += p[idxs[j]];
-      const double wscale = renormalize ? scaling / vsum : scaling;
+      const double wscale = args.in.renormalize ? args.in.scaling / vsum : args.in.scaling;
       for (int64_t j = 0; j < k; ++j) {
         ids[t * k + j] = lo + idxs[j];
         weights[t * k + j] = static_cast<float>(p[idxs[j]] * wscale);
@@ -217,16 +203,22 @@ Status route_fwd(const S* logits, int64_t ld_row, const RouteShape& r, const flo
       c += cnt_part[static_cast<size_t>(th) * E + e];
       s += ps_part[static_cast<size_t>(th) * E + e];
     }
-    counts[e] = static_cast<int32_t>(c);
-    prob_sums[e] = static_cast<float>(s);
+    args.counts[e] = static_cast<int32_t>(c);
+    args.prob_sums[e] = static_cast<float>(s);
   }
   return bad.load() ? kBadArgument : kOk;
 }
 
-template <class S>
-Status route_bwd(const S* logits, int64_t ld_row, const RouteShape& r, const int64_t* ids,
-                 int scoring, bool renormalize, float scaling, const float* grad_w,
-                 const float* grad_ps, float* grad_logits) {
+template <class ET>
+Status route_bwd(const MoeRouteBwdArgs& args, const RouteShape& r) {
+  const auto* logits = static_cast<const typename ET::T*>(args.in.logits);
+  const int64_t ld_row = args.in.row_stride;
+  const int scoring = args.in.scoring;
+  const bool renormalize = args.in.renormalize;
+  const float scaling = args.in.scaling;
+  const int64_t* ids = args.ids;
+  const float* grad_w = args.grad_weights;
+  const float* grad_ps = args.grad_prob_sums;
   const int64_t E = r.E, k = r.k;
   const int64_t nmax = max_group(r);
   std::atomic<int> bad{0};
@@ -235,7 +227,7 @@ Status route_bwd(const S* logits, int64_t ld_row, const RouteShape& r, const int
     std::vector<double> p(nmax), dp(nmax);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < r.T; ++t) {
-      float* gz = grad_logits + t * E;
+      float* gz = args.grad_logits + t * E;
       std::fill(gz, gz + E, 0.0f);
       const int64_t g = r.group_ids ? r.group_ids[t] : 0;
       if (g < 0 || g >= r.G) {
@@ -243,7 +235,7 @@ Status route_bwd(const S* logits, int64_t ld_row, const RouteShape& r, const int
         continue;
       }
       const int64_t lo = r.offsets[g], n = r.offsets[g + 1] - lo;
-      token_scores(logits + t * ld_row + lo, n, scoring, p.data());
+      token_scores<ET>(logits + t * ld_row + lo, n, scoring, p.data());
       std::fill(dp.begin(), dp.begin() + n, 0.0);
       double psum = 0.0;
       if (scoring == kScoreSigmoid)
@@ -291,7 +283,7 @@ template <class I>
 Status plan_impl(const I* ids, int64_t N, int64_t E, int64_t block_m, int32_t* counts,
                  int32_t* offsets, int32_t* sorted_slot, int32_t* slot_pos, int32_t* tile_expert,
                  int32_t* tile_row, int64_t max_tiles) {
-  // Chunks of >= 64K slots each: below that the histogram is ~30 us and threads only add a fork.
+  // Chunks of >= 64K slots each: below that the histogram is cheap and threads only add a fork.
   const int nch = std::max(1, std::min<int>(omp_get_max_threads(), static_cast<int>(N >> 16)));
   std::vector<int64_t> hist(static_cast<size_t>(nch) * E, 0);
   std::atomic<int> bad{0};
@@ -349,9 +341,13 @@ Status plan_impl(const I* ids, int64_t N, int64_t E, int64_t block_m, int32_t* c
   return kOk;
 }
 
-template <class S>
-void combine_impl(const S* src, int64_t n_src, int64_t D, int64_t ld_src, const int32_t* pos,
-                  int64_t T, int64_t k, const float* w, S* out) {
+template <class ET>
+void combine_impl(const MoeCombineInput& in, typename ET::T* out) {
+  using S = typename ET::T;
+  const S* src = static_cast<const S*>(in.src);
+  const int64_t n_src = in.n_src, D = in.D, ld_src = in.src_row_stride, T = in.T, k = in.k;
+  const int32_t* pos = in.slot_pos;
+  const float* w = in.weights;
 #pragma omp parallel num_threads(threads_for(T * k * D))
   {
     std::vector<float> acc(D);
@@ -365,17 +361,21 @@ void combine_impl(const S* src, int64_t n_src, int64_t D, int64_t ld_src, const 
         const S* row = src + p * ld_src;
         float* a = acc.data();
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) a[d] += wj * ld(row + d);
+        for (int64_t d = 0; d < D; ++d) a[d] += wj * ET::load(row[d]);
       }
       S* o = out + t * D;
-      for (int64_t d = 0; d < D; ++d) st(o + d, acc[d]);
+      for (int64_t d = 0; d < D; ++d) o[d] = ET::store(acc[d]);
     }
   }
 }
 
 // fp32 specialisation: accumulate straight into the output row (the stores are the accumulator).
-void combine_impl(const float* src, int64_t n_src, int64_t D, int64_t ld_src, const int32_t* pos,
-                  int64_t T, int64_t k, const float* w, float* out) {
+template <>
+void combine_impl<Elem<kFloat32>>(const MoeCombineInput& in, float* out) {
+  const float* src = static_cast<const float*>(in.src);
+  const int64_t n_src = in.n_src, D = in.D, ld_src = in.src_row_stride, T = in.T, k = in.k;
+  const int32_t* pos = in.slot_pos;
+  const float* w = in.weights;
 #pragma omp parallel for num_threads(threads_for(T * k * D)) schedule(static)
   for (int64_t t = 0; t < T; ++t) {
     float* o = out + t * D;
@@ -391,13 +391,20 @@ void combine_impl(const float* src, int64_t n_src, int64_t D, int64_t ld_src, co
   }
 }
 
-template <class S>
-void combine_bwd_impl(const S* go, int64_t ld_go, const S* src, int64_t n_src, int64_t D,
-                      int64_t ld_src, const int32_t* pos, int64_t T, int64_t k, const float* w,
-                      S* gsrc, float* gw) {
+template <class ET>
+void combine_bwd_impl(const MoeCombineBwdArgs& a) {
+  using S = typename ET::T;
+  const MoeCombineInput& in = a.in;
+  const S* go = static_cast<const S*>(a.grad_out);
+  const S* src = static_cast<const S*>(in.src);
+  S* gsrc = static_cast<S*>(a.grad_src);
+  const int64_t n_src = in.n_src, D = in.D, ld_src = in.src_row_stride, T = in.T, k = in.k;
+  const int32_t* pos = in.slot_pos;
+  const float* w = in.weights;
+  float* gw = a.grad_weights;
 #pragma omp parallel for num_threads(threads_for(T * k * D)) schedule(static)
   for (int64_t t = 0; t < T; ++t) {
-    const S* g = go + t * ld_go;
+    const S* g = go + t * a.grad_out_row_stride;
     for (int64_t j = 0; j < k; ++j) {
       const int64_t p = pos[t * k + j];
       if (p < 0 || p >= n_src) continue;
@@ -408,14 +415,14 @@ void combine_bwd_impl(const S* go, int64_t ld_go, const S* src, int64_t n_src, i
         float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
         for (int64_t d = 0; d < D; ++d) {  // read src before writing: gsrc may alias src
-          const float gd = ld(g + d), sd = ld(row + d);
-          st(gs + d, wj * gd);
+          const float gd = ET::load(g[d]), sd = ET::load(row[d]);
+          gs[d] = ET::store(wj * gd);
           dot += gd * sd;
         }
         gw[t * k + j] = dot;
       } else {
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) st(gs + d, wj * ld(g + d));
+        for (int64_t d = 0; d < D; ++d) gs[d] = ET::store(wj * ET::load(g[d]));
       }
     }
   }
@@ -423,18 +430,14 @@ void combine_bwd_impl(const S* go, int64_t ld_go, const S* src, int64_t n_src, i
 
 // ---- SiLU-GLU: exp without libm (std::exp does not vectorise without -ffast-math) ---------------
 
-// exp(x) in fp32 (Cephes expf polynomial, max relative error ~1.2e-7 over [-87, 88]); x is clamped
-// into that range, so exp(-large) is a tiny normal number and sigmoid/silu stay exact to fp32.
+// exp(x) in fp32 (Cephes expf, cpu_simd.h's polynomial; max relative error ~1.2e-7 over
+// [-87, 88]); x is clamped into that range, so exp(-large) is a tiny normal number and
+// sigmoid/silu stay exact to fp32.
 U2A_HD float exp_poly(float x) {
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float n = std::nearbyint(x * 1.44269504088896341f);
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  const float p = cpu::expf_poly(r);
   const float er = 1.0f + r + r * r * p;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
@@ -443,10 +446,9 @@ U2A_HD float exp_poly(float x) {
 }
 
 // Row kernels, cloned for AVX-512 / AVX2 and the baseline target and picked at load time (the
-// build itself has no -march). Measured on the 2-core EPYC (AVX-512 clone), 1 thread, N = 8192
-// rows, F = 1024, fp32, process CPU time: forward 8 ms vs 36 ms for torch's silu + mul; backward
-// (dh and the recomputed a) 16 ms vs 146 ms for torch's silu + mul + silu_backward + copies.
-template <class S>
+// build itself has no -march); several times faster than torch's separate elementwise ops
+// (benchmarks/bench_moe.py).
+template <class ET, class S = typename ET::T>
 __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void silu_glu_fwd_rows(
     const S* h, int64_t n_rows, int64_t F, int64_t ld_h, S* a) {
 #pragma omp parallel for num_threads(threads_for(n_rows * F)) schedule(static)
@@ -456,13 +458,13 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void silu_glu_f
     S* o = a + i * F;
 #pragma omp simd
     for (int64_t f = 0; f < F; ++f) {
-      const float gv = ld(g + f);
-      st(o + f, gv / (1.0f + exp_poly(-gv)) * ld(u + f));
+      const float gv = ET::load(g[f]);
+      o[f] = ET::store(gv / (1.0f + exp_poly(-gv)) * ET::load(u[f]));
     }
   }
 }
 
-template <class S>
+template <class ET, class S = typename ET::T>
 __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void silu_glu_bwd_rows(
     const S* h, const S* da, int64_t n_rows, int64_t F, int64_t ld_h, S* dh, S* a) {
 #pragma omp parallel for num_threads(threads_for(n_rows * F)) schedule(static)
@@ -477,20 +479,20 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void silu_glu_b
     if (o) {
 #pragma omp simd
       for (int64_t f = 0; f < F; ++f) {
-        const float gv = ld(g + f), uv = ld(u + f), dv = ld(d + f);
+        const float gv = ET::load(g[f]), uv = ET::load(u[f]), dv = ET::load(d[f]);
         const float s = 1.0f / (1.0f + exp_poly(-gv));
         const float silu = gv * s;
-        st(o + f, silu * uv);
-        st(dg + f, dv * uv * s * (1.0f + gv * (1.0f - s)));  // d silu/dg = s (1 + g (1 − s))
-        st(du + f, dv * silu);
+        o[f] = ET::store(silu * uv);
+        dg[f] = ET::store(dv * uv * s * (1.0f + gv * (1.0f - s)));  // d silu/dg = s (1 + g (1 − s))
+        du[f] = ET::store(dv * silu);
       }
     } else {
 #pragma omp simd
       for (int64_t f = 0; f < F; ++f) {
-        const float gv = ld(g + f), uv = ld(u + f), dv = ld(d + f);
+        const float gv = ET::load(g[f]), uv = ET::load(u[f]), dv = ET::load(d[f]);
         const float s = 1.0f / (1.0f + exp_poly(-gv));
-        st(dg + f, dv * uv * s * (1.0f + gv * (1.0f - s)));
-        st(du + f, dv * gv * s);
+        dg[f] = ET::store(dv * uv * s * (1.0f + gv * (1.0f - s)));
+        du[f] = ET::store(dv * gv * s);
       }
     }
   }
@@ -533,7 +535,7 @@ U2A_HD float gelu_and_grad(float x, float* dy) {
   }
 }
 
-template <class S, bool kTanh>
+template <class ET, bool kTanh, class S = typename ET::T>
 __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void gelu_fwd_rows(
     const S* h, int64_t n_rows, int64_t F, int64_t ld_h, S* a) {
 #pragma omp parallel for num_threads(threads_for(n_rows * F)) schedule(static)
@@ -542,12 +544,12 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void gelu_fwd_r
     S* o = a + i * F;
 #pragma omp simd
     for (int64_t f = 0; f < F; ++f) {
-      st(o + f, gelu_and_grad<kTanh>(ld(x + f), nullptr));
+      o[f] = ET::store(gelu_and_grad<kTanh>(ET::load(x[f]), nullptr));
     }
   }
 }
 
-template <class S, bool kTanh>
+template <class ET, bool kTanh, class S = typename ET::T>
 __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void gelu_bwd_rows(
     const S* h, const S* da, int64_t n_rows, int64_t F, int64_t ld_h, S* dh, S* a) {
 #pragma omp parallel for num_threads(threads_for(n_rows * F)) schedule(static)
@@ -560,99 +562,94 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void gelu_bwd_r
 #pragma omp simd
     for (int64_t f = 0; f < F; ++f) {
       float dy;
-      const float y = gelu_and_grad<kTanh>(ld(x + f), &dy);
-      st(o + f, y);
-      st(g + f, ld(d + f) * dy);
+      const float y = gelu_and_grad<kTanh>(ET::load(x[f]), &dy);
+      o[f] = ET::store(y);
+      g[f] = ET::store(ET::load(d[f]) * dy);
     }
   }
 }
 
+// Bytes of n elements of a floating dtype code (0 for any other code).
+size_t float_bytes(int dtype, int64_t n) {
+  return is_float_dtype(dtype) ? static_cast<size_t>(n * dtype_size(dtype)) : 0;
+}
+
+// The sizes of the combine input, checked for the forward and the backward.
+Status check_combine(const MoeCombineInput& in) {
+  if (in.n_src < 0 || in.D < 0 || in.T < 0 || in.k <= 0) return kBadShape;
+  if (in.n_src > 1 && in.src_row_stride < in.D) return kBadStride;
+  return kOk;
+}
+
 }  // namespace
 
-Status moe_silu_glu_fwd_cpu(const void* h, int64_t n_rows, int64_t F, int64_t h_row_stride,
-                            int dtype, void* a) {
+Status moe_silu_glu_fwd_cpu(const MoeActivationArgs& a) {
+  const int64_t n_rows = a.n_rows, F = a.F;
   if (n_rows < 0 || F < 0) return kBadShape;
-  if (n_rows > 1 && h_row_stride < 2 * F) return kBadStride;
-  advise_huge_pages(a, static_cast<size_t>(n_rows * F) * (dtype == kFloat32 ? 4 : 2));
-  return with_dtype(dtype, [&](auto* tag) {
-    using S = std::remove_pointer_t<decltype(tag)>;
-    silu_glu_fwd_rows(static_cast<const S*>(h), n_rows, F, h_row_stride, static_cast<S*>(a));
-  });
+  if (n_rows > 1 && a.h_row_stride < 2 * F) return kBadStride;
+  advise_huge_pages(a.a, float_bytes(a.dtype, n_rows * F));
+  return static_cast<Status>(U2A_DISPATCH_FLOAT(a.dtype, E, {
+    using S = typename E::T;
+    silu_glu_fwd_rows<E>(static_cast<const S*>(a.h), n_rows, F, a.h_row_stride,
+                         static_cast<S*>(a.a));
+  }));
 }
 
-Status moe_silu_glu_bwd_cpu(const void* h, const void* da, int64_t n_rows, int64_t F,
-                            int64_t h_row_stride, int dtype, void* dh, void* a) {
+Status moe_silu_glu_bwd_cpu(const MoeActivationArgs& a) {
+  const int64_t n_rows = a.n_rows, F = a.F;
   if (n_rows < 0 || F < 0) return kBadShape;
-  if (n_rows > 1 && h_row_stride < 2 * F) return kBadStride;
-  const size_t elt = dtype == kFloat32 ? 4 : 2;
-  advise_huge_pages(dh, static_cast<size_t>(n_rows * 2 * F) * elt);
-  if (a) advise_huge_pages(a, static_cast<size_t>(n_rows * F) * elt);
-  return with_dtype(dtype, [&](auto* tag) {
-    using S = std::remove_pointer_t<decltype(tag)>;
-    silu_glu_bwd_rows(static_cast<const S*>(h), static_cast<const S*>(da), n_rows, F,
-                      h_row_stride, static_cast<S*>(dh), static_cast<S*>(a));
-  });
+  if (n_rows > 1 && a.h_row_stride < 2 * F) return kBadStride;
+  advise_huge_pages(a.dh, float_bytes(a.dtype, n_rows * 2 * F));
+  if (a.a) advise_huge_pages(a.a, float_bytes(a.dtype, n_rows * F));
+  return static_cast<Status>(U2A_DISPATCH_FLOAT(a.dtype, E, {
+    using S = typename E::T;
+    silu_glu_bwd_rows<E>(static_cast<const S*>(a.h), static_cast<const S*>(a.da), n_rows, F,
+                         a.h_row_stride, static_cast<S*>(a.dh), static_cast<S*>(a.a));
+  }));
 }
 
-Status moe_route_fwd_cpu(const void* logits, int64_t T, int64_t E, int64_t logits_row_stride,
-                         int dtype, const int64_t* group_offsets, int64_t G,
-                         const int64_t* group_ids, const float* bias, int64_t k, int scoring,
-                         bool renormalize, int64_t n_group, int64_t topk_group, float scaling,
-                         int64_t* ids, float* weights, int32_t* counts, float* prob_sums) {
-  if (scoring != kScoreSoftmax && scoring != kScoreSigmoid) return kBadArgument;
-  if (n_group < 0) return kBadArgument;
-  const RouteShape r{T, E, G, k, n_group, n_group > 0 ? topk_group : 0, group_offsets, group_ids};
+Status moe_route_fwd_cpu(const MoeRouteArgs& a) {
+  if (a.in.scoring != kScoreSoftmax && a.in.scoring != kScoreSigmoid) return kBadArgument;
+  if (a.n_group < 0) return kBadArgument;
+  const RouteShape r = route_shape(a.in, a.k, a.n_group, a.n_group > 0 ? a.topk_group : 0);
   if (Status s = check_route(r); s != kOk) return s;
   Status status = kOk;
-  const Status ds = with_dtype(dtype, [&](auto* tag) {
-    using S = std::remove_pointer_t<decltype(tag)>;
-    status = route_fwd(static_cast<const S*>(logits), logits_row_stride, r, bias, scoring,
-                       renormalize, scaling, ids, weights, counts, prob_sums);
-  });
-  return ds != kOk ? ds : status;
+  const int ds = U2A_DISPATCH_FLOAT(a.in.dtype, E, status = route_fwd<E>(a, r));
+  return ds != kOk ? static_cast<Status>(ds) : status;
 }
 
-Status moe_route_bwd_cpu(const void* logits, int64_t T, int64_t E, int64_t logits_row_stride,
-                         int dtype, const int64_t* group_offsets, int64_t G,
-                         const int64_t* group_ids, const int64_t* ids, int64_t k, int scoring,
-                         bool renormalize, float scaling, const float* grad_weights,
-                         const float* grad_prob_sums, float* grad_logits) {
-  if (scoring != kScoreSoftmax && scoring != kScoreSigmoid) return kBadArgument;
-  const RouteShape r{T, E, G, k, 0, 0, group_offsets, group_ids};
+Status moe_route_bwd_cpu(const MoeRouteBwdArgs& a) {
+  if (a.in.scoring != kScoreSoftmax && a.in.scoring != kScoreSigmoid) return kBadArgument;
+  const RouteShape r = route_shape(a.in, a.k, 0, 0);
   if (Status s = check_route(r); s != kOk) return s;
   Status status = kOk;
-  const Status ds = with_dtype(dtype, [&](auto* tag) {
-    using S = std::remove_pointer_t<decltype(tag)>;
-    status = route_bwd(static_cast<const S*>(logits), logits_row_stride, r, ids, scoring,
-                       renormalize, scaling, grad_weights, grad_prob_sums, grad_logits);
-  });
-  return ds != kOk ? ds : status;
+  const int ds = U2A_DISPATCH_FLOAT(a.in.dtype, E, status = route_bwd<E>(a, r));
+  return ds != kOk ? static_cast<Status>(ds) : status;
 }
 
-Status moe_plan_cpu(const void* ids, int id_type, int64_t n_slots, int64_t E, int64_t block_m,
-                    int32_t* counts, int32_t* offsets, int32_t* sorted_slot, int32_t* slot_pos,
-                    int32_t* tile_expert, int32_t* tile_row, int64_t max_tiles) {
+Status moe_plan_cpu(const MoePlanArgs& a) {
+  const int64_t n_slots = a.n_slots, E = a.E, block_m = a.block_m;
   if (n_slots < 0 || E <= 0 || block_m < 0) return kBadShape;
   if (n_slots > std::numeric_limits<int32_t>::max()) return kBadShape;
-  if (block_m > 0 && max_tiles < n_slots / block_m + E) return kBadArgument;
-  if (id_type == kIndex32)
-    return plan_impl(static_cast<const int32_t*>(ids), n_slots, E, block_m, counts, offsets,
-                     sorted_slot, slot_pos, tile_expert, tile_row, max_tiles);
-  if (id_type == kIndex64)
-    return plan_impl(static_cast<const int64_t*>(ids), n_slots, E, block_m, counts, offsets,
-                     sorted_slot, slot_pos, tile_expert, tile_row, max_tiles);
+  if (block_m > 0 && a.max_tiles < n_slots / block_m + E) return kBadArgument;
+  if (a.ids_dtype == kInt32)
+    return plan_impl(static_cast<const int32_t*>(a.ids), n_slots, E, block_m, a.counts, a.offsets,
+                     a.sorted_slot, a.slot_pos, a.tile_expert, a.tile_row, a.max_tiles);
+  if (a.ids_dtype == kInt64)
+    return plan_impl(static_cast<const int64_t*>(a.ids), n_slots, E, block_m, a.counts, a.offsets,
+                     a.sorted_slot, a.slot_pos, a.tile_expert, a.tile_row, a.max_tiles);
   return kBadDtype;
 }
 
-Status moe_permute_cpu(const void* x, int64_t T, int64_t D, int64_t x_row_stride,
-                       int64_t elem_size, const int32_t* sorted_slot, int64_t n_rows, int64_t k,
-                       void* xs) {
+Status moe_permute_cpu(const MoePermuteArgs& a) {
+  const int64_t T = a.T, D = a.D, n_rows = a.n_rows, k = a.k, elem_size = a.elem_size;
   if (T < 0 || D < 0 || n_rows < 0 || k <= 0 || elem_size <= 0) return kBadShape;
-  if (T > 1 && x_row_stride < D) return kBadStride;
-  const char* src = static_cast<const char*>(x);
-  char* dst = static_cast<char*>(xs);
+  if (T > 1 && a.x_row_stride < D) return kBadStride;
+  const char* src = static_cast<const char*>(a.x);
+  char* dst = static_cast<char*>(a.xs);
+  const int32_t* sorted_slot = a.sorted_slot;
   const size_t row_bytes = static_cast<size_t>(D * elem_size);
-  advise_huge_pages(xs, row_bytes * static_cast<size_t>(n_rows));
+  advise_huge_pages(a.xs, row_bytes * static_cast<size_t>(n_rows));
   std::atomic<int> bad{0};
 #pragma omp parallel for num_threads(threads_for(n_rows * D)) schedule(static)
   for (int64_t p = 0; p < n_rows; ++p) {
@@ -662,75 +659,62 @@ Status moe_permute_cpu(const void* x, int64_t T, int64_t D, int64_t x_row_stride
       std::memset(dst + p * row_bytes, 0, row_bytes);
       continue;
     }
-    std::memcpy(dst + p * row_bytes, src + t * x_row_stride * elem_size, row_bytes);
+    std::memcpy(dst + p * row_bytes, src + t * a.x_row_stride * elem_size, row_bytes);
   }
   return bad.load() ? kBadArgument : kOk;
 }
 
-Status moe_combine_cpu(const void* src, int64_t n_src, int64_t D, int64_t src_row_stride,
-                       int dtype, const int32_t* slot_pos, int64_t T, int64_t k,
-                       const float* weights, void* out) {
-  if (n_src < 0 || D < 0 || T < 0 || k <= 0) return kBadShape;
-  if (n_src > 1 && src_row_stride < D) return kBadStride;
-  advise_huge_pages(out, static_cast<size_t>(T * D) * (dtype == kFloat32 ? 4 : 2));
-  return with_dtype(dtype, [&](auto* tag) {
-    using S = std::remove_pointer_t<decltype(tag)>;
-    combine_impl(static_cast<const S*>(src), n_src, D, src_row_stride, slot_pos, T, k, weights,
-                 static_cast<S*>(out));
-  });
+Status moe_combine_cpu(const MoeCombineArgs& a) {
+  if (Status s = check_combine(a.in); s != kOk) return s;
+  advise_huge_pages(a.out, float_bytes(a.in.dtype, a.in.T * a.in.D));
+  return static_cast<Status>(U2A_DISPATCH_FLOAT(
+      a.in.dtype, E, combine_impl<E>(a.in, static_cast<typename E::T*>(a.out))));
 }
 
-Status moe_combine_bwd_cpu(const void* grad_out, int64_t go_row_stride, const void* src,
-                           int64_t n_src, int64_t D, int64_t src_row_stride, int dtype,
-                           const int32_t* slot_pos, int64_t T, int64_t k, const float* weights,
-                           void* grad_src, float* grad_weights) {
-  if (n_src < 0 || D < 0 || T < 0 || k <= 0) return kBadShape;
-  if ((T > 1 && go_row_stride < D) || (n_src > 1 && src_row_stride < D)) return kBadStride;
-  advise_huge_pages(grad_src, static_cast<size_t>(n_src * D) * (dtype == kFloat32 ? 4 : 2));
-  return with_dtype(dtype, [&](auto* tag) {
-    using S = std::remove_pointer_t<decltype(tag)>;
-    combine_bwd_impl(static_cast<const S*>(grad_out), go_row_stride, static_cast<const S*>(src),
-                     n_src, D, src_row_stride, slot_pos, T, k, weights, static_cast<S*>(grad_src),
-                     grad_weights);
-  });
+Status moe_combine_bwd_cpu(const MoeCombineBwdArgs& a) {
+  if (Status s = check_combine(a.in); s != kOk) return s;
+  if (a.in.T > 1 && a.grad_out_row_stride < a.in.D) return kBadStride;
+  advise_huge_pages(a.grad_src, float_bytes(a.in.dtype, a.in.n_src * a.in.D));
+  return static_cast<Status>(U2A_DISPATCH_FLOAT(a.in.dtype, E, combine_bwd_impl<E>(a)));
 }
 
-Status moe_gelu_fwd_cpu(const void* h, int64_t n_rows, int64_t F, int64_t h_row_stride,
-                        bool tanh_form, int dtype, void* a) {
+Status moe_gelu_fwd_cpu(const MoeActivationArgs& a) {
+  const int64_t n_rows = a.n_rows, F = a.F;
   if (n_rows < 0 || F < 0) return kBadShape;
-  if (n_rows > 1 && h_row_stride < F) return kBadStride;
-  advise_huge_pages(a, static_cast<size_t>(n_rows * F) * (dtype == kFloat32 ? 4 : 2));
-  return with_dtype(dtype, [&](auto* tag) {
-    using S = std::remove_pointer_t<decltype(tag)>;
-    const S* hp = static_cast<const S*>(h);
-    S* ap = static_cast<S*>(a);
-    if (tanh_form) {
-      gelu_fwd_rows<S, true>(hp, n_rows, F, h_row_stride, ap);
+  if (n_rows > 1 && a.h_row_stride < F) return kBadStride;
+  advise_huge_pages(a.a, float_bytes(a.dtype, n_rows * F));
+  return static_cast<Status>(U2A_DISPATCH_FLOAT(a.dtype, E, {
+    using S = typename E::T;
+    const S* hp = static_cast<const S*>(a.h);
+    S* ap = static_cast<S*>(a.a);
+    if (a.tanh_form) {
+      gelu_fwd_rows<E, true>(hp, n_rows, F, a.h_row_stride, ap);
     } else {
-      gelu_fwd_rows<S, false>(hp, n_rows, F, h_row_stride, ap);
+      gelu_fwd_rows<E, false>(hp, n_rows, F, a.h_row_stride, ap);
     }
-  });
+  }));
 }
 
-Status moe_gelu_bwd_cpu(const void* h, const void* da, int64_t n_rows, int64_t F,
-                        int64_t h_row_stride, bool tanh_form, int dtype, void* dh, void* a) {
+Status moe_gelu_bwd_cpu(const MoeActivationArgs& a) {
+  const int64_t n_rows = a.n_rows, F = a.F;
   if (n_rows < 0 || F < 0) return kBadShape;
-  if (n_rows > 1 && h_row_stride < F) return kBadStride;
-  if (dh == h && n_rows > 1 && h_row_stride != F) return kBadStride;  // in place needs rows = F
-  if (a == nullptr) return kBadArgument;
-  const size_t elt = dtype == kFloat32 ? 4 : 2;
-  advise_huge_pages(dh, static_cast<size_t>(n_rows * F) * elt);
-  advise_huge_pages(a, static_cast<size_t>(n_rows * F) * elt);
-  return with_dtype(dtype, [&](auto* tag) {
-    using S = std::remove_pointer_t<decltype(tag)>;
-    const S* hp = static_cast<const S*>(h);
-    const S* dp = static_cast<const S*>(da);
-    if (tanh_form) {
-      gelu_bwd_rows<S, true>(hp, dp, n_rows, F, h_row_stride, static_cast<S*>(dh), static_cast<S*>(a));
+  if (n_rows > 1 && a.h_row_stride < F) return kBadStride;
+  if (a.dh == a.h && n_rows > 1 && a.h_row_stride != F) return kBadStride;  // in place: rows = F
+  if (a.a == nullptr) return kBadArgument;
+  advise_huge_pages(a.dh, float_bytes(a.dtype, n_rows * F));
+  advise_huge_pages(a.a, float_bytes(a.dtype, n_rows * F));
+  return static_cast<Status>(U2A_DISPATCH_FLOAT(a.dtype, E, {
+    using S = typename E::T;
+    const S* hp = static_cast<const S*>(a.h);
+    const S* dp = static_cast<const S*>(a.da);
+    S* dh = static_cast<S*>(a.dh);
+    S* ap = static_cast<S*>(a.a);
+    if (a.tanh_form) {
+      gelu_bwd_rows<E, true>(hp, dp, n_rows, F, a.h_row_stride, dh, ap);
     } else {
-      gelu_bwd_rows<S, false>(hp, dp, n_rows, F, h_row_stride, static_cast<S*>(dh), static_cast<S*>(a));
+      gelu_bwd_rows<E, false>(hp, dp, n_rows, F, a.h_row_stride, dh, ap);
     }
-  });
+  }));
 }
 
 }  // namespace unif2ace

@@ -1,4 +1,4 @@
-// D3Diff score-matching loss: CUDA kernels and launchers (shared/DESIGN.md §4).
+// D3Diff score-matching loss: CUDA kernels and launchers (operands: unif2ace/args.h).
 //
 // Per row of logits z ∈ R^K the kernels only do indexing and reductions: one pass reduces the row
 // to (max, Σ exp(z − max)) with an online softmax and reads the target logit; the row math
@@ -27,19 +27,21 @@
 
 #include "d3diff_loss.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 
-#include "unif2ace/common.h"
+#include "launch.cuh"
 #include "unif2ace/d3diff_math.h"
+#include "unif2ace/dtype.h"
 
 namespace unif2ace {
 namespace {
+
+using cuda::ceil_div;
+using cuda::load_vec;
+using cuda::store_vec;
 
 // ---- launch configuration: every tuning constant and the whole heuristic live here -------------
 
@@ -49,7 +51,6 @@ constexpr int kSplitMinChunk = 8192;   // columns per split at least (16 KiB of 
 constexpr int kSplitChunkAlign = 64;   // chunk length is a multiple of this many columns
 constexpr int kSplitRowsPerSm = 2;     // split only when n_rows < kSplitRowsPerSm × SMs
 constexpr int kSplitBlocksPerSm = 8;   // aim the split grid at 8 × 256 threads = 2048 per SM
-constexpr int kFallbackSmCount = 132;  // H100 SXM, if the device query fails
 constexpr int64_t kMaxCols = INT32_MAX - 65536;  // 32-bit column indices never overflow below this
 
 // Threads per block on the row path, by row length in bytes: each thread handles about 2-8
@@ -65,8 +66,6 @@ struct SplitPlan {
   int splits;  // column chunks per row; 1 = row path
   int chunk;   // columns per chunk (the last one may be shorter, never empty)
 };
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // max_splits: at most this many chunks (what the workspace holds, and kMaxSplits).
 SplitPlan plan_splits(int64_t n_rows, int64_t n_cols, int sm_count, int64_t max_splits) {
@@ -91,101 +90,13 @@ int64_t workspace_bytes_for(int64_t n_rows, int splits) {
   return splits > 1 ? n_rows * (int64_t{8} * splits + 4) : 0;
 }
 
-// SM count of the current device, cached per device (a host query; allowed during graph capture).
-int sm_count_current_device() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];  // static storage: zero-initialised
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear it, or the launch check below would report it
-    return kFallbackSmCount;
-  }
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int c = cache[dev].load(std::memory_order_relaxed);
-    if (c > 0) return c;
-  }
-  int v = 0;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v <= 0) {
-    (void)cudaGetLastError();
-    return kFallbackSmCount;
-  }
-  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
-  return v;
-}
-
-thread_local cudaError_t t_last_cuda_error = cudaSuccess;
-
-// ---- element access: fp32, bf16, fp16 (16-bit types handled as raw bits) ---------------------
+// ---- element access ----------------------------------------------------------------------------
 
 __device__ __forceinline__ float nan_value() { return __int_as_float(0x7fc00000); }
 
-template <int DT>
-struct Elem;
-
-template <>
-struct Elem<kFloat32> {
-  using T = float;
-  static constexpr int kVec = 4;  // elements per 16-byte vector
-  __device__ static __forceinline__ float load(const T* p) { return *p; }
-  __device__ static __forceinline__ void store(T* p, float v) { *p = v; }
-  // p is 16-byte aligned.
-  __device__ static __forceinline__ void load_vec(const T* p, float* v) {
-    const float4 q = *reinterpret_cast<const float4*>(p);
-    v[0] = q.x;
-    v[1] = q.y;
-    v[2] = q.z;
-    v[3] = q.w;
-  }
-  __device__ static __forceinline__ void store_vec(T* p, const float* v) {
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-  }
-};
-
-template <int DT>
-struct Elem16 {
-  using T = uint16_t;
-  static constexpr int kVec = 8;
-  __device__ static __forceinline__ float to_float(uint32_t bits16) {
-    if constexpr (DT == kBFloat16) {
-      return __uint_as_float(bits16 << 16);
-    } else {
-      return __half2float(__ushort_as_half(static_cast<unsigned short>(bits16)));
-    }
-  }
-  // Round to nearest even, as torch does.
-  __device__ static __forceinline__ uint32_t from_float(float f) {
-    if constexpr (DT == kBFloat16) {
-      return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-    } else {
-      return __half_as_ushort(__float2half_rn(f));
-    }
-  }
-  __device__ static __forceinline__ float load(const T* p) { return to_float(*p); }
-  __device__ static __forceinline__ void store(T* p, float v) {
-    *p = static_cast<uint16_t>(from_float(v));
-  }
-  // Little-endian: word k holds element 2k in its low half and element 2k+1 in its high half.
-  __device__ static __forceinline__ void load_vec(const T* p, float* v) {
-    const uint4 q = *reinterpret_cast<const uint4*>(p);
-    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      v[2 * k] = to_float(w[k] & 0xffffu);
-      v[2 * k + 1] = to_float(w[k] >> 16);
-    }
-  }
-  __device__ static __forceinline__ void store_vec(T* p, const float* v) {
-    uint32_t w[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) w[k] = from_float(v[2 * k]) | (from_float(v[2 * k + 1]) << 16);
-    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
-  }
-};
-
-template <>
-struct Elem<kBFloat16> : Elem16<kBFloat16> {};
-template <>
-struct Elem<kFloat16> : Elem16<kFloat16> {};
+// Elements per 16-byte vector.
+template <class E>
+constexpr int kVec = 16 / static_cast<int>(sizeof(typename E::T));
 
 // Elements before p + n_head is 16-byte aligned, at most n. p is aligned to its element size
 // (checked on the host for the base pointers; row strides and offsets are whole elements).
@@ -263,17 +174,16 @@ __device__ __forceinline__ MaxSum block_reduce(MaxSum v) {
 
 // This thread's (max, sumexp) over x[0, n): scalar head to 16-byte alignment, then vectors
 // (two in flight per iteration), then a scalar tail shorter than one vector.
-template <int DT, int THREADS>
-__device__ __forceinline__ MaxSum reduce_range(const typename Elem<DT>::T* x, int n) {
-  using E = Elem<DT>;
-  constexpr int V = E::kVec;
+template <class E, int THREADS>
+__device__ __forceinline__ MaxSum reduce_range(const typename E::T* x, int n) {
+  constexpr int V = kVec<E>;
   static_assert(V <= THREADS, "head and tail are one element per thread");
   const int tid = static_cast<int>(threadIdx.x);
   MaxSum acc{-INFINITY, 0.f};
 
   const int head = head_elems(x, n);  // < V
   if (tid < head) {
-    const float v = E::load(x + tid);
+    const float v = E::load(x[tid]);
     ms_add<1>(acc, &v);
   }
   const int nvec = (n - head) / V;
@@ -281,18 +191,18 @@ __device__ __forceinline__ MaxSum reduce_range(const typename Elem<DT>::T* x, in
   int i = tid;
   for (; i + THREADS < nvec; i += 2 * THREADS) {
     float v[2 * V];
-    E::load_vec(xv + i * V, v);
-    E::load_vec(xv + (i + THREADS) * V, v + V);
+    load_vec<E, V>(xv + i * V, v);
+    load_vec<E, V>(xv + (i + THREADS) * V, v + V);
     ms_add<2 * V>(acc, v);
   }
   if (i < nvec) {
     float v[V];
-    E::load_vec(xv + i * V, v);
+    load_vec<E, V>(xv + i * V, v);
     ms_add<V>(acc, v);
   }
   const int tail = head + nvec * V;  // n - tail < V
   if (tail + tid < n) {
-    const float v = E::load(x + tail + tid);
+    const float v = E::load(x[tail + tid]);
     ms_add<1>(acc, &v);
   }
   return acc;
@@ -302,17 +212,16 @@ __device__ __forceinline__ MaxSum reduce_range(const typename Elem<DT>::T* x, in
 // g may be x itself (in place): each thread reads its own elements before writing them, and no
 // thread touches another's elements. Stores are vectorised on g's alignment; x is read with vector
 // loads when it shares that alignment (always, in place), else with scalar loads.
-template <int DT, int THREADS>
-__device__ __forceinline__ void grad_range(const typename Elem<DT>::T* x, typename Elem<DT>::T* g,
+template <class E, int THREADS>
+__device__ __forceinline__ void grad_range(const typename E::T* x, typename E::T* g,
                                            int n, int t, const D3DiffRow& r, float log_k) {
-  using E = Elem<DT>;
-  constexpr int V = E::kVec;
+  constexpr int V = kVec<E>;
   const int tid = static_cast<int>(threadIdx.x);
   const bool x_vec =
       ((reinterpret_cast<uintptr_t>(x) ^ reinterpret_cast<uintptr_t>(g)) & 15u) == 0;
 
   const int head = head_elems(g, n);
-  if (tid < head) E::store(g + tid, d3diff_grad_elem(r, E::load(x + tid), log_k, tid == t));
+  if (tid < head) g[tid] = E::store(d3diff_grad_elem(r, E::load(x[tid]), log_k, tid == t));
   const int nvec = (n - head) / V;
   const typename E::T* xv = x + head;  // 16-byte aligned when x_vec
   typename E::T* gv = g + head;        // 16-byte aligned
@@ -321,13 +230,13 @@ __device__ __forceinline__ void grad_range(const typename Elem<DT>::T* x, typena
     const int i1 = i + THREADS;
     float v[2 * V];
     if (x_vec) {
-      E::load_vec(xv + i * V, v);
-      E::load_vec(xv + i1 * V, v + V);
+      load_vec<E, V>(xv + i * V, v);
+      load_vec<E, V>(xv + i1 * V, v + V);
     } else {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        v[k] = E::load(xv + i * V + k);
-        v[V + k] = E::load(xv + i1 * V + k);
+        v[k] = E::load(xv[i * V + k]);
+        v[V + k] = E::load(xv[i1 * V + k]);
       }
     }
     // Column (relative to head) of v[0] is i*V and of v[V] is i1*V.
@@ -338,45 +247,44 @@ __device__ __forceinline__ void grad_range(const typename Elem<DT>::T* x, typena
       v[k] = d3diff_grad_elem(r, v[k], log_k, k == t0);
       v[V + k] = d3diff_grad_elem(r, v[V + k], log_k, k == t1);
     }
-    E::store_vec(gv + i * V, v);
-    E::store_vec(gv + i1 * V, v + V);
+    store_vec<E, V>(gv + i * V, v);
+    store_vec<E, V>(gv + i1 * V, v + V);
   }
   if (i < nvec) {
     float v[V];
     if (x_vec) {
-      E::load_vec(xv + i * V, v);
+      load_vec<E, V>(xv + i * V, v);
     } else {
 #pragma unroll
-      for (int k = 0; k < V; ++k) v[k] = E::load(xv + i * V + k);
+      for (int k = 0; k < V; ++k) v[k] = E::load(xv[i * V + k]);
     }
     const int t0 = t - head - i * V;
 #pragma unroll
     for (int k = 0; k < V; ++k) v[k] = d3diff_grad_elem(r, v[k], log_k, k == t0);
-    E::store_vec(gv + i * V, v);
+    store_vec<E, V>(gv + i * V, v);
   }
   const int tail = head + nvec * V;
   if (tail + tid < n) {
     const int j = tail + tid;
-    E::store(g + j, d3diff_grad_elem(r, E::load(x + j), log_k, j == t));
+    g[j] = E::store(d3diff_grad_elem(r, E::load(x[j]), log_k, j == t));
   }
 }
 
 // g[0, n) = 0 (an ignored row's gradient; its logits are never read).
-template <int DT, int THREADS>
-__device__ __forceinline__ void zero_range(typename Elem<DT>::T* g, int n) {
-  using E = Elem<DT>;
-  constexpr int V = E::kVec;
+template <class E, int THREADS>
+__device__ __forceinline__ void zero_range(typename E::T* g, int n) {
+  constexpr int V = kVec<E>;
   const int tid = static_cast<int>(threadIdx.x);
   const int head = head_elems(g, n);
-  if (tid < head) E::store(g + tid, 0.f);
+  if (tid < head) g[tid] = E::store(0.f);
   const int nvec = (n - head) / V;
   typename E::T* gv = g + head;
   float zero[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) zero[k] = 0.f;
-  for (int i = tid; i < nvec; i += THREADS) E::store_vec(gv + i * V, zero);
+  for (int i = tid; i < nvec; i += THREADS) store_vec<E, V>(gv + i * V, zero);
   const int tail = head + nvec * V;
-  if (tail + tid < n) E::store(g + tail + tid, 0.f);
+  if (tail + tid < n) g[tail + tid] = E::store(0.f);
 }
 
 // ---- kernels -----------------------------------------------------------------------------------
@@ -427,9 +335,8 @@ __device__ __forceinline__ D3DiffRow finish_row(const Params& p, const RowScalar
 }
 
 // Row path: block = one row.
-template <int DT, int THREADS>
+template <class E, int THREADS>
 __global__ void __launch_bounds__(THREADS) d3diff_loss_fwd_row_kernel(const Params p) {
-  using E = Elem<DT>;
   using T = typename E::T;
   const int64_t row = blockIdx.x;
   const T* x = static_cast<const T*>(p.logits) + row * p.row_stride;
@@ -438,27 +345,26 @@ __global__ void __launch_bounds__(THREADS) d3diff_loss_fwd_row_kernel(const Para
 
   if (target == p.ignore_index) {  // uniform over the block: nobody reaches a barrier
     if (threadIdx.x == 0) p.loss[row] = 0.f;
-    if (g != nullptr) zero_range<DT, THREADS>(g, p.n_cols);
+    if (g != nullptr) zero_range<E, THREADS>(g, p.n_cols);
     return;
   }
   const bool valid = target >= 0 && target < p.n_cols;  // never read outside the row
   const RowScalars rs = load_row_scalars(p, row);
   // Read before block_reduce's barrier: after it, an in-place gradient overwrites the row.
-  const float zt = valid ? E::load(x + target) : nan_value();
+  const float zt = valid ? E::load(x[target]) : nan_value();
 
-  MaxSum ms = reduce_range<DT, THREADS>(x, p.n_cols);
+  MaxSum ms = reduce_range<E, THREADS>(x, p.n_cols);
   ms = block_reduce<THREADS>(ms);
 
   const D3DiffRow r = finish_row(p, rs, ms, zt, target, valid);
   if (threadIdx.x == 0) p.loss[row] = r.loss;
   if (g != nullptr)
-    grad_range<DT, THREADS>(x, g, p.n_cols, valid ? static_cast<int>(target) : -1, r, p.log_k);
+    grad_range<E, THREADS>(x, g, p.n_cols, valid ? static_cast<int>(target) : -1, r, p.log_k);
 }
 
 // Split path, pass 1: grid (n_rows, splits); block (row, s) reduces columns [s·chunk, +chunk).
-template <int DT>
+template <class E>
 __global__ void __launch_bounds__(kSplitThreads) d3diff_loss_partial_kernel(const Params p) {
-  using E = Elem<DT>;
   using T = typename E::T;
   const int64_t row = blockIdx.x;
   const int split = static_cast<int>(blockIdx.y);
@@ -470,9 +376,9 @@ __global__ void __launch_bounds__(kSplitThreads) d3diff_loss_partial_kernel(cons
   const T* xrow = static_cast<const T*>(p.logits) + row * p.row_stride;
   if (split == 0 && threadIdx.x == 0) {
     const bool valid = target >= 0 && target < p.n_cols;
-    p.ws_target_logit[row] = valid ? E::load(xrow + target) : nan_value();
+    p.ws_target_logit[row] = valid ? E::load(xrow[target]) : nan_value();
   }
-  MaxSum ms = reduce_range<DT, kSplitThreads>(xrow + c0, n);
+  MaxSum ms = reduce_range<E, kSplitThreads>(xrow + c0, n);
   ms = block_reduce<kSplitThreads>(ms);
   if (threadIdx.x == 0) p.ws_partial[row * p.splits + split] = make_float2(ms.m, ms.s);
 }
@@ -480,9 +386,8 @@ __global__ void __launch_bounds__(kSplitThreads) d3diff_loss_partial_kernel(cons
 // Split path, pass 2: grid (n_rows, splits) with a gradient, (n_rows, 1) without. Each block
 // merges its row's partials (the same merge, so the same coefficients, in every block of the row),
 // block (row, 0) writes the loss, block (row, s) the gradient of chunk s.
-template <int DT>
+template <class E>
 __global__ void __launch_bounds__(kSplitThreads) d3diff_loss_finalize_kernel(const Params p) {
-  using E = Elem<DT>;
   using T = typename E::T;
   const int64_t row = blockIdx.x;
   const int split = static_cast<int>(blockIdx.y);
@@ -493,7 +398,7 @@ __global__ void __launch_bounds__(kSplitThreads) d3diff_loss_finalize_kernel(con
 
   if (target == p.ignore_index) {
     if (split == 0 && threadIdx.x == 0) p.loss[row] = 0.f;
-    if (g != nullptr) zero_range<DT, kSplitThreads>(g, n);
+    if (g != nullptr) zero_range<E, kSplitThreads>(g, n);
     return;
   }
   const bool valid = target >= 0 && target < p.n_cols;
@@ -513,82 +418,81 @@ __global__ void __launch_bounds__(kSplitThreads) d3diff_loss_finalize_kernel(con
     const T* x = static_cast<const T*>(p.logits) + row * p.row_stride + c0;
     // Target column relative to this chunk; outside [0, n) (or -1 - c0 when invalid) matches none.
     const int t = valid ? static_cast<int>(target) - c0 : -1 - c0;
-    grad_range<DT, kSplitThreads>(x, g, n, t, r, p.log_k);
+    grad_range<E, kSplitThreads>(x, g, n, t, r, p.log_k);
   }
 }
 
-template <int DT>
+template <class E>
 void launch_kernels(const Params& p, int64_t n_rows, cudaStream_t stream) {
-  using T = typename Elem<DT>::T;
+  using T = typename E::T;
   const unsigned rows = static_cast<unsigned>(n_rows);
   if (p.splits > 1) {
     const dim3 grid1(rows, static_cast<unsigned>(p.splits));
-    d3diff_loss_partial_kernel<DT><<<grid1, kSplitThreads, 0, stream>>>(p);
+    d3diff_loss_partial_kernel<E><<<grid1, kSplitThreads, 0, stream>>>(p);
     const dim3 grid2(rows, p.grad != nullptr ? static_cast<unsigned>(p.splits) : 1u);
-    d3diff_loss_finalize_kernel<DT><<<grid2, kSplitThreads, 0, stream>>>(p);
+    d3diff_loss_finalize_kernel<E><<<grid2, kSplitThreads, 0, stream>>>(p);
     return;
   }
   switch (row_threads(p.n_cols, static_cast<int>(sizeof(T)))) {
-    case 128: d3diff_loss_fwd_row_kernel<DT, 128><<<rows, 128, 0, stream>>>(p); break;
-    case 256: d3diff_loss_fwd_row_kernel<DT, 256><<<rows, 256, 0, stream>>>(p); break;
-    default: d3diff_loss_fwd_row_kernel<DT, 512><<<rows, 512, 0, stream>>>(p); break;
+    case 128: d3diff_loss_fwd_row_kernel<E, 128><<<rows, 128, 0, stream>>>(p); break;
+    case 256: d3diff_loss_fwd_row_kernel<E, 256><<<rows, 256, 0, stream>>>(p); break;
+    default: d3diff_loss_fwd_row_kernel<E, 512><<<rows, 512, 0, stream>>>(p); break;
   }
 }
-
-bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintptr_t>(p) % a) == 0; }
 
 }  // namespace
 
 int64_t d3diff_loss_workspace_bytes_cuda(int64_t n_rows, int64_t n_cols) {
   if (n_rows <= 0 || n_cols < 1 || n_cols > kMaxCols || n_rows > INT32_MAX) return 0;
-  const SplitPlan plan = plan_splits(n_rows, n_cols, sm_count_current_device(), kMaxSplits);
+  const SplitPlan plan = plan_splits(n_rows, n_cols, cuda::sm_count_current_device(), kMaxSplits);
   return workspace_bytes_for(n_rows, plan.splits);
 }
 
-int d3diff_loss_fwd_cuda(const void* logits, int64_t n_rows, int64_t n_cols, int64_t row_stride,
-                         int dtype, const int64_t* targets, const float* ratio, const float* w_ce,
-                         const float* w_se, float alpha, int64_t ignore_index, float* loss,
-                         void* grad, int64_t grad_row_stride, const float* grad_scale,
-                         void* workspace, int64_t workspace_bytes, void* stream) {
-  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) return kBadDtype;
+int d3diff_loss_fwd_cuda(const D3DiffLossArgs& a, void* workspace, int64_t workspace_bytes,
+                         void* stream) {
+  using cuda::aligned;
+  const int64_t n_rows = a.n_rows, n_cols = a.n_cols;
+  if (!is_float_dtype(a.dtype)) return kBadDtype;
   if (n_rows < 0 || n_rows > INT32_MAX || n_cols < 1 || n_cols > kMaxCols) return kBadShape;
   // Rows must not overlap (a one-row tensor may carry any stride).
-  if (row_stride < 0 || (n_rows > 1 && row_stride < n_cols)) return kBadStride;
-  if (grad != nullptr && (grad_row_stride < 0 || (n_rows > 1 && grad_row_stride < n_cols)))
+  if (a.row_stride < 0 || (n_rows > 1 && a.row_stride < n_cols)) return kBadStride;
+  if (a.grad != nullptr && (a.grad_row_stride < 0 || (n_rows > 1 && a.grad_row_stride < n_cols)))
     return kBadStride;
   if (n_rows == 0) return kOk;
-  if (logits == nullptr || targets == nullptr || ratio == nullptr || w_ce == nullptr ||
-      w_se == nullptr || loss == nullptr)
+  if (a.logits == nullptr || a.targets == nullptr || a.ratio == nullptr || a.w_ce == nullptr ||
+      a.w_se == nullptr || a.loss == nullptr)
     return kBadArgument;
   // In place means exactly in place: the same rows, else one block would overwrite another's input.
-  if (grad != nullptr && grad == logits && grad_row_stride != row_stride) return kBadArgument;
-  const uintptr_t esize = dtype == kFloat32 ? 4 : 2;
-  if (!aligned(logits, esize) || (grad != nullptr && !aligned(grad, esize)) ||
-      !aligned(targets, 8) || !aligned(ratio, 4) || !aligned(w_ce, 4) || !aligned(w_se, 4) ||
-      !aligned(loss, 4) || (grad_scale != nullptr && !aligned(grad_scale, 4)))
+  if (a.grad != nullptr && a.grad == a.logits && a.grad_row_stride != a.row_stride)
+    return kBadArgument;
+  const uintptr_t esize = static_cast<uintptr_t>(dtype_size(a.dtype));
+  if (!aligned(a.logits, esize) || (a.grad != nullptr && !aligned(a.grad, esize)) ||
+      !aligned(a.targets, 8) || !aligned(a.ratio, 4) || !aligned(a.w_ce, 4) ||
+      !aligned(a.w_se, 4) || !aligned(a.loss, 4) ||
+      (a.grad_scale != nullptr && !aligned(a.grad_scale, 4)))
     return kBadArgument;
   if (workspace_bytes < 0 || (workspace != nullptr && !aligned(workspace, 8))) return kBadArgument;
 
   // Splits the workspace can hold: n_rows · (8·splits + 4) bytes.
   int64_t max_splits = 1;
   if (workspace != nullptr && workspace_bytes > 0) max_splits = (workspace_bytes / n_rows - 4) / 8;
-  const SplitPlan plan = plan_splits(n_rows, n_cols, sm_count_current_device(), max_splits);
+  const SplitPlan plan = plan_splits(n_rows, n_cols, cuda::sm_count_current_device(), max_splits);
 
   Params p;
-  p.logits = logits;
-  p.row_stride = row_stride;
+  p.logits = a.logits;
+  p.row_stride = a.row_stride;
   p.n_cols = static_cast<int>(n_cols);
-  p.targets = targets;
-  p.ratio = ratio;
-  p.w_ce = w_ce;
-  p.w_se = w_se;
-  p.alpha = alpha;
+  p.targets = a.targets;
+  p.ratio = a.ratio;
+  p.w_ce = a.w_ce;
+  p.w_se = a.w_se;
+  p.alpha = a.alpha;
   p.log_k = std::log(static_cast<float>(n_cols));
-  p.ignore_index = ignore_index;
-  p.loss = loss;
-  p.grad = grad;
-  p.grad_row_stride = grad_row_stride;
-  p.grad_scale = grad_scale;
+  p.ignore_index = a.ignore_index;
+  p.loss = a.loss;
+  p.grad = a.grad;
+  p.grad_row_stride = a.grad_row_stride;
+  p.grad_scale = a.grad_scale;
   p.splits = plan.splits;
   p.chunk = plan.chunk;
   p.ws_partial = nullptr;
@@ -599,19 +503,11 @@ int d3diff_loss_fwd_cuda(const void* logits, int64_t n_rows, int64_t n_cols, int
   }
 
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32: launch_kernels<kFloat32>(p, n_rows, s); break;
-    case kBFloat16: launch_kernels<kBFloat16>(p, n_rows, s); break;
-    default: launch_kernels<kFloat16>(p, n_rows, s); break;
-  }
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    t_last_cuda_error = err;
-    return kCudaError;
-  }
-  return kOk;
+  U2A_DISPATCH_FLOAT(a.dtype, E, launch_kernels<E>(p, n_rows, s));  // the dtype is checked above
+  return cuda::launch_status();
 }
 
-const char* d3diff_loss_last_cuda_error() { return cudaGetErrorString(t_last_cuda_error); }
+// One definition for every CUDA launcher (they share launch.cuh's error state).
+const char* cuda_last_error() { return cudaGetErrorString(cuda::t_last_cuda_error); }
 
 }  // namespace unif2ace

@@ -1,8 +1,8 @@
-// Discrete-diffusion mask sampling: CUDA kernels and launchers (shared/DESIGN.md §5).
+// Discrete-diffusion mask sampling: CUDA kernels and launchers (operands: unif2ace/args.h).
 //
-// The semantics are the LAUNCHER CONTRACT at the top of python/unif2ace/ops/mask_sampling.py;
-// unif2ace/philox.h holds the Philox-4x32-10 and the Gumbel-from-bits transform shared with the C++
-// CPU kernels (bit-exact with Triton's tl.philox).
+// The semantics are the launcher contract of the mask-sampling op family; unif2ace/philox.h holds
+// the Philox-4x32-10 and the Gumbel-from-bits transform shared with the C++ CPU kernels
+// (bit-exact with Triton's tl.philox).
 //
 // maskgit_step, three kernels on one stream (no host sync, no allocation, no atomics on global
 // memory, deterministic):
@@ -37,17 +37,19 @@
 
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cfloat>
 #include <climits>
 #include <cmath>
 #include <cstdint>
 
-#include "unif2ace/common.h"
+#include "launch.cuh"
+#include "unif2ace/dtype.h"
 #include "unif2ace/philox.h"
 
 namespace unif2ace {
 namespace {
+
+using cuda::ceil_div;
 
 // ---- launch configuration: every tuning constant and the whole heuristic live here -------------
 
@@ -59,12 +61,9 @@ constexpr int kBernoulliThreads = 256;
 constexpr int kMaxSplits = 64;
 constexpr int64_t kSplitMinCols = 2048;  // columns per split at least (2 steps of 256 threads)
 constexpr int kSplitBlocksPerSm = 4;     // split while B·L < 4 × SMs
-constexpr int kFallbackSmCount = 132;    // H100 SXM, if the device query fails
 constexpr int kNoK = INT_MAX;            // "no column yet" in the running argmax
 constexpr int64_t kMaxCols = INT32_MAX - 65536;  // column indices are 32-bit below this
 constexpr int kPartialFloats = 4;                // (max, sum, best score, y at best) per partial
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Column splits per position: fill ~kSplitBlocksPerSm blocks per SM when B·L alone cannot, each
 // split at least kSplitMinCols columns, at most kMaxSplits and what the workspace holds.
@@ -85,96 +84,16 @@ int64_t workspace_bytes_for(int64_t n_pos, int splits) {
   return splits > 1 ? n_pos * splits * int64_t{(kPartialFloats + 1) * 4} : 0;
 }
 
-// SM count of the current device, cached per device (a host query; allowed during graph capture).
-int sm_count_current_device() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cache[kMaxDevices];  // static storage: zero-initialised
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear it, or the launch check would report it
-    return kFallbackSmCount;
-  }
-  if (dev >= 0 && dev < kMaxDevices) {
-    const int c = cache[dev].load(std::memory_order_relaxed);
-    if (c > 0) return c;
-  }
-  int v = 0;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v <= 0) {
-    (void)cudaGetLastError();
-    return kFallbackSmCount;
-  }
-  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(v, std::memory_order_relaxed);
-  return v;
-}
-
-thread_local cudaError_t t_last_cuda_error = cudaSuccess;
-
-int launch_status() {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    t_last_cuda_error = err;
-    return kCudaError;
-  }
-  return kOk;
-}
-
-// ---- element access: fp32, bf16, fp16 (16-bit types as raw bits, converted in registers) --------
-
-template <int DT>
-struct Elem;
-
-template <>
-struct Elem<kFloat32> {
-  using T = float;
-  static constexpr int kQuadBytes = 16;
-  __device__ __forceinline__ static float to_float(float x) { return x; }
-  __device__ __forceinline__ static void load_quad(const float* p, float out[4]) {
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    out[0] = v.x;
-    out[1] = v.y;
-    out[2] = v.z;
-    out[3] = v.w;
-  }
-};
-
-template <>
-struct Elem<kBFloat16> {
-  using T = uint16_t;
-  static constexpr int kQuadBytes = 8;
-  __device__ __forceinline__ static float to_float(uint16_t x) { return bf16_bits_to_float(x); }
-  __device__ __forceinline__ static void load_quad(const uint16_t* p, float out[4]) {
-    const uint2 v = *reinterpret_cast<const uint2*>(p);
-    out[0] = bf16_bits_to_float(static_cast<uint16_t>(v.x & 0xffffu));
-    out[1] = bf16_bits_to_float(static_cast<uint16_t>(v.x >> 16));
-    out[2] = bf16_bits_to_float(static_cast<uint16_t>(v.y & 0xffffu));
-    out[3] = bf16_bits_to_float(static_cast<uint16_t>(v.y >> 16));
-  }
-};
-
-template <>
-struct Elem<kFloat16> {
-  using T = uint16_t;
-  static constexpr int kQuadBytes = 8;
-  __device__ __forceinline__ static float to_float(uint16_t x) { return fp16_bits_to_float(x); }
-  __device__ __forceinline__ static void load_quad(const uint16_t* p, float out[4]) {
-    const uint2 v = *reinterpret_cast<const uint2*>(p);
-    out[0] = fp16_bits_to_float(static_cast<uint16_t>(v.x & 0xffffu));
-    out[1] = fp16_bits_to_float(static_cast<uint16_t>(v.x >> 16));
-    out[2] = fp16_bits_to_float(static_cast<uint16_t>(v.y & 0xffffu));
-    out[3] = fp16_bits_to_float(static_cast<uint16_t>(v.y >> 16));
-  }
-};
-
 // Columns [k, k + 4) of a row as fp32: one vector load when the quad is whole and the row aligned,
 // else scalar loads of the columns below k_end (the others are left at 0 and never used).
-template <int DT>
-__device__ __forceinline__ void load_columns(const typename Elem<DT>::T* row, int64_t k,
-                                             int64_t k_end, bool vector_ok, float out[4]) {
+template <class E>
+__device__ __forceinline__ void load_columns(const typename E::T* row, int64_t k, int64_t k_end,
+                                             bool vector_ok, float out[4]) {
   if (vector_ok && k + 4 <= k_end) {
-    Elem<DT>::load_quad(row + k, out);
+    cuda::load_vec<E, 4>(row + k, out);
   } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = k + j < k_end ? Elem<DT>::to_float(row[k + j]) : 0.f;
+    for (int j = 0; j < 4; ++j) out[j] = k + j < k_end ? E::load(row[k + j]) : 0.f;
   }
 }
 
@@ -302,9 +221,9 @@ __device__ __forceinline__ void finalize_position(const ScanParams& p, int64_t p
   p.confidence[pos] = conf;
 }
 
-template <int DT, bool kUncond, bool kNoise>
+template <class E, bool kUncond, bool kNoise>
 __global__ void __launch_bounds__(kScanMaxThreads) maskgit_scan_kernel(const ScanParams p) {
-  using T = typename Elem<DT>::T;
+  using T = typename E::T;
   const int64_t pos = blockIdx.x;
   const int split = blockIdx.y;
   const int64_t id = p.ids[pos];
@@ -322,7 +241,7 @@ __global__ void __launch_bounds__(kScanMaxThreads) maskgit_scan_kernel(const Sca
                           : row;
   const float* nrow = kNoise ? p.gumbel + pos * p.K : nullptr;
   // Column k of every quad is a multiple of 4: an aligned row makes every whole quad aligned.
-  constexpr uintptr_t kAlignMask = Elem<DT>::kQuadBytes - 1;
+  constexpr uintptr_t kAlignMask = 4 * sizeof(T) - 1;  // a quad is one 16- or 8-byte vector
   const bool row_vec = (reinterpret_cast<uintptr_t>(row) & kAlignMask) == 0;
   const bool urow_vec = (reinterpret_cast<uintptr_t>(urow) & kAlignMask) == 0;
   const uint32_t c3 = 4u * p.offset + kStreamSample;
@@ -334,8 +253,8 @@ __global__ void __launch_bounds__(kScanMaxThreads) maskgit_scan_kernel(const Sca
   // the bf16 guided Philox variant on sm_90a (nvcc 13.0); occupancy (~40 registers) hides latency.
   for (int64_t k = k_begin + 4 * int64_t{threadIdx.x}; k < k_end; k += 4 * int64_t{blockDim.x}) {
     float x[4], u[4], g[4];
-    load_columns<DT>(row, k, k_end, row_vec, x);
-    if (kUncond) load_columns<DT>(urow, k, k_end, urow_vec, u);
+    load_columns<E>(row, k, k_end, row_vec, x);
+    if (kUncond) load_columns<E>(urow, k, k_end, urow_vec, u);
     if (kNoise) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) g[j] = k + j < k_end ? nrow[k + j] : 0.f;
@@ -532,14 +451,14 @@ __global__ void __launch_bounds__(kBernoulliThreads)
 
 // ---- host side ----------------------------------------------------------------------------------
 
-template <int DT>
+template <class E>
 void launch_scan(const ScanParams& p, int threads, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned int>(p.n_pos), static_cast<unsigned int>(p.splits));
   const bool u = p.uncond != nullptr, nz = p.gumbel != nullptr;
-  if (u && nz) maskgit_scan_kernel<DT, true, true><<<grid, threads, 0, stream>>>(p);
-  else if (u) maskgit_scan_kernel<DT, true, false><<<grid, threads, 0, stream>>>(p);
-  else if (nz) maskgit_scan_kernel<DT, false, true><<<grid, threads, 0, stream>>>(p);
-  else maskgit_scan_kernel<DT, false, false><<<grid, threads, 0, stream>>>(p);
+  if (u && nz) maskgit_scan_kernel<E, true, true><<<grid, threads, 0, stream>>>(p);
+  else if (u) maskgit_scan_kernel<E, true, false><<<grid, threads, 0, stream>>>(p);
+  else if (nz) maskgit_scan_kernel<E, false, true><<<grid, threads, 0, stream>>>(p);
+  else maskgit_scan_kernel<E, false, false><<<grid, threads, 0, stream>>>(p);
 }
 
 // Threads of a scan block: one per quad of the chunk, a multiple of 32 in [32, 256].
@@ -554,74 +473,70 @@ constexpr int64_t kMaxGridX = INT32_MAX;
 
 }  // namespace
 
-int mask_tokens_fwd_cuda(const int64_t* ids, int64_t B, int64_t L, const float* gamma,
-                         const int64_t* n_mask, int64_t mask_id, uint64_t seed, uint32_t offset,
-                         int mode, int64_t* out_ids, bool* out_mask, void* stream) {
+int mask_tokens_fwd_cuda(const MaskTokensArgs& a, void* stream) {
+  const int64_t B = a.B, L = a.L;
   if (B < 0 || L < 0 || B > kMaxGridX || L > INT32_MAX) return kBadShape;
-  if (mode != 0 && mode != 1) return kBadArgument;
+  if (a.mode != 0 && a.mode != 1) return kBadArgument;
   if (B == 0 || L == 0) return kOk;
-  if (ids == nullptr || out_ids == nullptr || out_mask == nullptr) return kBadArgument;
-  if ((mode == 0 && n_mask == nullptr) || (mode == 1 && gamma == nullptr)) return kBadArgument;
+  if (a.ids == nullptr || a.out_ids == nullptr || a.out_mask == nullptr) return kBadArgument;
+  if ((a.mode == 0 && a.n_mask == nullptr) || (a.mode == 1 && a.gamma == nullptr))
+    return kBadArgument;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (mode == 0) {
-    const SelectParams q{nullptr, n_mask, ids, out_ids, out_mask, L, mask_id, seed, offset};
+  if (a.mode == 0) {
+    const SelectParams q{nullptr, a.n_mask, a.ids,  a.out_ids, a.out_mask,
+                         L,       a.mask_id, a.seed, a.offset};
     select_kernel<true><<<static_cast<unsigned int>(B), kSelectThreads, 0, s>>>(q);
   } else {
     int64_t blocks = ceil_div(B * L, kBernoulliThreads);
     blocks = blocks < (int64_t{1} << 20) ? blocks : (int64_t{1} << 20);  // grid-stride beyond
     bernoulli_kernel<<<static_cast<unsigned int>(blocks), kBernoulliThreads, 0, s>>>(
-        ids, gamma, B, L, mask_id, seed, offset, out_ids, out_mask);
+        a.ids, a.gamma, B, L, a.mask_id, a.seed, a.offset, a.out_ids, a.out_mask);
   }
-  return launch_status();
+  return cuda::launch_status();
 }
 
 int64_t maskgit_step_workspace_bytes_cuda(int64_t B, int64_t L, int64_t K) {
   if (B <= 0 || L <= 0 || K <= 0) return 0;
   const int64_t n_pos = B * L;
-  return workspace_bytes_for(n_pos, plan_splits(n_pos, K, sm_count_current_device(), kMaxSplits));
+  return workspace_bytes_for(n_pos,
+                             plan_splits(n_pos, K, cuda::sm_count_current_device(), kMaxSplits));
 }
 
-int maskgit_step_fwd_cuda(const void* logits, int64_t B, int64_t L, int64_t K, int64_t stride_b,
-                          int64_t stride_l, int dtype, const void* uncond, int64_t ustride_b,
-                          int64_t ustride_l, const int64_t* ids, const int64_t* mask_len,
-                          int64_t mask_id, double guidance, float inv_temperature,
-                          float choice_temperature, uint64_t seed, uint32_t offset,
-                          const float* gumbel, const float* choice, int64_t* out_ids,
-                          bool* out_mask, float* confidence, void* workspace,
-                          int64_t workspace_bytes, void* stream) {
-  if (dtype != kFloat32 && dtype != kBFloat16 && dtype != kFloat16) return kBadDtype;
+int maskgit_step_fwd_cuda(const MaskgitStepArgs& a, void* workspace, int64_t workspace_bytes,
+                          void* stream) {
+  const int64_t B = a.B, L = a.L, K = a.K;
+  if (!is_float_dtype(a.dtype)) return kBadDtype;
   if (B < 0 || L < 0 || K < 0 || K > kMaxCols || L > INT32_MAX) return kBadShape;
   if (B > 0 && L > 0 && B * L > kMaxGridX) return kBadShape;
-  if (stride_b < 0 || stride_l < 0 || ustride_b < 0 || ustride_l < 0) return kBadStride;
+  if (a.stride_b < 0 || a.stride_l < 0 || a.ustride_b < 0 || a.ustride_l < 0) return kBadStride;
   if (B == 0 || L == 0) return kOk;
   if (K == 0) return kBadShape;
-  if (logits == nullptr || ids == nullptr || mask_len == nullptr || out_ids == nullptr ||
-      out_mask == nullptr || confidence == nullptr)
+  if (a.logits == nullptr || a.ids == nullptr || a.mask_len == nullptr || a.out_ids == nullptr ||
+      a.out_mask == nullptr || a.confidence == nullptr)
     return kBadArgument;
 
   const int64_t n_pos = B * L;
   int64_t max_splits = kMaxSplits;
-  if (workspace == nullptr || workspace_bytes <= 0 ||
-      (reinterpret_cast<uintptr_t>(workspace) & 15u) != 0) {
+  if (workspace == nullptr || workspace_bytes <= 0 || !cuda::aligned(workspace, 16)) {
     max_splits = 1;
   } else {
     const int64_t per_split = workspace_bytes_for(n_pos, 2) / 2;
     max_splits = workspace_bytes / per_split;
   }
-  const int splits = plan_splits(n_pos, K, sm_count_current_device(), max_splits);
+  const int splits = plan_splits(n_pos, K, cuda::sm_count_current_device(), max_splits);
 
   ScanParams p;
-  p.logits = logits;
-  p.uncond = uncond;
-  p.stride_b = stride_b;
-  p.stride_l = stride_l;
-  p.ustride_b = ustride_b;
-  p.ustride_l = ustride_l;
-  p.ids = ids;
-  p.gumbel = gumbel;
-  p.choice = choice;
-  p.out_ids = out_ids;
-  p.confidence = confidence;
+  p.logits = a.logits;
+  p.uncond = a.uncond;
+  p.stride_b = a.stride_b;
+  p.stride_l = a.stride_l;
+  p.ustride_b = a.ustride_b;
+  p.ustride_l = a.ustride_l;
+  p.ids = a.ids;
+  p.gumbel = a.gumbel;
+  p.choice = a.choice;
+  p.out_ids = a.out_ids;
+  p.confidence = a.confidence;
   p.part_f = nullptr;
   p.part_k = nullptr;
   p.L = L;
@@ -629,15 +544,15 @@ int maskgit_step_fwd_cuda(const void* logits, int64_t B, int64_t L, int64_t K, i
   p.chunk = splits > 1 ? split_chunk(K, splits) : K;
   p.n_pos = n_pos;
   p.splits = splits;
-  p.mask_id = mask_id;
+  p.mask_id = a.mask_id;
   // The reference's scalars: fp32(1 + g) and fp32(g) (torch rounds a Python scalar to the
   // tensor's dtype before the multiply).
-  p.c_cond = static_cast<float>(1.0 + guidance);
-  p.c_uncond = static_cast<float>(guidance);
-  p.inv_t = inv_temperature;
-  p.tau = choice_temperature;
-  p.seed = seed;
-  p.offset = offset;
+  p.c_cond = static_cast<float>(1.0 + a.guidance);
+  p.c_uncond = static_cast<float>(a.guidance);
+  p.inv_t = a.inv_temperature;
+  p.tau = a.choice_temperature;
+  p.seed = a.seed;
+  p.offset = a.offset;
   if (splits > 1) {
     p.part_f = static_cast<float*>(workspace);
     p.part_k = reinterpret_cast<int*>(p.part_f + n_pos * splits * kPartialFloats);
@@ -645,20 +560,15 @@ int maskgit_step_fwd_cuda(const void* logits, int64_t B, int64_t L, int64_t K, i
 
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const int threads = scan_threads(p.chunk);
-  switch (dtype) {
-    case kFloat32: launch_scan<kFloat32>(p, threads, s); break;
-    case kBFloat16: launch_scan<kBFloat16>(p, threads, s); break;
-    default: launch_scan<kFloat16>(p, threads, s); break;
-  }
+  U2A_DISPATCH_FLOAT(a.dtype, E, launch_scan<E>(p, threads, s));  // the dtype is checked above
   if (splits > 1) {
     const int64_t blocks = ceil_div(n_pos, kCombineThreads);
     maskgit_combine_kernel<<<static_cast<unsigned int>(blocks), kCombineThreads, 0, s>>>(p);
   }
-  const SelectParams q{confidence, mask_len, out_ids, out_ids, out_mask, L, mask_id, seed, offset};
+  const SelectParams q{a.confidence, a.mask_len, a.out_ids, a.out_ids, a.out_mask,
+                       L,            a.mask_id,  a.seed,    a.offset};
   select_kernel<false><<<static_cast<unsigned int>(B), kSelectThreads, 0, s>>>(q);
-  return launch_status();
+  return cuda::launch_status();
 }
-
-const char* mask_sampling_last_cuda_error() { return cudaGetErrorString(t_last_cuda_error); }
 
 }  // namespace unif2ace

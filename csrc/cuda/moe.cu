@@ -1,5 +1,5 @@
-// Grouped MoE dispatch: CUDA kernels and launchers (shared/DESIGN.md §6; the contract is the
-// comment block at the top of python/unif2ace/ops/moe.py, §3-§6).
+// Grouped MoE dispatch: CUDA kernels and launchers (operands: unif2ace/args.h; the semantics: the
+// MoE op family's launcher contract, §3-§6).
 //
 // Plan (§3) is a stable counting sort in three kernels, no argsort, no host synchronisation:
 //   plan_hist_kernel     grid B: block b counts the ids of its contiguous chunk of slots into a
@@ -24,13 +24,12 @@
 
 #include "moe.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "unif2ace/common.h"
+#include "launch.cuh"
+#include "unif2ace/dtype.h"
 
 namespace unif2ace {
 namespace {
@@ -55,16 +54,7 @@ int64_t plan_blocks(int64_t n) {
   return b < 1 ? 1 : b;
 }
 
-thread_local cudaError_t t_last_cuda_error = cudaSuccess;
-
-int check_launch() {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    t_last_cuda_error = err;
-    return kCudaError;
-  }
-  return kOk;
-}
+using cuda::launch_status;
 
 __device__ __forceinline__ int64_t load_id(const void* ids, int is64, int64_t s) {
   return is64 ? static_cast<const int64_t*>(ids)[s]
@@ -204,21 +194,7 @@ __global__ void permute_kernel(const char* __restrict__ x, int64_t T, int64_t ro
 
 // ---- combine ------------------------------------------------------------------------------------
 
-template <typename T> struct Cvt;
-template <> struct Cvt<float> {
-  __device__ __forceinline__ static float to(float v) { return v; }
-  __device__ __forceinline__ static float from(float v) { return v; }
-};
-template <> struct Cvt<__nv_bfloat16> {
-  __device__ __forceinline__ static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ __forceinline__ static __nv_bfloat16 from(float v) { return __float2bfloat16(v); }
-};
-template <> struct Cvt<__half> {
-  __device__ __forceinline__ static float to(__half v) { return __half2float(v); }
-  __device__ __forceinline__ static __half from(float v) { return __float2half(v); }
-};
-
-template <typename T>
+template <class ET, class T = typename ET::T>
 __global__ void combine_kernel(const T* __restrict__ src, int64_t n, int64_t D, int64_t src_stride,
                                const int32_t* __restrict__ slot_pos, int64_t top_k,
                                const float* __restrict__ weights, T* __restrict__ out) {
@@ -229,13 +205,13 @@ __global__ void combine_kernel(const T* __restrict__ src, int64_t n, int64_t D, 
       const int64_t pos = slot_pos[t * top_k + j];
       if (pos < 0 || pos >= n) continue;
       const float w = weights ? weights[t * top_k + j] : 1.f;
-      acc += w * Cvt<T>::to(src[pos * src_stride + d]);
+      acc += w * ET::load(src[pos * src_stride + d]);
     }
-    out[t * D + d] = Cvt<T>::from(acc);
+    out[t * D + d] = ET::store(acc);
   }
 }
 
-template <typename T>
+template <class ET, class T = typename ET::T>
 __global__ void combine_bwd_kernel(const T* __restrict__ grad_out, int64_t go_stride,
                                    const T* src, int64_t n, int64_t D, int64_t src_stride,
                                    const int32_t* __restrict__ slot_pos, int64_t top_k,
@@ -253,9 +229,9 @@ __global__ void combine_bwd_kernel(const T* __restrict__ grad_out, int64_t go_st
     float part = 0.f;
     if (ok) {
       for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-        const float g = Cvt<T>::to(grad_out[t * go_stride + d]);
-        if (grad_weights) part += g * Cvt<T>::to(src[pos * src_stride + d]);
-        grad_src[pos * D + d] = Cvt<T>::from(w * g);
+        const float g = ET::load(grad_out[t * go_stride + d]);
+        if (grad_weights) part += g * ET::load(src[pos * src_stride + d]);
+        grad_src[pos * D + d] = ET::store(w * g);
       }
     }
     if (grad_weights) {  // uniform across the block
@@ -272,22 +248,25 @@ __global__ void combine_bwd_kernel(const T* __restrict__ grad_out, int64_t go_st
   }
 }
 
-template <typename T>
-int launch_combine(const void* src, int64_t n, int64_t D, int64_t ss, const int32_t* slot_pos,
-                   int64_t T_, int64_t k, const float* w, void* out, cudaStream_t st) {
-  combine_kernel<T><<<static_cast<unsigned>(T_), kRowThreads, 0, st>>>(
-      static_cast<const T*>(src), n, D, ss, slot_pos, k, w, static_cast<T*>(out));
-  return check_launch();
+template <class ET>
+int launch_combine(const MoeCombineArgs& a, cudaStream_t st) {
+  using T = typename ET::T;
+  const MoeCombineInput& in = a.in;
+  combine_kernel<ET><<<static_cast<unsigned>(in.T), kRowThreads, 0, st>>>(
+      static_cast<const T*>(in.src), in.n_src, in.D, in.src_row_stride, in.slot_pos, in.k,
+      in.weights, static_cast<T*>(a.out));
+  return launch_status();
 }
 
-template <typename T>
-int launch_combine_bwd(const void* go, int64_t gs, const void* src, int64_t n, int64_t D,
-                       int64_t ss, const int32_t* slot_pos, int64_t T_, int64_t k, const float* w,
-                       void* grad_src, float* gw, cudaStream_t st) {
-  combine_bwd_kernel<T><<<static_cast<unsigned>(T_), kRowThreads, 0, st>>>(
-      static_cast<const T*>(go), gs, static_cast<const T*>(src), n, D, ss, slot_pos, k, w,
-      static_cast<T*>(grad_src), gw);
-  return check_launch();
+template <class ET>
+int launch_combine_bwd(const MoeCombineBwdArgs& a, cudaStream_t st) {
+  using T = typename ET::T;
+  const MoeCombineInput& in = a.in;
+  combine_bwd_kernel<ET><<<static_cast<unsigned>(in.T), kRowThreads, 0, st>>>(
+      static_cast<const T*>(a.grad_out), a.grad_out_row_stride, static_cast<const T*>(in.src),
+      in.n_src, in.D, in.src_row_stride, in.slot_pos, in.k, in.weights,
+      static_cast<T*>(a.grad_src), a.grad_weights);
+  return launch_status();
 }
 
 // ---- route (contract §1) ----------------------------------------------------------------------
@@ -346,7 +325,7 @@ __device__ __forceinline__ double warp_sum(double v) {
 
 // minBlocks 1: without it ptxas (nvcc 13) held PL = 8 at 96 registers and spilled 16 B; with it
 // 116-118 registers at PL = 8, no spill (sm_80 / sm_90a).
-template <typename S, int PL>
+template <class ET, int PL, class S = typename ET::T>
 __global__ void __launch_bounds__(kRouteWarps * 32, 1)
     route_fwd_kernel(const S* __restrict__ logits, int64_t ld_row, int64_t T, int E, int64_t G,
                      const int64_t* __restrict__ offsets, const int64_t* __restrict__ group_ids,
@@ -383,7 +362,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32, 1)
 #pragma unroll
     for (int i = 0; i < PL; ++i) {
       const int c = i * 32 + lane;
-      p[i] = c < n ? static_cast<double>(Cvt<S>::to(z[c])) : -kInf;
+      p[i] = c < n ? static_cast<double>(ET::load(z[c])) : -kInf;
       m = fmax(m, p[i]);
       if (c < n) avail |= 1u << i;
     }
@@ -547,18 +526,20 @@ __global__ void route_reduce_kernel(const int32_t* __restrict__ cnt_part,
   prob_sums[e] = s;
 }
 
-template <typename S>
-int launch_route(const void* logits, int64_t ld, int64_t T, int E, int64_t G, const int64_t* offs,
-                 const int64_t* gids, const float* bias, int k, int softmax, int renorm, int ng,
-                 int tg, float scaling, int64_t* ids, float* w, int32_t* cnt_part, float* ps_part,
-                 int64_t nblocks, cudaStream_t st) {
-  const S* z = static_cast<const S*>(logits);
+template <class ET>
+int launch_route(const MoeRouteArgs& a, int E, int64_t nblocks, int32_t* cnt_part, float* ps_part,
+                 cudaStream_t st) {
+  const MoeRouteLogits& in = a.in;
+  const auto* z = static_cast<const typename ET::T*>(in.logits);
   const unsigned grid = static_cast<unsigned>(nblocks);
   constexpr int kThreads = kRouteWarps * 32;
+  const int softmax = in.scoring == 0, renorm = in.renormalize ? 1 : 0;
+  const int k = static_cast<int>(a.k), ng = static_cast<int>(a.n_group);
+  const int tg = a.n_group > 0 ? static_cast<int>(a.topk_group) : 0;
 #define U2A_ROUTE_LAUNCH(PL)                                                                    \
-  route_fwd_kernel<S, PL><<<grid, kThreads, 0, st>>>(z, ld, T, E, G, offs, gids, bias, k,      \
-                                                     softmax, renorm, ng, tg, scaling, ids, w, \
-                                                     cnt_part, ps_part)
+  route_fwd_kernel<ET, PL><<<grid, kThreads, 0, st>>>(                                         \
+      z, in.row_stride, in.T, E, in.G, in.group_offsets, in.group_ids, a.bias, k, softmax,     \
+      renorm, ng, tg, in.scaling, a.ids, a.weights, cnt_part, ps_part)
   if (E <= 32)
     U2A_ROUTE_LAUNCH(1);
   else if (E <= 64)
@@ -568,10 +549,8 @@ int launch_route(const void* logits, int64_t ld, int64_t T, int E, int64_t G, co
   else
     U2A_ROUTE_LAUNCH(8);
 #undef U2A_ROUTE_LAUNCH
-  return check_launch();
+  return launch_status();
 }
-
-bool aligned(const void* p, int64_t a) { return reinterpret_cast<std::uintptr_t>(p) % a == 0; }
 
 }  // namespace
 
@@ -581,54 +560,33 @@ int64_t moe_route_workspace_bytes_cuda(int64_t T, int64_t num_experts) {
   return b * num_experts * static_cast<int64_t>(sizeof(int32_t) + sizeof(float));
 }
 
-int moe_route_fwd_cuda(const void* logits, int64_t T, int64_t E, int64_t logits_row_stride,
-                       int dtype, const int64_t* group_offsets, int64_t G,
-                       const int64_t* group_ids, const float* bias, int64_t top_k, int scoring,
-                       int renormalize, int64_t n_group, int64_t topk_group, float scaling,
-                       int64_t* ids, float* weights, int32_t* counts, float* prob_sums,
-                       void* workspace, int64_t workspace_bytes, void* stream) {
-  if (T < 0 || T >= (int64_t{1} << 31) || E < 1 || E > kRouteMaxE || G < 1 || top_k < 1 ||
+int moe_route_fwd_cuda(const MoeRouteArgs& a, void* workspace, int64_t workspace_bytes,
+                       void* stream) {
+  const MoeRouteLogits& in = a.in;
+  const int64_t T = in.T, E = in.E, top_k = a.k, n_group = a.n_group, topk_group = a.topk_group;
+  if (T < 0 || T >= (int64_t{1} << 31) || E < 1 || E > kRouteMaxE || in.G < 1 || top_k < 1 ||
       top_k > 32 || top_k > E || n_group < 0 || n_group > E || topk_group < 0 ||
       (n_group > 0 && (topk_group < 1 || topk_group > n_group)))
     return kBadShape;
-  if (scoring != 0 && scoring != 1) return kBadArgument;
-  if (!group_offsets || !counts || !prob_sums || (T > 0 && (!logits || !ids || !weights)))
+  if (in.scoring != 0 && in.scoring != 1) return kBadArgument;
+  if (!in.group_offsets || !a.counts || !a.prob_sums ||
+      (T > 0 && (!in.logits || !a.ids || !a.weights)))
     return kBadArgument;
+  if (!is_float_dtype(in.dtype)) return kBadDtype;
   if (!workspace || workspace_bytes < moe_route_workspace_bytes_cuda(T, E)) return kBadArgument;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int64_t nb = route_blocks(T);
   int32_t* cnt_part = static_cast<int32_t*>(workspace);
   float* ps_part = reinterpret_cast<float*>(cnt_part + (nb < 1 ? 1 : nb) * E);
   const int e = static_cast<int>(E);
-  const int softmax = scoring == 0;
-  const int k = static_cast<int>(top_k), ng = static_cast<int>(n_group);
-  const int tg = n_group > 0 ? static_cast<int>(topk_group) : 0;
-  int status = kOk;
   if (nb > 0) {
-    switch (dtype) {
-      case kFloat32:
-        status = launch_route<float>(logits, logits_row_stride, T, e, G, group_offsets, group_ids,
-                                     bias, k, softmax, renormalize, ng, tg, scaling, ids, weights,
-                                     cnt_part, ps_part, nb, st);
-        break;
-      case kBFloat16:
-        status = launch_route<__nv_bfloat16>(logits, logits_row_stride, T, e, G, group_offsets,
-                                             group_ids, bias, k, softmax, renormalize, ng, tg,
-                                             scaling, ids, weights, cnt_part, ps_part, nb, st);
-        break;
-      case kFloat16:
-        status = launch_route<__half>(logits, logits_row_stride, T, e, G, group_offsets,
-                                      group_ids, bias, k, softmax, renormalize, ng, tg, scaling,
-                                      ids, weights, cnt_part, ps_part, nb, st);
-        break;
-      default:
-        return kBadDtype;
-    }
+    int status = kOk;
+    U2A_DISPATCH_FLOAT(in.dtype, ET, status = launch_route<ET>(a, e, nb, cnt_part, ps_part, st));
     if (status != kOk) return status;
   }
   route_reduce_kernel<<<1, kRouteMaxE, 0, st>>>(cnt_part, ps_part, static_cast<int>(nb), e,
-                                                counts, prob_sums);
-  return check_launch();
+                                                a.counts, a.prob_sums);
+  return launch_status();
 }
 
 int64_t moe_plan_workspace_bytes_cuda(int64_t n, int64_t num_experts) {
@@ -636,16 +594,18 @@ int64_t moe_plan_workspace_bytes_cuda(int64_t n, int64_t num_experts) {
   return plan_blocks(n) * num_experts * static_cast<int64_t>(sizeof(int32_t));
 }
 
-int moe_plan_cuda(const void* ids, int ids_is_int64, int64_t n, int64_t num_experts,
-                  int64_t block_m, int32_t* counts, int32_t* offsets, int32_t* sorted_slot,
-                  int32_t* slot_pos, int32_t* tile_expert, int32_t* tile_row, int64_t max_tiles,
-                  void* workspace, int64_t workspace_bytes, void* stream) {
+int moe_plan_cuda(const MoePlanArgs& a, void* workspace, int64_t workspace_bytes, void* stream) {
+  const int64_t n = a.n_slots, num_experts = a.E, block_m = a.block_m;
+  int64_t max_tiles = a.max_tiles;
   if (n < 0 || n >= (int64_t{1} << 31) || num_experts < 1 || num_experts > kMaxExperts ||
       block_m < 0 || max_tiles < 0)
     return kBadShape;
-  if (!counts || !offsets || (n > 0 && (!ids || !sorted_slot || !slot_pos))) return kBadArgument;
-  if (block_m > 0 && max_tiles > 0 && (!tile_expert || !tile_row)) return kBadArgument;
+  if (a.ids_dtype != kInt32 && a.ids_dtype != kInt64) return kBadDtype;
+  if (!a.counts || !a.offsets || (n > 0 && (!a.ids || !a.sorted_slot || !a.slot_pos)))
+    return kBadArgument;
+  if (block_m > 0 && max_tiles > 0 && (!a.tile_expert || !a.tile_row)) return kBadArgument;
   if (block_m == 0) max_tiles = 0;
+  const int ids_is_int64 = a.ids_dtype == kInt64;
   const int E = static_cast<int>(num_experts);
   const int64_t chunk = plan_chunk(n);
   const int64_t B = plan_blocks(n);
@@ -659,94 +619,74 @@ int moe_plan_cuda(const void* ids, int ids_is_int64, int64_t n, int64_t num_expe
     cudaFuncSetAttribute(plan_scan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(2 * sh));
   }
-  plan_hist_kernel<<<static_cast<unsigned>(B), kHistThreads, sh, st>>>(ids, ids_is_int64, n, E,
+  plan_hist_kernel<<<static_cast<unsigned>(B), kHistThreads, sh, st>>>(a.ids, ids_is_int64, n, E,
                                                                        chunk, hist);
   plan_scan_kernel<<<1, kScanThreads, 2 * sh, st>>>(hist, static_cast<int>(B), E, n, block_m,
-                                                    counts, offsets, sorted_slot, tile_expert,
-                                                    tile_row, max_tiles);
+                                                    a.counts, a.offsets, a.sorted_slot,
+                                                    a.tile_expert, a.tile_row, max_tiles);
   if (n > 0)
-    plan_scatter_kernel<<<static_cast<unsigned>(B), 32, sh, st>>>(ids, ids_is_int64, n, E, chunk,
-                                                                  hist, sorted_slot, slot_pos);
-  return check_launch();
+    plan_scatter_kernel<<<static_cast<unsigned>(B), 32, sh, st>>>(
+        a.ids, ids_is_int64, n, E, chunk, hist, a.sorted_slot, a.slot_pos);
+  return launch_status();
 }
 
-int moe_permute_cuda(const void* x, int64_t T, int64_t D, int64_t x_row_stride, int elem_bytes,
-                     const int32_t* sorted_slot, int64_t n, int64_t top_k, void* xs, void* stream) {
+int moe_permute_cuda(const MoePermuteArgs& a, void* stream) {
+  const int64_t T = a.T, D = a.D, n = a.n_rows, top_k = a.k, elem_bytes = a.elem_size;
   if (T < 0 || D < 0 || n < 0 || top_k < 1 || n >= (int64_t{1} << 31)) return kBadShape;
   if (elem_bytes != 2 && elem_bytes != 4) return kBadDtype;
   if (n == 0 || D == 0) return kOk;
-  if (!x || !sorted_slot || !xs) return kBadArgument;
-  const int64_t row = D * elem_bytes, xrow = x_row_stride * elem_bytes;
+  if (!a.x || !a.sorted_slot || !a.xs) return kBadArgument;
+  const int64_t row = D * elem_bytes, xrow = a.x_row_stride * elem_bytes;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const unsigned grid = static_cast<unsigned>(n);
-  const char* xp = static_cast<const char*>(x);
-  char* op = static_cast<char*>(xs);
-  auto fits = [&](int64_t a) {
-    return row % a == 0 && xrow % a == 0 && aligned(x, a) && aligned(xs, a);
+  const char* xp = static_cast<const char*>(a.x);
+  char* op = static_cast<char*>(a.xs);
+  auto fits = [&](int64_t b) {
+    return row % b == 0 && xrow % b == 0 && cuda::aligned(a.x, b) && cuda::aligned(a.xs, b);
   };
+  const int32_t* ss = a.sorted_slot;
   if (fits(16))
-    permute_kernel<uint4><<<grid, kRowThreads, 0, st>>>(xp, T, row, xrow, sorted_slot, n, top_k, op);
+    permute_kernel<uint4><<<grid, kRowThreads, 0, st>>>(xp, T, row, xrow, ss, n, top_k, op);
   else if (fits(8))
-    permute_kernel<uint2><<<grid, kRowThreads, 0, st>>>(xp, T, row, xrow, sorted_slot, n, top_k, op);
+    permute_kernel<uint2><<<grid, kRowThreads, 0, st>>>(xp, T, row, xrow, ss, n, top_k, op);
   else if (fits(4))
-    permute_kernel<uint32_t><<<grid, kRowThreads, 0, st>>>(xp, T, row, xrow, sorted_slot, n, top_k,
-                                                           op);
+    permute_kernel<uint32_t><<<grid, kRowThreads, 0, st>>>(xp, T, row, xrow, ss, n, top_k, op);
   else
-    permute_kernel<uint16_t><<<grid, kRowThreads, 0, st>>>(xp, T, row, xrow, sorted_slot, n, top_k,
-                                                           op);
-  return check_launch();
+    permute_kernel<uint16_t><<<grid, kRowThreads, 0, st>>>(xp, T, row, xrow, ss, n, top_k, op);
+  return launch_status();
 }
 
-int moe_combine_cuda(const void* src, int64_t n, int64_t D, int64_t src_row_stride, int dtype,
-                     const int32_t* slot_pos, int64_t T, int64_t top_k, const float* weights,
-                     void* out, void* stream) {
-  if (n < 0 || D < 0 || T < 0 || top_k < 1 || T * top_k != n || T >= (int64_t{1} << 31))
+namespace {
+// The sizes of the combine input, checked for the forward and the backward.
+int check_combine(const MoeCombineInput& in) {
+  if (in.n_src < 0 || in.D < 0 || in.T < 0 || in.k < 1 || in.T >= (int64_t{1} << 31))
     return kBadShape;
-  if (T == 0 || D == 0) return kOk;
-  if (!src || !slot_pos || !out) return kBadArgument;
+  return is_float_dtype(in.dtype) ? kOk : kBadDtype;
+}
+}  // namespace
+
+int moe_combine_cuda(const MoeCombineArgs& a, void* stream) {
+  if (int s = check_combine(a.in); s != kOk) return s;
+  if (a.in.T == 0 || a.in.D == 0) return kOk;
+  if (!a.in.src || !a.in.slot_pos || !a.out) return kBadArgument;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32:
-      return launch_combine<float>(src, n, D, src_row_stride, slot_pos, T, top_k, weights, out, st);
-    case kBFloat16:
-      return launch_combine<__nv_bfloat16>(src, n, D, src_row_stride, slot_pos, T, top_k, weights,
-                                           out, st);
-    case kFloat16:
-      return launch_combine<__half>(src, n, D, src_row_stride, slot_pos, T, top_k, weights, out, st);
-    default:
-      return kBadDtype;
-  }
+  int status = kOk;
+  U2A_DISPATCH_FLOAT(a.in.dtype, ET, status = launch_combine<ET>(a, st));
+  return status;
 }
 
-int moe_combine_bwd_cuda(const void* grad_out, int64_t grad_out_row_stride, const void* src,
-                         int64_t n, int64_t D, int64_t src_row_stride, int dtype,
-                         const int32_t* slot_pos, int64_t T, int64_t top_k, const float* weights,
-                         void* grad_src, float* grad_weights, void* stream) {
-  if (n < 0 || D < 0 || T < 0 || top_k < 1 || T * top_k != n || T >= (int64_t{1} << 31))
-    return kBadShape;
-  if (T == 0) return kOk;
-  if (D == 0) {
-    if (grad_weights) cudaMemsetAsync(grad_weights, 0, n * sizeof(float), static_cast<cudaStream_t>(stream));
-    return check_launch();
-  }
-  if (!grad_out || !src || !slot_pos || !grad_src) return kBadArgument;
+int moe_combine_bwd_cuda(const MoeCombineBwdArgs& a, void* stream) {
+  if (int s = check_combine(a.in); s != kOk) return s;
+  if (a.in.T == 0) return kOk;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32:
-      return launch_combine_bwd<float>(grad_out, grad_out_row_stride, src, n, D, src_row_stride,
-                                       slot_pos, T, top_k, weights, grad_src, grad_weights, st);
-    case kBFloat16:
-      return launch_combine_bwd<__nv_bfloat16>(grad_out, grad_out_row_stride, src, n, D,
-                                               src_row_stride, slot_pos, T, top_k, weights,
-                                               grad_src, grad_weights, st);
-    case kFloat16:
-      return launch_combine_bwd<__half>(grad_out, grad_out_row_stride, src, n, D, src_row_stride,
-                                        slot_pos, T, top_k, weights, grad_src, grad_weights, st);
-    default:
-      return kBadDtype;
+  if (a.in.D == 0) {
+    if (a.grad_weights) cudaMemsetAsync(a.grad_weights, 0, a.in.T * a.in.k * sizeof(float), st);
+    return launch_status();
   }
+  if (!a.grad_out || !a.in.src || !a.in.slot_pos || !a.grad_src) return kBadArgument;
+  int status = kOk;
+  U2A_DISPATCH_FLOAT(a.in.dtype, ET, status = launch_combine_bwd<ET>(a, st));
+  return status;
 }
-
-const char* moe_last_cuda_error() { return cudaGetErrorString(t_last_cuda_error); }
 
 }  // namespace unif2ace

@@ -29,9 +29,6 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "torch"),
 }
 
-# dtype codes understood by the C++/CUDA launchers (csrc/include/unif2ace/common.h: DType).
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
 _state = {"backend": os.environ.get("UNIF2ACE_BACKEND", "auto"), "checks": True}
 if _state["backend"] not in BACKENDS:
     raise ValueError(

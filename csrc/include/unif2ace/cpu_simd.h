@@ -1,13 +1,15 @@
-// Branch-free scalar helpers shared by the C++ CPU kernels (csrc/cpu/*.cpp): bit casts, fp16
-// conversions and the element-type adapters. Everything here is straight-line so that
-// `#pragma omp simd` loops calling it vectorise (checked with gcc 12 -fopt-info-vec).
+// Helpers shared by the C++ CPU kernels (csrc/cpu/*.cpp): a vectorisable exp and the run-time
+// choice of an instruction-set variant. Everything called inside a loop is straight-line so that
+// `#pragma omp simd` loops calling it vectorise (checked with gcc 12 -fopt-info-vec). The element
+// conversions are unif2ace/dtype.h's.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
-#include "unif2ace/common.h"
+#include "unif2ace/dtype.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #define U2A_X86 1
@@ -20,70 +22,17 @@
 namespace unif2ace {
 namespace cpu {
 
-// ---- SIMD-friendly scalar helpers (branch-free: `#pragma omp simd` loops vectorise them) -------
-
-U2A_ALWAYS_INLINE float bits_as_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
+// The degree-5 polynomial P of Cephes expf, e^r = 1 + r + r²·P(r) for |r| <= ln2/2. Every exp of
+// the CPU kernels evaluates it (each keeps its own range reduction and special cases).
+U2A_ALWAYS_INLINE float expf_poly(float r) {
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p;
 }
-
-U2A_ALWAYS_INLINE uint32_t float_as_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-}
-
-// fp16 <-> fp32 in straight-line code. Bit-for-bit the same as common.h's fp16_bits_to_float and
-// float_to_fp16_bits (checked over all 2^16 halves and all 2^32 floats), which normalise subnormals
-// in a loop or branch on the range and so do not vectorise. The float multiplies do the rebiasing
-// and the subnormal cases in hardware, so the only selects left have a constant arm (nothing for
-// gcc to move into a branch; see exp_simd). With denormals-are-zero set (not the default), fp16
-// subnormal logits read as 0.
-U2A_ALWAYS_INLINE float fp16_to_float_simd(uint16_t h) {
-  // F. Giesen's half_to_float_fast3: the 15 magnitude bits in place, then times 2^112 rebiases the
-  // exponent (and turns a half subnormal, here an fp32 subnormal, into the right normal value).
-  const float mag = bits_as_float(static_cast<uint32_t>(h & 0x7fffu) << 13) * 0x1.0p+112f;
-  uint32_t o = float_as_bits(mag);
-  o |= mag >= 65536.f ? 0x7f800000u : 0u;  // half inf/NaN (exponent 31): exponent 255, payload kept
-  return bits_as_float(o | (static_cast<uint32_t>(h & 0x8000u) << 16));
-}
-
-U2A_ALWAYS_INLINE uint16_t float_to_fp16_simd(float f) {
-  // M. Dukhan's fp16_ieee_from_fp32_value (the FP16 library): scaling by 2^112 then 2^-110 makes
-  // values that overflow fp16 inf; adding a power of two at the right exponent rounds the mantissa
-  // to 10 bits (round to nearest even, subnormals included) in the fp32 adder.
-  const uint32_t w = float_as_bits(f);
-  const uint32_t shl1_w = w + w;  // without the sign
-  const uint32_t sign = w & 0x80000000u;
-  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-  uint32_t bias = shl1_w & 0xff000000u;
-  bias = bias < 0x71000000u ? 0x71000000u : bias;
-  base = bits_as_float((bias >> 1) + 0x07800000u) + base;
-  const uint32_t bits = float_as_bits(base);
-  const uint32_t nonsign = ((bits >> 13) & 0x00007c00u) + (bits & 0x00000fffu);
-  // NaN -> 0x7e00 with a mask, not a select: gcc would move nonsign's fp ops into a branch.
-  const uint32_t nan_mask = 0u - static_cast<uint32_t>(shl1_w > 0xff000000u);
-  return static_cast<uint16_t>((sign >> 16) | (nonsign & ~nan_mask) | (0x7e00u & nan_mask));
-}
-
-// ---- element types: storage and conversions ----------------------------------------------------
-
-struct ElemF32 {
-  using T = float;
-  static U2A_ALWAYS_INLINE float load(T v) { return v; }
-  static U2A_ALWAYS_INLINE T store(float f) { return f; }
-};
-struct ElemBF16 {
-  using T = uint16_t;
-  static U2A_ALWAYS_INLINE float load(T v) { return bf16_bits_to_float(v); }
-  static U2A_ALWAYS_INLINE T store(float f) { return float_to_bf16_bits(f); }  // nearest even
-};
-struct ElemF16 {
-  using T = uint16_t;
-  static U2A_ALWAYS_INLINE float load(T v) { return fp16_to_float_simd(v); }
-  static U2A_ALWAYS_INLINE T store(float f) { return float_to_fp16_simd(f); }  // nearest even
-};
 
 // exp(x) in fp32 (Cephes expf; used by d3diff_loss.cpp and attention.cpp): x = n·ln2 + r with
 // n = round(x·log2 e), |r| <= ln2/2;
@@ -120,15 +69,58 @@ U2A_ALWAYS_INLINE float exp_simd(float x, ExpRange b) {
   const float t = xc * kLog2e + kBias;
   const float n = t - kBias;
   const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  float p = expf_poly(r);
   p = p * (r * r) + r + 1.f;
   // 2^n: n + 127 shifted into the exponent field (the bits above it fall off the top).
   return p * bits_as_float(float_as_bits(t) << 23);
+}
+
+// ---- run-time choice of an instruction-set variant ----------------------------------------------
+// A kernel compiles its hot routine once per level (target attributes) and calls the copy of the
+// level in use: the best this CPU runs, capped by the environment variable UNIF2ACE_CPU_SIMD (one
+// of the names below; for tests of every variant and for timing them against each other).
+
+enum SimdLevel : int { kSimdBaseline = 0, kSimdAvxFma = 1, kSimdAvx2Fma = 2, kSimdAvx512 = 3 };
+constexpr int kNumSimdLevels = 4;
+constexpr const char* kSimdLevelNames[kNumSimdLevels] = {"baseline", "avx_fma", "avx2_fma",
+                                                         "avx512"};
+
+// The target attribute string of each x86 level above the baseline.
+#define U2A_TARGET_AVX_FMA __attribute__((target("avx,fma")))
+#define U2A_TARGET_AVX2_FMA __attribute__((target("avx2,fma")))
+#define U2A_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+
+// The best level this CPU runs (libgcc's checks include the OS's XSAVE support for the AVX/AVX-512
+// registers). Detected once.
+inline int max_simd_level() {
+  static const int level = [] {
+#if U2A_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return static_cast<int>(kSimdAvx512);
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+      return static_cast<int>(kSimdAvx2Fma);
+    if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("fma"))
+      return static_cast<int>(kSimdAvxFma);
+#endif
+    return static_cast<int>(kSimdBaseline);
+  }();
+  return level;
+}
+
+// The level named `name`, or -1.
+inline int simd_level_from_name(const char* name) {
+  for (int l = 0; l < kNumSimdLevels; ++l)
+    if (name != nullptr && std::strcmp(name, kSimdLevelNames[l]) == 0) return l;
+  return -1;
+}
+
+// The level named by UNIF2ACE_CPU_SIMD, or kNumSimdLevels - 1 (no cap) when unset or unknown.
+inline int simd_level_cap() {
+  const int l = simd_level_from_name(std::getenv("UNIF2ACE_CPU_SIMD"));
+  return l >= 0 ? l : kNumSimdLevels - 1;
 }
 
 }  // namespace cpu

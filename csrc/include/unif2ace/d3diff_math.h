@@ -1,4 +1,4 @@
-// D3Diff row math shared by every C++/CUDA backend (shared/DESIGN.md §4). One place for the formula:
+// D3Diff row math shared by every C++/CUDA backend. One place for the formula:
 // the kernels only reduce a row to (max, sum of exp, target logit) and call these.
 //
 // For a row with logits z[0..K), LSE = log sum exp z, clean target x0, ratio a >= 0:

@@ -2,8 +2,8 @@
 // "Parallel random numbers: as easy as 1, 2, 3", SC'11), bit-for-bit the same as Triton's
 // `tl.philox(seed, c0, c1, c2, c3)` (triton/language/random.py): key (k0, k1) = (seed low 32 bits,
 // seed high 32 bits), counter (c0, c1, c2, c3), 10 rounds. The counter layout of each op (which
-// (sequence, position, column, stream) goes into which word) is the launcher contract at the top of
-// python/unif2ace/ops/mask_sampling.py.
+// (sequence, position, column, stream) goes into which word) is the mask-sampling op family's
+// launcher contract.
 #pragma once
 
 #include <cmath>

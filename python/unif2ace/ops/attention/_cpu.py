@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from unif2ace import _backend
+from unif2ace.ops._native import desc
 
 
 # A constant of the build (torch.compile must not trace the extension import).
@@ -29,55 +30,37 @@ def supports(q: torch.Tensor) -> bool:
     )
 
 
-def _arg(t: torch.Tensor) -> tuple[int, int, int, int]:
-    return (t.data_ptr(), t.stride(0), t.stride(1), t.stride(2))
-
-
-def _rope_args(cos, sin) -> tuple[int, int, int]:
-    if cos is None:
-        return 0, 0, 0
-    return cos.data_ptr(), sin.data_ptr(), cos.shape[-1]
-
-
 @_backend.register("attention.omni_fwd", "cpu")
 def omni_fwd(q, k, v, limit, key_valid, cos, sin, scale, out, lse):
-    B, L, H, Dh = q.shape
     _backend.cpu_ext().omni_attention_fwd(
-        _arg(q),
-        _arg(k),
-        _arg(v),
-        B,
-        L,
-        H,
-        Dh,
-        limit.data_ptr(),
-        key_valid.data_ptr(),
-        *_rope_args(cos, sin),
+        desc(q),
+        desc(k),
+        desc(v),
+        desc(limit),
+        desc(key_valid),
+        desc(cos),
+        desc(sin),
         scale,
-        out.data_ptr(),
-        lse.data_ptr(),
+        desc(out),
+        desc(lse),
     )
 
 
 @_backend.register("attention.omni_bwd", "cpu")
 def omni_bwd(q, k, v, out, lse, grad_out, limit, key_valid, cos, sin, scale, dq, dk, dv):
-    B, L, H, Dh = q.shape
     _backend.cpu_ext().omni_attention_bwd(
-        _arg(q),
-        _arg(k),
-        _arg(v),
-        _arg(out),
-        _arg(grad_out),
-        B,
-        L,
-        H,
-        Dh,
-        limit.data_ptr(),
-        key_valid.data_ptr(),
-        *_rope_args(cos, sin),
+        desc(q),
+        desc(k),
+        desc(v),
+        desc(out),
+        desc(grad_out),
+        desc(limit),
+        desc(key_valid),
+        desc(cos),
+        desc(sin),
         scale,
-        lse.data_ptr(),
-        dq.data_ptr(),
-        dk.data_ptr(),
-        dv.data_ptr(),
+        desc(lse),
+        desc(dq),
+        desc(dk),
+        desc(dv),
     )

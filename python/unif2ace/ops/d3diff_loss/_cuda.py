@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from unif2ace import _backend
-from unif2ace.ops.d3diff_loss._native import d3diff_loss_fwd_args
+from unif2ace.ops._native import desc, stream
+from unif2ace.ops.d3diff_loss._cpu import fwd_args
 
 
 @_backend.register("d3diff_loss.fwd", "cuda")
@@ -17,9 +18,4 @@ def d3diff_loss_fwd(logits, *args) -> None:
     with torch.cuda.device(logits.device):  # the launcher sizes its grid for the current device
         ws_bytes = ext.d3diff_loss_workspace_bytes(*logits.shape)
         workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=logits.device)
-        ext.d3diff_loss_fwd(
-            *d3diff_loss_fwd_args(logits, *args),
-            workspace.data_ptr(),
-            ws_bytes,
-            torch.cuda.current_stream(logits.device).cuda_stream,
-        )
+        ext.d3diff_loss_fwd(*fwd_args(logits, *args), desc(workspace), stream(logits))

@@ -1,62 +1,51 @@
 """The "cpu" launchers of the mask-sampling kernels: the C++ functions of ``unif2ace._C``
 (contract in :mod:`unif2ace.ops.mask_sampling._torch`).
 
-The C++ and CUDA functions take the same raw-pointer arguments (the CUDA ones add a workspace and
-the stream); :func:`mask_tokens_args` and :func:`step_args` build them for both.
+The C++ and CUDA functions take the same arguments, tensors as descriptors
+(:func:`unif2ace.ops._native.desc`; the CUDA ones add a workspace and the stream):
+:func:`mask_tokens_args` and :func:`step_args` build them for both.
 """
 
 from __future__ import annotations
 
 from unif2ace import _backend
+from unif2ace.ops._native import desc
 
 
 def mask_tokens_args(ids, gamma, n_mask, mask_id, seed, offset, mode, out_ids, out_mask) -> tuple:
-    """The raw-pointer arguments of ``mask_tokens_fwd`` from the launcher's tensors."""
-    B, L = ids.shape
+    """The arguments of ``mask_tokens_fwd`` from the launcher's."""
     return (
-        ids.data_ptr(),
-        B,
-        L,
-        gamma.data_ptr(),
-        n_mask.data_ptr(),
+        desc(ids),
+        desc(gamma),
+        desc(n_mask),
         int(mask_id),
         int(seed),
         int(offset),
         int(mode),
-        out_ids.data_ptr(),
-        out_mask.data_ptr(),
+        desc(out_ids),
+        desc(out_mask),
     )
 
 
 def step_args(
     logits, uncond, ids, mask_len, mask_id, guidance, inv_t, tau, seed, offset, gumbel, choice, *out
 ) -> tuple:
-    """The raw-pointer arguments of ``maskgit_step_fwd`` from the launcher's tensors (``out`` =
-    out_ids, out_mask, confidence)."""
-    B, L, K = logits.shape
-    has_u = uncond is not None
+    """The arguments of ``maskgit_step_fwd`` from the launcher's (``out`` = out_ids, out_mask,
+    confidence)."""
     return (
-        logits.data_ptr(),
-        B,
-        L,
-        K,
-        logits.stride(0),
-        logits.stride(1),
-        _backend.DTYPE_CODES[logits.dtype],
-        uncond.data_ptr() if has_u else 0,
-        uncond.stride(0) if has_u else 0,
-        uncond.stride(1) if has_u else 0,
-        ids.data_ptr(),
-        mask_len.data_ptr(),
+        desc(logits),
+        desc(uncond),
+        desc(ids),
+        desc(mask_len),
         int(mask_id),
         float(guidance),
         float(inv_t),
         float(tau),
         int(seed),
         int(offset),
-        gumbel.data_ptr() if gumbel is not None else 0,
-        choice.data_ptr() if choice is not None else 0,
-        *(t.data_ptr() for t in out),
+        desc(gumbel),
+        desc(choice),
+        *(desc(t) for t in out),
     )
 
 

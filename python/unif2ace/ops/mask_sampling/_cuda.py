@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from unif2ace import _backend
+from unif2ace.ops._native import desc, stream
 from unif2ace.ops.mask_sampling._cpu import mask_tokens_args, step_args
 
 
@@ -14,9 +15,7 @@ from unif2ace.ops.mask_sampling._cpu import mask_tokens_args, step_args
 def mask_tokens(*args):
     ids = args[0]
     with torch.cuda.device(ids.device):
-        _backend.cuda_ext().mask_tokens_fwd(
-            *mask_tokens_args(*args), torch.cuda.current_stream(ids.device).cuda_stream
-        )
+        _backend.cuda_ext().mask_tokens_fwd(*mask_tokens_args(*args), stream(ids))
 
 
 @_backend.register("mask_sampling.maskgit_step", "cuda")
@@ -27,9 +26,4 @@ def maskgit_step(*args):
     with torch.cuda.device(logits.device):
         ws_bytes = ext.maskgit_step_workspace_bytes(B, L, K)
         workspace = torch.empty(ws_bytes, dtype=torch.uint8, device=logits.device)
-        ext.maskgit_step_fwd(
-            *step_args(*args),
-            workspace.data_ptr(),
-            ws_bytes,
-            torch.cuda.current_stream(logits.device).cuda_stream,
-        )
+        ext.maskgit_step_fwd(*step_args(*args), desc(workspace), stream(logits))

@@ -14,7 +14,7 @@ allocate outputs, never validate values, never sync the host).
 Triton: module ``unif2ace.triton_kernels.mask_sampling`` (file triton_kernels/mask_sampling.py)
 provides the two functions ``mask_tokens_fwd`` and ``maskgit_step_fwd`` with exactly the launcher
 signatures below (tensors in, outputs written in place, return None).
-CUDA: ``unif2ace._C_cuda`` provides the raw-pointer functions listed at the end; the launchers in
+CUDA: ``unif2ace._C_cuda`` provides the functions listed at the end; the launchers in
 ``_cuda`` call them (and the ones in ``_cpu`` call those of ``unif2ace._C``).
 
 Randomness: Philox-4x32-10, exactly Triton's ``tl.philox(seed, c0, c1, c2, c3)`` (rounds constants
@@ -84,19 +84,17 @@ maskgit_step_fwd(logits, uncond, ids, mask_len, mask_id, guidance, inv_temperatu
   The torch launcher draws whatever noise is not supplied from a torch.Generator seeded from
   (seed, offset), not from the Philox streams (see reference.philox_noise for those).
 
-CUDA raw-pointer functions in unif2ace._C_cuda (sizes/strides in elements, `stream` =
-torch.cuda.current_stream().cuda_stream, ptr 0 = None):
-    mask_tokens_fwd(ids_ptr, B, L, gamma_ptr, n_mask_ptr, mask_id, seed, offset, mode,
-                    out_ids_ptr, out_mask_ptr, stream)
+CUDA functions in unif2ace._C_cuda (every tensor as a descriptor, unif2ace.ops._native.desc; None =
+absent; `stream` = torch.cuda.current_stream().cuda_stream; the binding checks each operand's dtype,
+shape and strides and raises ValueError naming it):
+    mask_tokens_fwd(ids, gamma, n_mask, mask_id, seed, offset, mode, out_ids, out_mask, stream)
     maskgit_step_workspace_bytes(B, L, K) -> int
-    maskgit_step_fwd(logits_ptr, B, L, K, stride_b, stride_l, dtype,
-                     uncond_ptr, ustride_b, ustride_l, ids_ptr, mask_len_ptr, mask_id,
-                     guidance, inv_temperature, choice_temperature, seed, offset,
-                     gumbel_ptr, choice_ptr, out_ids_ptr, out_mask_ptr, confidence_ptr,
-                     workspace_ptr, workspace_bytes, stream)
-  (the CPU functions in unif2ace._C have the same arguments without workspace and stream; dtype
-  codes as _backend.DTYPE_CODES; seed passed as uint64, offset as uint32, guidance as double,
-  inv_temperature and choice_temperature as float.)
+    maskgit_step_fwd(logits, uncond, ids, mask_len, mask_id, guidance, inv_temperature,
+                     choice_temperature, seed, offset, gumbel, choice, out_ids, out_mask,
+                     confidence, workspace, stream)
+  (the CPU functions in unif2ace._C take the same arguments without workspace and stream; seed
+  passed as uint64, offset as uint32, guidance as double, inv_temperature and choice_temperature
+  as float.)
 ==================================================================================================
 """
 

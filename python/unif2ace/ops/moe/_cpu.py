@@ -11,18 +11,14 @@ from __future__ import annotations
 import torch
 
 from unif2ace import _backend
+from unif2ace.ops._native import desc
 from unif2ace.ops.moe import _composed
 from unif2ace.ops.moe.reference import activate
 
 _SCORING_CODES = {"softmax": 0, "sigmoid": 1}
 
 
-def _ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-@_backend.register("moe.route", "cpu")
-def route(
+def route_args(
     logits,
     group_offsets,
     group_ids,
@@ -37,29 +33,36 @@ def route(
     weights,
     counts,
     prob_sums,
-):
-    T, E = logits.shape
-    _backend.cpu_ext().moe_route_fwd(
-        logits.data_ptr(),
-        T,
-        E,
-        logits.stride(0),
-        _backend.DTYPE_CODES[logits.dtype],
-        group_offsets.data_ptr(),
-        group_offsets.numel() - 1,
-        _ptr(group_ids),
-        _ptr(bias),
+) -> tuple:
+    """The arguments of ``moe_route_fwd`` (``unif2ace._C`` and, followed by its workspace and
+    stream, ``unif2ace._C_cuda``) from the launcher's."""
+    return (
+        desc(logits),
+        desc(group_offsets),
+        desc(group_ids),
+        desc(bias),
         top_k,
         _SCORING_CODES[scoring],
-        renormalize,
+        bool(renormalize),
         n_group,
         topk_group,
         float(scaling),
-        ids.data_ptr(),
-        weights.data_ptr(),
-        counts.data_ptr(),
-        prob_sums.data_ptr(),
+        desc(ids),
+        desc(weights),
+        desc(counts),
+        desc(prob_sums),
     )
+
+
+def plan_args(ids, num_experts, block_m, *outs) -> tuple:
+    """The arguments of ``moe_plan`` from the launcher's (``outs`` = counts, offsets, sorted_slot,
+    slot_pos, tile_expert, tile_row); the binding reads num_experts from counts."""
+    return (desc(ids), block_m, *(desc(t) for t in outs))
+
+
+@_backend.register("moe.route", "cpu")
+def route(*args):
+    _backend.cpu_ext().moe_route_fwd(*route_args(*args))
 
 
 @_backend.register("moe.route_bwd", "cpu")
@@ -75,95 +78,39 @@ def route_bwd(
     scaling,
     grad_logits,
 ):
-    T, E = logits.shape
     _backend.cpu_ext().moe_route_bwd(
-        logits.data_ptr(),
-        T,
-        E,
-        logits.stride(0),
-        _backend.DTYPE_CODES[logits.dtype],
-        group_offsets.data_ptr(),
-        group_offsets.numel() - 1,
-        _ptr(group_ids),
-        ids.data_ptr(),
-        ids.shape[1],
+        desc(logits),
+        desc(group_offsets),
+        desc(group_ids),
+        desc(ids),
         _SCORING_CODES[scoring],
         renormalize,
         float(scaling),
-        _ptr(grad_weights),
-        _ptr(grad_prob_sums),
-        grad_logits.data_ptr(),
+        desc(grad_weights),
+        desc(grad_prob_sums),
+        desc(grad_logits),
     )
 
 
 @_backend.register("moe.plan", "cpu")
-def plan(ids, num_experts, block_m, counts, offsets, sorted_slot, slot_pos, tile_expert, tile_row):
-    _backend.cpu_ext().moe_plan(
-        ids.data_ptr(),
-        0 if ids.dtype == torch.int32 else 1,
-        ids.numel(),
-        num_experts,
-        block_m,
-        counts.data_ptr(),
-        offsets.data_ptr(),
-        sorted_slot.data_ptr(),
-        slot_pos.data_ptr(),
-        _ptr(tile_expert),
-        _ptr(tile_row),
-        tile_expert.numel(),
-    )
+def plan(*args):
+    _backend.cpu_ext().moe_plan(*plan_args(*args))
 
 
 @_backend.register("moe.permute", "cpu")
 def permute(x, sorted_slot, top_k, xs):
-    T, D = x.shape
-    _backend.cpu_ext().moe_permute(
-        x.data_ptr(),
-        T,
-        D,
-        x.stride(0),
-        x.element_size(),
-        sorted_slot.data_ptr(),
-        sorted_slot.numel(),
-        top_k,
-        xs.data_ptr(),
-    )
+    _backend.cpu_ext().moe_permute(desc(x), desc(sorted_slot), top_k, desc(xs))
 
 
 @_backend.register("moe.combine", "cpu")
 def combine(src, slot_pos, weights, out):
-    T, D = out.shape
-    _backend.cpu_ext().moe_combine(
-        src.data_ptr(),
-        src.shape[0],
-        D,
-        src.stride(0),
-        _backend.DTYPE_CODES[src.dtype],
-        slot_pos.data_ptr(),
-        T,
-        slot_pos.numel() // max(T, 1),
-        _ptr(weights),
-        out.data_ptr(),
-    )
+    _backend.cpu_ext().moe_combine(desc(src), desc(slot_pos), desc(weights), desc(out))
 
 
 @_backend.register("moe.combine_bwd", "cpu")
 def combine_bwd(grad_out, src, slot_pos, weights, grad_src, grad_weights):
-    T, D = grad_out.shape
     _backend.cpu_ext().moe_combine_bwd(
-        grad_out.data_ptr(),
-        grad_out.stride(0),
-        src.data_ptr(),
-        src.shape[0],
-        D,
-        src.stride(0),
-        _backend.DTYPE_CODES[src.dtype],
-        slot_pos.data_ptr(),
-        T,
-        slot_pos.numel() // max(T, 1),
-        _ptr(weights),
-        grad_src.data_ptr(),
-        _ptr(grad_weights),
+        desc(grad_out), desc(src), desc(slot_pos), desc(weights), desc(grad_src), desc(grad_weights)
     )
 
 
@@ -176,13 +123,10 @@ def act_fwd(h, activation):
     N, Fu = h.shape
     Fd = Fu // 2 if activation == "silu_glu" else Fu
     a = h.new_empty(N, Fd)
-    ext, code = _backend.cpu_ext(), _backend.DTYPE_CODES[h.dtype]
     if activation == "silu_glu":
-        ext.moe_silu_glu_fwd(h.data_ptr(), N, Fd, h.stride(0), code, a.data_ptr())
+        _backend.cpu_ext().moe_silu_glu_fwd(desc(h), desc(a))
     else:
-        ext.moe_gelu_fwd(
-            h.data_ptr(), N, Fd, h.stride(0), activation == "gelu_tanh", code, a.data_ptr()
-        )
+        _backend.cpu_ext().moe_gelu_fwd(desc(h), activation == "gelu_tanh", desc(a))
     return a
 
 
@@ -192,22 +136,11 @@ def act_bwd(h, da, activation, consume=False):
     Fd = Fu // 2 if activation == "silu_glu" else Fu
     a = h.new_empty(N, Fd)
     dh = h if consume else torch.empty_like(h)
-    ext, code = _backend.cpu_ext(), _backend.DTYPE_CODES[h.dtype]
     if activation == "silu_glu":
-        ext.moe_silu_glu_bwd(
-            h.data_ptr(), da.data_ptr(), N, Fd, h.stride(0), code, dh.data_ptr(), a.data_ptr()
-        )
+        _backend.cpu_ext().moe_silu_glu_bwd(desc(h), desc(da), desc(dh), desc(a))
     else:
-        ext.moe_gelu_bwd(
-            h.data_ptr(),
-            da.data_ptr(),
-            N,
-            Fd,
-            h.stride(0),
-            activation == "gelu_tanh",
-            code,
-            dh.data_ptr(),
-            a.data_ptr(),
+        _backend.cpu_ext().moe_gelu_bwd(
+            desc(h), desc(da), activation == "gelu_tanh", desc(dh), desc(a)
         )
     return dh, a
 
