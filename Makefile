@@ -24,7 +24,7 @@ help:
 	@echo "make test       set up and run the default test suite (CPU + Triton interpreter)"
 	@echo "make test-slow  the longer checks (marker: slow)"
 	@echo "make gpu-suite  on a CUDA machine: build _C_cuda, GPU tests, every benchmark -> $(OUT)/"
-	@echo "make lint       ruff"
+	@echo "make lint       ruff check + ruff format --check"
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,7 @@ test-gpu: setup
 
 lint: setup
 	$(VENV)/bin/ruff check python triton_kernels tests benchmarks
+	$(VENV)/bin/ruff format --check python triton_kernels tests benchmarks
 
 format: setup
 	$(VENV)/bin/ruff format python triton_kernels tests benchmarks

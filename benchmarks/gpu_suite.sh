@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one GPU script: on a bare CUDA machine (torch + triton preinstalled, this repo checked out,
-# no internet) build unif2ace with _C_cuda, run the GPU tests and every benchmarks/bench_*.py, and
-# write OUT_DIR/report.md. GPUs are lent for minutes, so:
+# no internet) build unif2ace with _C_cuda, run the GPU tests, a 20-step tiny training and a
+# sampling run on cuda:0 (benchmarks/gpu_smoke.py), and every benchmarks/bench_*.py, and write
+# OUT_DIR/report.md. GPUs are lent for minutes, so:
 #   * the whole run stays under SUITE_BUDGET_S (default 470 s): each step gets a timeout, trimmed
 #     to what is left (20 s are kept for the report);
 #   * a failed or timed-out step never stops the later ones (no `set -e`); each step's output goes
@@ -194,6 +195,14 @@ else
     --junitxml="$OUT/junit-gpu.xml"
 fi
 tail -n 3 "$OUT/tests-gpu.log" | sed 's/^/   /'
+
+# ---- 3b. the model end to end: 20 training steps (bf16, engine backend) + sampling on cuda:0 ----
+if [ $DRY = 1 ]; then
+  step gpu-smoke 60 "$PY" benchmarks/gpu_smoke.py --out "$OUT" --device cpu
+else
+  step gpu-smoke 90 "$PY" benchmarks/gpu_smoke.py --out "$OUT" --device cuda
+fi
+tail -n 4 "$OUT/gpu-smoke.log" | sed 's/^/   /'
 
 # ---- 4. every benchmark ----------------------------------------------------------------------
 mapfile -t BENCHES < <(ls benchmarks/bench_*.py 2>/dev/null)

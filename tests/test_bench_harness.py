@@ -334,3 +334,14 @@ def test_pytest_benchmark_every_case_runs_once():
     r = _pytest_benchmarks("--benchmark-disable")
     assert r.returncode == 0, r.stdout + r.stderr
     assert " failed" not in r.stdout and " error" not in r.stdout, r.stdout
+
+
+def test_gpu_smoke_runs_the_model_path_on_cpu(tmp_path):
+    """The suite's end-to-end step (train through the trainer, then sample) on the CPU: the same
+    code the GPU run takes, a few steps."""
+    from benchmarks import gpu_smoke
+
+    gpu_smoke.main(["--out", str(tmp_path), "--device", "cpu", "--steps", "2", "--batch-size", "4"])
+    res = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    assert res["steps"] == 2 and math.isfinite(res["loss_last"])
+    assert len(res["answers"]) == 4
