@@ -31,16 +31,18 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*` (appended)
 from benchmarks.bench_e2e import synthetic_batch  # noqa: E402
-from benchmarks.harness import Bench, Case, CaseSpec, Provider, Target, skip_reason  # noqa: E402
+from benchmarks.harness import Bench, Case, CaseSpec, Provider, Sizes, Target, skip_reason  # noqa: E402
 from unif2ace.models import get_config  # noqa: E402
 from unif2ace.models.attention import Rotary  # noqa: E402
 from unif2ace.models.layout import positions_of  # noqa: E402
 from unif2ace.ops import omni_attention, omni_limit  # noqa: E402
 
 KERNEL = "attention.omni_fwd"
-SIZE_KEYS = ("config", "B", "L", "H", "Dh", "dtype")
-FULL = {"configs": "tiny,small", "batch": 8}
-QUICK = {"configs": "tiny", "batch": 2}
+SIZES = Sizes(
+    full={"configs": "tiny,small", "batch": 8},
+    quick={"configs": "tiny", "batch": 2},
+    columns=("config", "B", "L", "H", "Dh", "dtype"),
+)
 
 
 def attention_case(name: str, B: int, backward: bool, device) -> Case:
@@ -123,14 +125,12 @@ def targets_for(args) -> list[Target]:
 
 
 BENCH = Bench(
-    name="attention",
-    doc=__doc__,
-    full=FULL,
-    quick=QUICK,
-    size_keys=SIZE_KEYS,
-    specs=case_specs,
+    "attention",
+    __doc__,
+    SIZES,
+    case_specs,
     warmup=(2, 2),
-    reps=(15, 15, 3),
+    reps=(15, 15),
     notes=lambda args: [
         "Same inputs, interleaved repetitions, medians; speedup against torch-sdpa. fwd+bwd "
         "compares the cpu provider's q, k, v gradients too.",

@@ -49,15 +49,7 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*`; appended, so
 # the repo root never shadows an installed package (e.g. Triton's own `triton_kernels`)
-from benchmarks.harness import (  # noqa: E402
-    Bench,
-    Case,
-    CaseSpec,
-    Provider,
-    Target,
-    kernel_backends,
-    skip_reason,
-)
+from benchmarks.harness import Bench, Case, CaseSpec, Provider, Sizes, Target, skip_reason  # noqa: E402
 from benchmarks.measure import dtype_name  # noqa: E402
 from unif2ace.ops import (  # noqa: E402
     d3diff_linear_loss,
@@ -76,10 +68,11 @@ SEQ_LEN = 256  # rows per sequence: one diffusion time per sequence, as in train
 # gradient is rounded to bf16 (rel. 2^-8 ≈ 4e-3 per element) by every provider, differently.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
-SIZE_KEYS = ("N", "K", "D", "dtype", "layout")
-
-FULL = {"n": 4096, "k": 8192, "lin_n": 8192, "lin_d": 512, "lin_k": 8192}
-QUICK = {"n": 256, "k": 512, "lin_n": 256, "lin_d": 64, "lin_k": 512}
+SIZES = Sizes(
+    full={"n": 4096, "k": 8192, "lin_n": 8192, "lin_d": 512, "lin_k": 8192},
+    quick={"n": 256, "k": 512, "lin_n": 256, "lin_d": 64, "lin_k": 512},
+    columns=("N", "K", "D", "dtype", "layout"),
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,7 +223,7 @@ def linear_case(
 
 def targets_for(args) -> list[Target]:
     """The goals. CPU: stated for the cpu backend; CUDA: the same bars, mirrored."""
-    kernels = kernel_backends(args.device)
+    kernels = args.backends
     suffix = "" if args.device.type == "cpu" else " (CPU goal mirrored)"
     out = []
     for b in kernels:
@@ -264,7 +257,7 @@ def targets_for(args) -> list[Target]:
 
 def case_specs(args) -> list[CaseSpec]:
     s, device = args.sizes, args.device
-    backends = kernel_backends(device)
+    backends = args.backends
     specs = []
     for dtype in args.dtypes:
         for name in args.cases:
@@ -306,14 +299,10 @@ def add_args(p) -> None:
 
 
 BENCH = Bench(
-    name="d3diff_loss",
-    doc=__doc__,
-    full=FULL,
-    quick=QUICK,
-    size_keys=SIZE_KEYS,
-    specs=case_specs,
-    warmup=(2, 1),
-    reps=(10, 30, 3),
+    "d3diff_loss",
+    __doc__,
+    SIZES,
+    case_specs,
     cases="logits,logits-strided,linear",
     dtypes=("fp32", "fp32,bf16"),
     add_args=add_args,

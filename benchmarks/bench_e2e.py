@@ -54,27 +54,29 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*` (appended)
 import unif2ace  # noqa: E402
-from benchmarks.harness import Bench, Case, CaseSpec, Provider, Target  # noqa: E402
+from benchmarks.harness import Bench, Case, CaseSpec, Provider, Sizes, Target  # noqa: E402
 from benchmarks.results import Report  # noqa: E402
 from unif2ace import _backend  # noqa: E402
 from unif2ace.models import Example, UniF2ace, collate, get_config  # noqa: E402
 from unif2ace.models.layout import TASK_MMU, TASK_T2I  # noqa: E402
 
-SIZE_KEYS = ("config", "layers", "B", "tokens", "dtype")
-FULL = {"configs": "tiny,small", "batch": 8}
-QUICK = {"configs": "tiny", "batch": 2}
+SIZES = Sizes(
+    full={"configs": "tiny,small", "batch": 8},
+    quick={"configs": "tiny", "batch": 2},
+    columns=("config", "layers", "B", "tokens", "dtype"),
+)
 FIRST_TEXT_ID = 16  # above the special tokens
 TOL = 1e-3  # loss + gradients, fp32: the ops' references and kernels differ by rounding only
 
 
-def synthetic_batch(cfg, B: int, device, seed: int = 0) -> dict:
-    """B examples alternating t2i / mmu, random codes and text of varied lengths."""
+def synthetic_examples(cfg, n: int, seed: int = 0) -> list[Example]:
+    """``n`` examples alternating t2i / mmu, random codes and text of varied lengths."""
     g = torch.Generator().manual_seed(seed)
     rnd = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
     text = lambda n: torch.randint(FIRST_TEXT_ID, cfg.text_vocab, (n,), generator=g).tolist()
     Lt = cfg.max_text_len
     exs = []
-    for i in range(B):
+    for i in range(n):
         codes = torch.randint(0, cfg.codebook_size, (cfg.image_tokens,), generator=g)
         if i % 2 == 0:
             exs.append(Example(TASK_T2I, codes, text(rnd(Lt // 4, Lt)), index=i))
@@ -83,7 +85,12 @@ def synthetic_batch(cfg, B: int, device, seed: int = 0) -> dict:
             ident = torch.randn(cfg.identity_dim, generator=g)
             q, a = text(rnd(4, Lt // 4)), text(rnd(Lt // 4, Lt))
             exs.append(Example(TASK_MMU, codes, q, a, sem, ident, index=i))
-    batch = collate(cfg, exs)
+    return exs
+
+
+def synthetic_batch(cfg, B: int, device, seed: int = 0) -> dict:
+    """The collated batch of :func:`synthetic_examples` on ``device``."""
+    batch = collate(cfg, synthetic_examples(cfg, B, seed))
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -300,25 +307,18 @@ def add_args(p) -> None:
         metavar="KEY=VALUE",
         help="model config overrides, e.g. expert_activation=silu_glu",
     )
-    p.add_argument(
-        "--small-layers",
-        type=int,
-        default=None,
-        help="override the small config's n_layers (default: keep its 8)",
-    )
+    p.add_argument("--small-layers", type=int, help="the small config's n_layers (default 8)")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops per provider")
 
 
 BENCH = Bench(
-    name="e2e",
-    doc=__doc__,
-    full=FULL,
-    quick=QUICK,
-    size_keys=SIZE_KEYS,
-    specs=case_specs,
-    warmup=(1, 1),
-    reps=(7, 7, 3),
+    "e2e",
+    __doc__,
+    SIZES,
+    case_specs,
     add_args=add_args,
+    warmup=(1, 1),
+    reps=(7, 7),
     meta=lambda args: {
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),

@@ -42,24 +42,18 @@ from pathlib import Path
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*` (appended)
-from benchmarks.harness import (  # noqa: E402
-    Bench,
-    Case,
-    CaseSpec,
-    Provider,
-    Target,
-    kernel_backends,
-    skip_reason,
-)
+from benchmarks.harness import Bench, Case, CaseSpec, Provider, Sizes, Target, skip_reason  # noqa: E402
 from benchmarks.measure import dtype_name  # noqa: E402
 from unif2ace.ops import mask_tokens, mask_tokens_ref, maskgit_step, maskgit_step_ref  # noqa: E402
 from unif2ace.ops.mask_sampling.reference import gumbel_from_bits  # noqa: E402
 
 STEP, MASK = "mask_sampling.maskgit_step", "mask_sampling.mask_tokens"
-SIZE_KEYS = ("B", "L", "K", "dtype", "layout")
 GUIDANCE, TEMPERATURE, CHOICE_T = 2.0, 1.0, 4.5
-FULL = {"b": 16, "l": 256, "k": 8192, "mask_b": 64, "mask_l": 1024}
-QUICK = {"b": 2, "l": 64, "k": 512, "mask_b": 8, "mask_l": 256}
+SIZES = Sizes(
+    full={"b": 16, "l": 256, "k": 8192, "mask_b": 64, "mask_l": 1024},
+    quick={"b": 2, "l": 64, "k": 512, "mask_b": 8, "mask_l": 256},
+    columns=("B", "L", "K", "dtype", "layout"),
+)
 
 
 def exactness_note(logits, uncond, ids, mask_len, backends, device) -> str:
@@ -219,7 +213,7 @@ def targets_for(args) -> list[Target]:
             Target("step", "cpu", "mem_vs_logits", "<=", 1.2, f"cpu {mem}"),
         ]
     out = []
-    for b in kernel_backends(args.device):
+    for b in args.backends:
         out += [
             Target("step", b, "speedup", ">=", 5.0, f"{b} step ≥ 5× faster than torch-ref"),
             Target(
@@ -232,7 +226,7 @@ def targets_for(args) -> list[Target]:
 
 def case_specs(args) -> list[CaseSpec]:
     s, device = args.sizes, args.device
-    backends = kernel_backends(device)
+    backends = args.backends
     providers = ("torch-ref", *backends)
     dtypes = args.dtypes
     specs = []
@@ -263,16 +257,14 @@ def case_specs(args) -> list[CaseSpec]:
 
 
 BENCH = Bench(
-    name="mask_sampling",
-    doc=__doc__,
-    full=FULL,
-    quick=QUICK,
-    size_keys=SIZE_KEYS,
-    specs=case_specs,
-    warmup=(1, 1),
-    reps=(7, 30, 3),
+    "mask_sampling",
+    __doc__,
+    SIZES,
+    case_specs,
     cases="step,step-noguide,step-strided,mask_tokens",
     dtypes=("fp32", "fp32"),
+    warmup=(1, 1),
+    reps=(7, 30),
     meta=lambda args: {
         "guidance": GUIDANCE,
         "temperature": TEMPERATURE,

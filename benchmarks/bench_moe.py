@@ -44,15 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*` (appended)
-from benchmarks.harness import (  # noqa: E402
-    Bench,
-    Case,
-    CaseSpec,
-    Provider,
-    Target,
-    kernel_backends,
-    skip_reason,
-)
+from benchmarks.harness import Bench, Case, CaseSpec, Provider, Sizes, Target, skip_reason  # noqa: E402
 from unif2ace.ops import (  # noqa: E402
     moe_balance_loss,
     moe_combine,
@@ -65,9 +57,11 @@ from unif2ace.ops import (  # noqa: E402
 )
 
 KERNEL = "moe.route"
-SIZE_KEYS = ("T", "D", "F", "G", "E_g", "k", "dtype")
-FULL = {"t": 8192, "d": 512, "f": 1024, "groups": 2, "experts": 8, "k": 4}
-QUICK = {"t": 512, "d": 64, "f": 128, "groups": 2, "experts": 8, "k": 4}
+SIZES = Sizes(
+    full={"t": 8192, "d": 512, "f": 1024, "groups": 2, "experts": 8, "k": 4},
+    quick={"t": 512, "d": 64, "f": 128, "groups": 2, "experts": 8, "k": 4},
+    columns=("T", "D", "F", "G", "E_g", "k", "dtype"),
+)
 BALANCE_COEF = 0.01
 TOL = 1e-4
 
@@ -305,7 +299,7 @@ def targets_for(args) -> list[Target]:
 
 
 def case_specs(args) -> list[CaseSpec]:
-    device, backends = args.device, kernel_backends(args.device)
+    device, backends = args.device, args.backends
     inputs: list[Inputs] = []  # one input set shared by the cases, built by the first that runs
 
     def build(case_fn):
@@ -325,15 +319,12 @@ def case_specs(args) -> list[CaseSpec]:
 
 
 BENCH = Bench(
-    name="moe",
-    doc=__doc__,
-    full=FULL,
-    quick=QUICK,
-    size_keys=SIZE_KEYS,
-    specs=case_specs,
-    warmup=(2, 1),
-    reps=(10, 10, 3),
+    "moe",
+    __doc__,
+    SIZES,
+    case_specs,
     cases="dispatch,layer",
+    reps=(10, 10),
     meta=lambda args: {"moe_gemm": os.environ.get("UNIF2ACE_MOE_GEMM", "default")},
     notes=lambda args: [
         "Same inputs, interleaved repetitions, medians; speedup against the case's baseline "

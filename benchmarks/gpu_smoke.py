@@ -1,9 +1,10 @@
 """The whole model path on one device: a short training run through the trainer, then sampling.
 
 On a GPU (``benchmarks/gpu_suite.sh`` runs it): the ``tiny`` config with random weights and random
-SynthFace-shaped examples, ``--steps`` optimizer steps (default 20) through
-:func:`unif2ace.train.train` with its CUDA default of bf16 autocast and the engine's backend
-("auto": Triton, then CUDA, then torch), then image generation and text decoding on ``cuda:0``.
+SynthFace-shaped examples (:func:`benchmarks.bench_e2e.synthetic_examples`), ``--steps`` optimizer
+steps (default 20) through :func:`unif2ace.train.train` with its CUDA default of bf16 autocast
+and the engine's backend ("auto": Triton, then CUDA, then torch), then image generation and text
+decoding on ``cuda:0``.
 It checks what a first GPU user would hit at once: a device mix-up, an autocast dtype clash, a
 non-finite loss, a sampler that returns codes out of range. It writes ``OUT/gpu_smoke.json``.
 
@@ -18,41 +19,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-import unif2ace
-from unif2ace import _backend
-from unif2ace.models import Example, UniF2ace, collate, get_config
-from unif2ace.models.layout import TASK_MMU, TASK_T2I
-from unif2ace.models.sampling import generate_images, generate_text
-from unif2ace.train import TrainConfig, train
-
-
-def random_examples(cfg, n: int, seed: int = 0) -> list[Example]:
-    """``n`` examples shaped like SynthFace rows (half text->image, half question answering)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        codes = torch.randint(0, cfg.codebook_size, (cfg.image_tokens,), generator=g)
-        prompt = torch.randint(9, cfg.text_vocab, (4 + i % 8,), generator=g).tolist()
-        if i % 2:
-            out.append(Example(TASK_T2I, codes, prompt, index=i))
-        else:
-            answer = torch.randint(9, cfg.text_vocab, (2 + i % 3,), generator=g).tolist()
-            semantic = torch.randn(cfg.semantic_dim, generator=g)
-            identity = torch.randn(cfg.identity_dim, generator=g)
-            out.append(Example(TASK_MMU, codes, prompt, answer, semantic, identity, index=i))
-    return out
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # for `benchmarks.*` (appended)
+import unif2ace  # noqa: E402
+from benchmarks.bench_e2e import synthetic_examples  # noqa: E402
+from unif2ace import _backend  # noqa: E402
+from unif2ace.models import UniF2ace, collate, get_config  # noqa: E402
+from unif2ace.models.sampling import generate_images, generate_text  # noqa: E402
+from unif2ace.train import TrainConfig, train  # noqa: E402
 
 
 def run(out: Path, device: str, steps: int, batch_size: int) -> dict:
     torch.manual_seed(0)
     cfg = get_config("tiny")
     model = UniF2ace(cfg)
-    data = random_examples(cfg, 4 * batch_size)
+    data = synthetic_examples(cfg, 4 * batch_size)  # even: text->image, odd: questions
     tcfg = TrainConfig(
         out=str(out / "gpu_smoke_run"),
         steps=steps,
@@ -81,13 +67,13 @@ def run(out: Path, device: str, steps: int, batch_size: int) -> dict:
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
     with torch.no_grad():
-        prompts = [ex.prompt for ex in data[1:9:2]]
+        prompts = [ex.prompt for ex in data[0:8:2]]
         codes = generate_images(model, prompts, steps=8, seed=1)
         if codes.device != dev or codes.shape != (len(prompts), cfg.image_tokens):
             raise SystemExit(f"gpu_smoke: codes {tuple(codes.shape)} on {codes.device}")
         if int(codes.min()) < 0 or int(codes.max()) >= cfg.codebook_size:
             raise SystemExit("gpu_smoke: generated codes outside the codebook")
-        answers = generate_text(model, codes, [ex.prompt for ex in data[0:8:2]], max_new_tokens=6)
+        answers = generate_text(model, codes, [ex.prompt for ex in data[1:9:2]], max_new_tokens=6)
     sample_s = time.perf_counter() - t0
     return {
         "device": str(dev),

@@ -374,15 +374,10 @@ def common_parser(description: str) -> argparse.ArgumentParser:
         help="auto: cuda when available, else cpu",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes, few repetitions (tests, CI)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up calls per provider")
-    p.add_argument("--reps", type=int, default=None, help="max timed repetitions per provider")
-    p.add_argument(
-        "--budget-s",
-        type=float,
-        default=None,
-        help="rough wall-time budget for the whole script; caps repetitions per case",
-    )
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
+    p.add_argument("--warmup", type=int, help="warm-up calls per provider")
+    p.add_argument("--reps", type=int, help="max timed repetitions per provider")
+    p.add_argument("--budget-s", type=float, help="rough wall-time budget; caps reps per case")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument(
         "--checks",
@@ -407,11 +402,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def kernel_backends(device: torch.device) -> list[str]:
-    """The engine's kernel backends measured on ``device`` against the PyTorch peers."""
-    return ["cpu"] if device.type == "cpu" else ["triton", "cuda"]
-
-
 def skip_reason(backend: str, device: torch.device, kernel: str) -> str | None:
     """Why the ops cannot run ``kernel`` on ``backend`` here, or None: the library's own rule
     (:func:`unif2ace._backend.resolve`: available on the device, and a launcher registered)."""
@@ -424,32 +414,44 @@ def skip_reason(backend: str, device: torch.device, kernel: str) -> str | None:
 
 Rows = list[dict[str, Any]]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUICK_REPS = 3  # timed repetitions per provider under --quick
+
+
+@dataclass
+class Sizes:
+    """A benchmark's size options: ``--<key>`` (``_`` spelled ``-``) defaults to ``full[key]``, or
+    to ``quick[key]`` under ``--quick``. ``columns`` are the row keys the report's tables show
+    first (the case's sizes, dtype, layout …)."""
+
+    full: dict[str, Any]
+    quick: dict[str, Any]
+    columns: tuple[str, ...]
 
 
 @dataclass
 class Bench:
-    """One benchmark script: its sizes, defaults and hooks; :meth:`main` is the whole script.
+    """One benchmark script: its name, sizes, cases and hooks; :meth:`main` is the whole script.
 
-    ``full`` / ``quick`` are the size options (``--<key>``, ``_`` spelled ``-``) at full size and
-    under ``--quick``; ``warmup`` is (full, quick), ``reps`` (full on CPU, full on CUDA, quick).
-    ``cases`` (a comma list) adds ``--cases``; ``dtypes`` (the default on CPU, on CUDA) adds
-    ``--dtypes``. ``specs(args)`` declares the cases (``args.device``, ``args.sizes``,
-    ``args.cases``, ``args.dtypes`` … resolved by :meth:`parse`). ``ceilings(args)`` lists the dtypes whose matmul ceiling the roofline needs
-    (None: no roofline). ``targets(args)`` returns the informational goals, judged on the rows
-    ``target_rows(args, rows)`` keeps (default all).
+    ``doc`` is the script's docstring (its first line describes the command line).
+    ``specs(args)`` declares the cases (``args.device``, ``args.sizes``, ``args.cases``,
+    ``args.dtypes`` … resolved by :meth:`parse`). ``cases`` (a comma list) adds ``--cases``;
+    ``dtypes`` (the default on CPU, on CUDA) adds ``--dtypes``; ``add_args(parser)`` adds the
+    script's own options. ``warmup`` is the warm-up calls at (full size, ``--quick``); ``reps`` the
+    timed repetitions at full size (on CPU, on CUDA), ``QUICK_REPS`` under ``--quick``.
+    ``ceilings(args)`` lists the dtypes whose matmul ceiling the
+    roofline needs (None: no roofline). ``targets(args)`` returns the informational goals, judged
+    on the rows ``target_rows(args, rows)`` keeps (default all).
     """
 
     name: str
     doc: str
-    full: dict[str, Any]
-    quick: dict[str, Any]
-    size_keys: tuple[str, ...]
+    sizes: Sizes
     specs: Callable[[argparse.Namespace], list[CaseSpec]]
-    warmup: tuple[int, int] = (2, 1)
-    reps: tuple[int, int, int] = (10, 30, 3)
     cases: str | None = None
     dtypes: tuple[str, str] | None = None
     add_args: Callable[[argparse.ArgumentParser], None] | None = None
+    warmup: tuple[int, int] = (2, 1)
+    reps: tuple[int, int] = (10, 30)
     meta: Callable[[argparse.Namespace], dict[str, Any]] | None = None
     notes: Callable[[argparse.Namespace], list[str]] = lambda args: []
     ceilings: Callable[[argparse.Namespace], Sequence[torch.dtype]] | None = None
@@ -460,12 +462,12 @@ class Bench:
 
     def parser(self) -> argparse.ArgumentParser:
         p = common_parser(self.doc.split("\n", 1)[0])
-        for key, default in self.full.items():
+        for key, default in self.sizes.full.items():
             p.add_argument(
                 f"--{key.replace('_', '-')}",
                 type=type(default),
                 default=None,
-                help=f"default {default!r} ({self.quick[key]!r} with --quick)",
+                help=f"default {default!r} ({self.sizes.quick[key]!r} with --quick)",
             )
         if self.cases is not None:
             p.add_argument("--cases", default=self.cases, help="comma list of cases")
@@ -481,18 +483,19 @@ class Bench:
         return p
 
     def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
-        """The command line, with ``device``, ``sizes``, ``warmup``, ``reps`` and ``checks``
-        resolved to what the run uses."""
+        """The command line, with ``device``, ``backends``, ``sizes``, ``warmup``, ``reps`` and
+        ``checks`` resolved to what the run uses."""
         args = self.parser().parse_args(argv)
         args.device = pick_device(args.device)
-        args.sizes = {
-            k: getattr(args, k) or (self.quick if args.quick else self.full)[k] for k in self.full
-        }
+        # the engine's kernel backends measured on this device against the PyTorch peers
+        args.backends = ["cpu"] if args.device.type == "cpu" else ["triton", "cuda"]
+        preset = self.sizes.quick if args.quick else self.sizes.full
+        args.sizes = {k: getattr(args, k) or preset[k] for k in self.sizes.full}
         if args.warmup is None:
             args.warmup = self.warmup[1] if args.quick else self.warmup[0]
         if args.reps is None:
             full = self.reps[0] if args.device.type == "cpu" else self.reps[1]
-            args.reps = self.reps[2] if args.quick else full
+            args.reps = QUICK_REPS if args.quick else full
         if self.cases is not None:
             args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
         if self.dtypes is not None:
@@ -527,7 +530,7 @@ class Bench:
         dtypes = self.ceilings(args) if self.ceilings else None
         ceilings = None if dtypes is None else measure_ceilings(device, dtypes, quick=args.quick)
         report = self.report_cls(
-            self.name, args.out, meta, size_keys=self.size_keys, ceilings=ceilings
+            self.name, args.out, meta, size_keys=self.sizes.columns, ceilings=ceilings
         )
         report.notes += self.notes(args)
         if args.quick:

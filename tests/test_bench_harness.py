@@ -24,6 +24,13 @@ CPU = torch.device("cpu")
 MiB = 1 << 20
 
 
+def run_quick(bench, out: Path, options: str) -> dict:
+    """``bench``'s script under ``--quick`` on the CPU with ``options`` (as typed on a command
+    line); it must exit 0. Returns its JSON results."""
+    assert bench.main(["--quick", "--device", "cpu", "--out", str(out), *options.split()]) == 0
+    return json.loads((out / f"{bench.BENCH.name}.json").read_text())
+
+
 def test_summarize_median_quartiles():
     s = measure.summarize([0.003, 0.001, 0.002, 0.004, 0.100])  # seconds → ms
     assert s["median_ms"] == pytest.approx(3.0)
@@ -165,29 +172,7 @@ def test_check_targets():
 def test_bench_d3diff_loss_quick(tmp_path):
     from benchmarks import bench_d3diff_loss as bench
 
-    rc = bench.main(
-        [
-            "--quick",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path),
-            "--n",
-            "64",
-            "--k",
-            "96",
-            "--lin-n",
-            "64",
-            "--lin-d",
-            "16",
-            "--lin-k",
-            "96",
-            "--reps",
-            "2",
-        ]
-    )
-    assert rc == 0
-    doc = json.loads((tmp_path / "d3diff_loss.json").read_text())
+    doc = run_quick(bench, tmp_path, "--n 64 --k 96 --lin-n 64 --lin-d 16 --lin-k 96 --reps 2")
     assert doc["machine"]["torch"] == torch.__version__
     rows = {(r["case"], r["provider"]): r for r in doc["rows"]}
     for key in [
@@ -208,25 +193,8 @@ def test_bench_e2e_quick_with_profile(tmp_path):
     splits each step into GEMM / attention / other with the bound it puts on the speed-up."""
     from benchmarks import bench_e2e as bench
 
-    rc = bench.main(
-        [
-            "--quick",
-            "--device",
-            "cpu",
-            "--out",
-            str(tmp_path),
-            "--reps",
-            "2",
-            "--profile",
-            "--model-set",
-            "n_layers=1",
-            "d_model=32",
-            "n_heads=2",
-            "expert_ffn=32",
-        ]
-    )
-    assert rc == 0
-    doc = json.loads((tmp_path / "e2e.json").read_text())
+    model = "n_layers=1 d_model=32 n_heads=2 expert_ffn=32"
+    doc = run_quick(bench, tmp_path, f"--reps 2 --profile --model-set {model}")
     rows = {r["provider"]: r for r in doc["rows"]}
     assert rows["torch"]["status"] == "ok" and rows["engine"]["status"] == "ok"
     assert rows["engine"]["rel_err"] < 1e-3 and rows["engine"]["tokens_per_s"] > 0
@@ -279,9 +247,7 @@ def test_bench_attention_quick(tmp_path):
     """The omni-attention benchmark: both providers run and agree, forward and backward."""
     from benchmarks import bench_attention as bench
 
-    rc = bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--reps", "2"])
-    assert rc == 0
-    doc = json.loads((tmp_path / "attention.json").read_text())
+    doc = run_quick(bench, tmp_path, "--reps 2")
     rows = {(r["case"], r["provider"]): r for r in doc["rows"]}
     for case in ("fwd[tiny]", "fwd+bwd[tiny]"):
         assert rows[(case, "torch-sdpa")]["status"] == "ok"
@@ -294,16 +260,11 @@ def test_bench_mask_sampling_and_moe_quick(tmp_path):
     """The other two scripts at tiny sizes: every provider runs, the kernels agree."""
     from benchmarks import bench_mask_sampling, bench_moe
 
-    common = ["--quick", "--device", "cpu", "--out", str(tmp_path), "--reps", "1", "--warmup", "1"]
-    assert bench_mask_sampling.main([*common, "--b", "1", "--l", "16", "--k", "64"]) == 0
-    assert bench_moe.main([*common, "--t", "64", "--d", "16", "--f", "32"]) == 0
-    mask = json.loads((tmp_path / "mask_sampling.json").read_text())
+    mask = run_quick(bench_mask_sampling, tmp_path, "--reps 1 --warmup 1 --b 1 --l 16 --k 64")
+    moe_doc = run_quick(bench_moe, tmp_path, "--reps 1 --warmup 1 --t 64 --d 16 --f 32")
     assert {r["status"] for r in mask["rows"]} == {"ok"}
     assert any("exactness on supplied noise" in n for n in mask["notes"])
-    moe = {
-        (r["case"], r["provider"]): r
-        for r in json.loads((tmp_path / "moe.json").read_text())["rows"]
-    }
+    moe = {(r["case"], r["provider"]): r for r in moe_doc["rows"]}
     assert moe[("dispatch", "cpu")]["rel_err"] < 1e-4
     assert moe[("layer", "cpu")]["speedup_vs_grouped_mm"] > 0
 

@@ -39,6 +39,14 @@ def _ext(which: str):
     return CPU if which == "cpu" else CUDA_MOD
 
 
+def assert_rejects(op: str, operands: dict, change, call, match: str) -> None:
+    """``call(operands)`` after ``change(operands)`` raises the binding's ValueError, which names
+    the kernel ``op`` and says ``match``."""
+    change(operands)
+    with pytest.raises(ValueError, match=f"{op}: {match}"):
+        call(operands)
+
+
 def _extra(which: str) -> tuple:
     """The CUDA launchers' trailing workspace and stream (never reached: the checks fail first)."""
     return () if which == "cpu" else (None, 0)
@@ -119,10 +127,8 @@ def test_d3diff_valid_call_matches_torch():
     ],
 )
 def test_d3diff_rejects(which, change, match):
-    o = _d3diff_operands()
-    change(o)
-    with pytest.raises(ValueError, match=f"d3diff_loss_fwd: {match}"):
-        _d3diff_call(which, o)
+    call = lambda o: _d3diff_call(which, o)
+    assert_rejects("d3diff_loss_fwd", _d3diff_operands(), change, call, match)
 
 
 # ---- MoE ---------------------------------------------------------------------------------------
@@ -172,10 +178,7 @@ def test_moe_plan_valid_call():
     ],
 )
 def test_moe_plan_rejects(which, change, match):
-    o = _plan_operands()
-    change(o)
-    with pytest.raises(ValueError, match=f"moe_plan: {match}"):
-        _plan_call(which, o)
+    assert_rejects("moe_plan", _plan_operands(), change, lambda o: _plan_call(which, o), match)
 
 
 def _route_call(which, logits, ids, weights, counts, prob_sums, top_k=2):
@@ -270,10 +273,7 @@ def _attention_call(o):
     ],
 )
 def test_omni_attention_rejects(change, match):
-    o = _attention_operands()
-    change(o)
-    with pytest.raises(ValueError, match=f"omni_attention_fwd: {match}"):
-        _attention_call(o)
+    assert_rejects("omni_attention_fwd", _attention_operands(), change, _attention_call, match)
 
 
 # ---- mask sampling ------------------------------------------------------------------------------

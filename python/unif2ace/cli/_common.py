@@ -19,9 +19,23 @@ class Commands(dict):
     the subcommand's arguments and returns the function that runs it (``run(args) -> dict | None``;
     the dict is printed as JSON)."""
 
-    def register(self, name: str, help: str) -> Callable:
-        def deco(add):
-            self[name] = (add, help)
+    def register(self, name: str, help: str, *, data: bool = False, recipe: bool = False):
+        """Register ``add(parser) -> run`` as subcommand ``name``. Every subcommand takes the
+        common arguments (:func:`common_args`) first; ``recipe`` adds :func:`recipe_args`, ``data``
+        the ``--data`` dataset folder (read by :func:`data_dir`)."""
+
+        def deco(add: Callable) -> Callable:
+            def add_arguments(p: argparse.ArgumentParser) -> Callable:
+                common_args(p)
+                if recipe:
+                    recipe_args(p)
+                if data:
+                    p.add_argument(
+                        "--data", type=Path, help="dataset folder (default <out>/synthface)"
+                    )
+                return add(p)
+
+            self[name] = (add_arguments, help)
             return add
 
         return deco

@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from unif2ace.cli._common import Commands, common_args, data_dir, save_pairs_grid
+from unif2ace.cli._common import Commands, data_dir, save_pairs_grid
 from unif2ace.data.readers import FieldMap, load_images_from_records, load_split
 from unif2ace.data.synthface import draw_arrays
 from unif2ace.encoders.cnn import load_encoder
@@ -34,7 +34,6 @@ COMMANDS = Commands()
 
 @COMMANDS.register("train-judge", "train the attribute judge (eval only) on its own SynthFace draw")
 def _add_judge(p):
-    common_args(p)
     p.add_argument(
         "--data", type=Path, help="dataset folder to evaluate on (default <out>/synthface)"
     )
@@ -106,10 +105,10 @@ def run_judge(args) -> dict:
 # image tokenizer
 
 
-@COMMANDS.register("train-vq", "train the FSQ/LFQ image tokenizer (64 px -> 16x16 tokens)")
+@COMMANDS.register(
+    "train-vq", "train the FSQ/LFQ image tokenizer (64 px -> 16x16 tokens)", data=True
+)
 def _add_vq(p):
-    common_args(p)
-    p.add_argument("--data", type=Path, help="dataset folder (default <out>/synthface)")
     p.add_argument("--records", type=Path, help="a caption record file of another dataset")
     p.add_argument("--image-field", default="image")
     p.add_argument(
@@ -237,11 +236,9 @@ def _eval_vq(model, test, judge_dir: Path, out: Path) -> dict:
 
 
 @COMMANDS.register(
-    "eval-vq", "evaluate a trained image tokenizer: PSNR, codebook usage, judge accuracy"
+    "eval-vq", "evaluate a trained image tokenizer: PSNR, codebook usage, judge accuracy", data=True
 )
 def _add_eval_vq(p):
-    common_args(p)
-    p.add_argument("--data", type=Path, help="dataset folder (default <out>/synthface)")
     p.add_argument("--vq", type=Path, help="tokenizer folder (default <out>/vq)")
     p.add_argument("--judge", type=Path, help="judge folder (default <out>/judge)")
     return run_eval_vq
@@ -261,11 +258,11 @@ def run_eval_vq(args) -> dict:
 
 
 @COMMANDS.register(
-    "train-encoders", "train the semantic (CLIP stand-in) and identity encoders, cache embeddings"
+    "train-encoders",
+    "train the semantic (CLIP stand-in) and identity encoders, cache embeddings",
+    data=True,
 )
 def _add_enc(p):
-    common_args(p)
-    p.add_argument("--data", type=Path, help="dataset folder (default <out>/synthface)")
     p.add_argument("--semantic-steps", type=int, default=1000)
     p.add_argument("--identity-steps", type=int, default=2000)
     p.add_argument("--batch", type=int, default=64)

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from unif2ace.cli import assets
-from unif2ace.cli._common import Commands, common_args, data_dir, run_command
+from unif2ace.cli._common import Commands, data_dir, run_command
 from unif2ace.data.readers import FieldMap, dataset_stats, read_records
 from unif2ace.data.synthface import SynthFaceConfig, generate
 from unif2ace.data.text_tokenizer import TextTokenizer, synthface_texts
@@ -31,7 +31,6 @@ def run_data_step(name: str, args, extra: list[str]) -> dict:
 
 @COMMANDS.register("make-data", "draw the SynthFace dataset (images, captions, VQA, attributes)")
 def _add_make_data(p):
-    common_args(p)
     p.add_argument("--num-images", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64, help="image side, 32..256 (default 64)")
@@ -87,11 +86,9 @@ def run_make_data(args) -> dict:
 
 
 @COMMANDS.register(
-    "train-text-tokenizer", "train the byte-level BPE text tokenizer on captions + VQA"
+    "train-text-tokenizer", "train the byte-level BPE text tokenizer on captions + VQA", data=True
 )
 def _add_text_tok(p):
-    common_args(p)
-    p.add_argument("--data", type=Path, help="dataset folder (default <out>/synthface)")
     p.add_argument(
         "--records",
         type=Path,
@@ -139,7 +136,6 @@ def run_text_tokenizer(args) -> dict:
     "encoders, image tokenizer; writes <out>/report.json",
 )
 def _add_all(p):
-    common_args(p)
     p.add_argument("--num-images", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=64)

@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from unif2ace.cli._common import Commands, common_args, recipe_args, save_grid
+from unif2ace.cli._common import Commands, save_grid
 from unif2ace.cli.data import run_data_step
 from unif2ace.cli.model import evaluate_run
 from unif2ace.eval.model_eval import summary_rows
@@ -37,10 +37,9 @@ DEMO_RECIPE = ["train.lr=3e-3"]
     "demo",
     "everything on SynthFace in one go: data, tokenizers, encoders, judge, a tiny "
     "model; writes a grid of prompts -> faces, answers, captions and a metrics table",
+    recipe=True,
 )
 def _add_demo(p):
-    common_args(p)
-    recipe_args(p)
     p.add_argument("--num-images", type=int, default=6000)
     p.add_argument("--minutes", type=float, default=9.0, help="model training budget")
     p.add_argument("--fast", action="store_true", help="a smoke run of a minute or two")

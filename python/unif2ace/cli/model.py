@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unif2ace.cli._common import Commands, common_args, recipe_args, save_grid
+from unif2ace.cli._common import Commands, save_grid
 from unif2ace.data.readers import load_split
 from unif2ace.eval.judge import load_judge
 from unif2ace.eval.model_eval import evaluate_model, summary_rows
@@ -32,10 +32,10 @@ COMMANDS = Commands()
 # train
 
 
-@COMMANDS.register("train", "train UniF2ace on a run folder (after data-all); resumes after a kill")
+@COMMANDS.register(
+    "train", "train UniF2ace on a run folder (after data-all); resumes after a kill", recipe=True
+)
 def _add_train(p):
-    common_args(p)
-    recipe_args(p)
     p.add_argument("--model-dir", type=Path, help="where the model goes (default <out>/model)")
     return run_train
 
@@ -51,7 +51,6 @@ def run_train(args) -> dict:
 
 
 def _infer_args(p):
-    common_args(p)
     p.add_argument("--model-dir", type=Path, help="model folder (default <out>/model)")
 
 
@@ -228,11 +227,11 @@ ABLATIONS = {
 
 
 @COMMANDS.register(
-    "ablate", "train and score D3Diff vs mask-only vs score-only, token/sequence MoE on/off"
+    "ablate",
+    "train and score D3Diff vs mask-only vs score-only, token/sequence MoE on/off",
+    recipe=True,
 )
 def _add_ablate(p):
-    common_args(p)
-    recipe_args(p)
     p.add_argument("--only", nargs="*", help="a subset of the variants (by index, 0-based)")
     p.add_argument("--n-gen", type=int, default=128)
     p.add_argument("--n-vqa", type=int, default=256)
