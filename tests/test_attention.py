@@ -388,8 +388,146 @@ def test_cuda_launcher_flash_split():
     limit = omni_limit(is_img)
     assert _cuda.flash_available(q) and _torch.split_span(limit, None) == (40, 296)
     ref = omni_attention_ref(q.double(), k.double(), v.double(), limit)
-    out = _backend.launcher("attention.omni", "cuda")(q, k, v, limit, None, None, None, Dh**-0.5)
+    args = (q, k, v, limit, None, None, None, Dh**-0.5, (40, 296))
+    out = _backend.launcher("attention.omni", "cuda")(*args)
     assert (out.double() - ref).norm() / ref.norm() < 1e-2
+
+
+# ---- the span: the layout as host values -------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("s,e", [(0, 0), (4, 15), (0, 19)])
+def test_span_from_the_caller_is_the_detected_one(backend, s, e):
+    """span=(s, e) gives the bits of span="auto" (which finds it by reading), span=None those of
+    the masked call; gradients too."""
+    B, L, H, Dh = 3, 19, 2, 16
+    q, k, v = (x.requires_grad_() for x in qkv(B, L, H, Dh))
+    is_img = torch.zeros(B, L, dtype=torch.bool)
+    is_img[:, s:e] = True
+    limit = omni_limit(is_img)
+    mask_path = _torch.sdpa(*(x.transpose(1, 2) for x in (q, k, v)), limit, None, None, Dh**-0.5)
+    outs = {}
+    for span in ("auto", (s, e), None):
+        out = omni_attention(q, k, v, limit, span=span, backend=backend)
+        outs[span] = (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for a, b in zip(outs["auto"], outs[(s, e)]):
+        assert torch.equal(a, b)
+    if backend == "torch":
+        assert torch.equal(outs[None][0], mask_path.transpose(1, 2))
+    for a, b in zip(outs["auto"], outs[None]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_span_errors():
+    B, L = 2, 9
+    q, k, v = qkv(B, L, 2, 16)
+    idx = torch.arange(L)
+    limit = torch.where((idx >= 2) & (idx < 6), 6, idx + 1).expand(B, L).to(torch.int32)
+    for bad in ((2,), (2, 6.0), "detect", (True, 6), torch.tensor([2, 6])):
+        with pytest.raises(ValueError, match="span must be a pair of ints"):
+            omni_attention(q, k, v, limit, span=bad)
+    for bad in ((6, 2), (-1, 6), (2, 10)):
+        with pytest.raises(ValueError, match="0 <= s <= e <= L = 9"):
+            omni_attention(q, k, v, limit, span=bad)
+    with pytest.raises(ValueError, match="pass key_valid=None"):
+        omni_attention(q, k, v, limit, torch.ones(B, L, dtype=torch.bool), span=(2, 6))
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        omni_attention(q[:, :1], k, v, limit[:, :1], span=(0, 0))
+    with pytest.raises(ValueError, match="as the span says"):
+        omni_attention(q, k, v, limit, span=(2, 7))
+    unif2ace.set_checks(False)
+    try:  # the layout check reads limit: a value check
+        omni_attention(q, k, v, limit, span=(2, 7))
+    finally:
+        unif2ace.set_checks(True)
+
+
+def _model_spans(monkeypatch, cfg, batch):
+    """The spans the model passes to omni_attention in one forward, with the layouts they say."""
+    from unif2ace import ops
+
+    seen = []
+    real = ops.omni_attention
+
+    def record(q, k, v, limit, key_valid=None, **kw):
+        seen.append((kw.get("span", "auto"), _torch.split_span(limit, key_valid)))
+        return real(q, k, v, limit, key_valid, **kw)
+
+    monkeypatch.setattr(ops, "omni_attention", record)
+    from unif2ace.models import UniF2ace
+
+    with torch.no_grad():
+        UniF2ace(cfg).hidden_states(batch["input_ids"], batch)
+    return seen
+
+
+def test_the_model_passes_the_span_of_its_batch(monkeypatch):
+    """The model's span, from its host metadata, is the one split_span reads off the tensors: a
+    batch of t2i rows with the image at the same place and no padding, and a mixed one."""
+    from model_data import examples, small_cfg
+    from unif2ace.models import collate
+    from unif2ace.models.layout import TASK_T2I, Example
+
+    cfg = small_cfg()
+    N = cfg.image_tokens
+    prompt = list(range(10, 10 + cfg.max_text_len))  # a full-length prompt: no padding
+    t2i = [Example(TASK_T2I, torch.zeros(N, dtype=torch.long), prompt) for _ in range(3)]
+    batch = collate(cfg, t2i)
+    assert not batch["meta"].padded
+    seen = _model_spans(monkeypatch, cfg, batch)
+    assert len(seen) == cfg.n_layers and all(s == d and s[1] - s[0] == N for s, d in seen)
+    seen = _model_spans(monkeypatch, cfg, collate(cfg, examples(cfg, 4)))
+    assert all(s is None and d is None for s, d in seen)
+
+
+# ---- the "cuda" backend behind its custom op (on CPU tensors: SDPA, flash-attn needs CUDA) -------
+
+
+def _cuda_on_cpu(monkeypatch):
+    """torch.cuda.device recorded instead of entered: the "cuda" launcher runs SDPA on CPU."""
+    entered = []
+
+    class Device:
+        def __init__(self, d):
+            entered.append(torch.device(d))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    return entered
+
+
+@pytest.mark.parametrize("span", [(3, 12), None])
+def test_cuda_backend_custom_op_matches_torch(monkeypatch, span):
+    """unif2ace::omni_attention over the "cuda" launcher: the torch backend's output, and the same
+    gradients through its backward (the launcher recomputed under autograd); the launcher enters
+    the tensors' device."""
+    entered = _cuda_on_cpu(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    B, L, H, Dh = 2, 17, 2, 16
+    is_img = torch.zeros(B, L, dtype=torch.bool)
+    is_img[:, 3:12] = True
+    limit = omni_limit(is_img)
+    valid = None if span else torch.rand(B, L, generator=g) > 0.2
+    cos, sin = rope_tables(B, L, 4, g)
+    q, k, v = (x.requires_grad_() for x in qkv(B, L, H, Dh))
+    go = torch.randn(B, L, H, Dh)
+    args = (limit, valid, cos, sin, 0.3, span)
+    out = _custom_ops.omni(q, k, v, *args, "cuda")
+    want = _backend.launcher("attention.omni", "torch")(q, k, v, *args)
+    assert out.is_contiguous() and torch.equal(out, want)
+    for a, b in zip(
+        torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(want, (q, k, v), go)
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert entered and set(entered) == {q.device}
+    op_args = (q, k, v, *args[:-1], None if span is None else list(span), "cuda")
+    torch.library.opcheck(torch.ops.unif2ace.omni_attention.default, op_args)
 
 
 # ---- validation: one test per rule ---------------------------------------------------------------

@@ -268,6 +268,156 @@ def test_linear_loss_bf16(backend):
     assert rel_err(gh, rh) < 3e-2 and rel_err(gw, rw) < 3e-2
 
 
+# ---- under torch.autocast ---------------------------------------------------------------------
+
+
+def _grads(loss, ins):
+    return torch.autograd.grad(loss, [t for t in ins if t is not None])
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.id in ("cpu", "torch")])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_loss_under_autocast(backend, reduction, bias):
+    """bf16 autocast: the LM head's inputs are cast to bf16 (the matmuls in bf16), the loss is
+    fp32, the gradients reach the fp32 inputs in fp32; exactly the op on bf16 inputs outside
+    autocast, and the fp32 op within bf16 rounding."""
+    dev = device_for(backend)
+    N, D, K = 45, 32, 257
+    h = torch.randn(N, D, device=dev).requires_grad_(True)
+    W = (torch.randn(K, D, device=dev) / math.sqrt(D)).requires_grad_(True)
+    b = (torch.randn(K, device=dev) * 0.1).requires_grad_(True) if bias else None
+    rows = make_rows(N, K, dev)
+    up = torch.rand(N, device=dev) if reduction == "none" else torch.tensor(1.0)
+    kw = dict(backend=backend, reduction=reduction, chunk_size=16)
+
+    def run(h, W, b):
+        loss = d3diff_linear_loss(h, W, *rows, 0.5, bias=b, **kw)
+        return loss, _grads((loss * up).sum(), (h, W, b))
+
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        loss, grads = run(h, W, b)
+    assert loss.dtype == torch.float32
+    assert [g.dtype for g in grads] == [torch.float32] * len(grads)
+    cast = [
+        t.detach().bfloat16().requires_grad_(True) if t is not None else None for t in (h, W, b)
+    ]
+    loss16, grads16 = run(*cast)  # the definition: the op on the autocast-dtype inputs
+    assert torch.equal(loss, loss16)
+    assert all(torch.equal(g, g16.float()) for g, g16 in zip(grads, grads16))
+    loss32, grads32 = run(h, W, b)
+    assert rel_err(loss, loss32) < 1e-2
+    assert all(rel_err(g, g32) < 3e-2 for g, g32 in zip(grads, grads32))
+
+
+def test_linear_loss_under_autocast_takes_mixed_dtypes():
+    """As F.linear under autocast: bf16 hidden states with an fp32 head, and float64 left alone."""
+    N, D, K = 9, 16, 33
+    rows = make_rows(N, K, "cpu")
+    h, W = torch.randn(N, D), torch.randn(K, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = d3diff_linear_loss(h.bfloat16(), W, *rows, 0.5)
+        f64 = d3diff_linear_loss(h.double(), W.double(), *rows, 0.5, backend="torch")
+    assert torch.equal(mixed, d3diff_linear_loss(h.bfloat16(), W.bfloat16(), *rows, 0.5))
+    plain = d3diff_linear_loss(h.double(), W.double(), *rows, 0.5, backend="torch")
+    assert mixed.dtype == torch.float32 and torch.equal(f64, plain)
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.id in ("cpu", "torch")])
+def test_loss_on_logits_under_autocast(backend):
+    """d3diff_loss casts nothing: bf16 logits from an autocast LM head are read as they are, the
+    loss is fp32 and the gradient has the logits' dtype."""
+    dev = device_for(backend)
+    N, D, K = 37, 16, 101
+    h, W = torch.randn(N, D, device=dev), torch.randn(K, D, device=dev) / 4
+    rows = make_rows(N, K, dev)
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        logits = (h @ W.T).requires_grad_(True)
+        loss = d3diff_loss(logits, *rows, 0.5, backend=backend)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    (g,) = torch.autograd.grad(loss, logits)
+    plain = logits.detach().requires_grad_(True)
+    loss_plain = d3diff_loss(plain, *rows, 0.5, backend=backend)
+    assert g.dtype == torch.bfloat16
+    assert torch.equal(loss, loss_plain)
+    assert torch.equal(g, torch.autograd.grad(loss_plain, plain)[0])
+
+
+# ---- GPU launchers: on the tensors' device ----------------------------------------------------
+
+
+def _current_device_mock(monkeypatch) -> list[int]:
+    """torch.cuda.device and current_device on this CPU-only torch: entering a device makes its
+    index current (``current[0]``), so a mocked launch can record where it would go."""
+    current = [0]
+
+    class Device:
+        def __init__(self, d):
+            self.idx = torch.device(d).index
+
+        def __enter__(self):
+            self.prev, current[0] = current[0], self.idx
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    return current
+
+
+def test_gpu_launchers_enter_the_tensors_device(monkeypatch):
+    """The "triton" and "cuda" launchers of the row kernel, on (fake) tensors of cuda:1 while
+    cuda:0 is current: every launch, the SM count and the workspace query happen on cuda:1."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from unif2ace.ops.d3diff_loss import _cpu as d3_cpu
+    from unif2ace.ops.d3diff_loss import _cuda as d3_cuda
+
+    tk = pytest.importorskip("unif2ace.triton_kernels.d3diff_loss")
+    current = _current_device_mock(monkeypatch)
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(("launch", current[0]))
+
+    for name in (
+        "_d3diff_loss_fwd_kernel",
+        "_d3diff_loss_partial_kernel",
+        "_d3diff_loss_split_grad_kernel",
+    ):
+        monkeypatch.setattr(tk, name, Kernel())
+    monkeypatch.setattr(tk, "_num_sms", lambda index: seen.append(("sms", index)) or 132)
+
+    class Ext:
+        def d3diff_loss_workspace_bytes(self, N, K):
+            seen.append(("workspace", current[0]))
+            return 64
+
+        def d3diff_loss_fwd(self, *args):
+            seen.append(("launch", current[0]))
+
+    monkeypatch.setattr(_backend, "cuda_ext", lambda: Ext())
+    monkeypatch.setattr(d3_cuda, "stream", lambda t: seen.append(("stream", t.device.index)))
+    monkeypatch.setattr(d3_cuda, "desc", lambda t: None)
+    monkeypatch.setattr(d3_cpu, "desc", lambda t: None)
+    split = tk.D3DiffConfig(block_k=64, num_warps=4, splits=2)
+    with FakeTensorMode():
+        dev = torch.device("cuda", 1)
+        N, K = 8, 300
+        logits = torch.empty(N, K, device=dev)
+        targets = torch.zeros(N, dtype=torch.int64, device=dev)
+        ratio, w_ce, w_se, loss = (torch.empty(N, device=dev) for _ in range(4))
+        args = (logits, targets, ratio, w_ce, w_se, 0.1, IGNORE, loss, torch.empty_like(logits))
+        for backend in ("triton", "cuda"):
+            _backend.launcher(KERNEL, backend)(*args, None)
+        tk.d3diff_loss_fwd(*args, config=split)
+    kinds = [k for k, _ in seen]
+    assert kinds.count("launch") == 4 and {"sms", "workspace", "stream"} <= set(kinds)
+    assert all(index == 1 for _, index in seen), seen
+
+
 # ---- op registration: opcheck and torch.compile --------------------------------------------------
 
 

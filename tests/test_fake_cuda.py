@@ -31,7 +31,6 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import (
     DataDependentOutputException,
-    DynamicOutputShapeException,
     FakeTensor,
     FakeTensorMode,
     unset_fake_temporarily,
@@ -44,7 +43,6 @@ from unif2ace import _backend, ops
 from unif2ace.models import UniF2ace, collate, get_config
 from unif2ace.models import unif2ace as model_module
 from unif2ace.models.layout import TASK_MMU, TASK_T2I, Example
-from unif2ace.ops.attention import _torch as attention_torch
 
 CUDA = torch.device("cuda", 0)
 MOE = [(True, True), (True, False), (False, True), (False, False)]
@@ -130,20 +128,9 @@ def _no_launch(kernel, backend, *args):
     raise AssertionError(f"a real launcher ran in fake mode: {kernel} on {backend}")
 
 
-def _no_split(limit, key_valid):
-    return None
-
-
-def _balance_stand_in(expert_counts, prob_sums, top_k, **kw):
-    return prob_sums.float().sum() * 0.0 + expert_counts.float().sum() * 0.0
-
-
 # The reads left in ops/ (each pinned by a strict xfail below): the model steps run with these
 # stand-ins, which take the same tensors and give the same shapes without reading
-OPS_READS = {
-    "split_span": (attention_torch, "split_span", _no_split),
-    "moe_balance_loss": (ops, "moe_balance_loss", _balance_stand_in),
-}
+OPS_READS: dict = {}
 
 
 @contextlib.contextmanager
@@ -321,80 +308,61 @@ def test_training_step_reads_nothing(monkeypatch, moe):
 # ---- what is left in ops/: each pinned by a strict xfail ------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DataDependentOutputException,
-    reason="ops: "
-    "attention/_torch.py split_span reads limit and key_valid (bool(key_valid.all()), "
-    "torch.equal, nonzero, int) in every layer; omni_attention should take the span "
-    "and 'no padding' as host values from the caller",
-)
-def test_omni_attention_reads_the_layout(monkeypatch):
-    cfg = small_cfg()
-    batch = collate(cfg, examples(cfg, 4))
-    with fake_cuda(monkeypatch, None, keep=("split_span",)):
-        _loss_step(cfg, batch)
+@pytest.mark.parametrize("engine", [None, "cuda"], ids=["torch", "cuda"])
+def test_omni_attention_reads_only_when_asked_to_find_the_span(monkeypatch, engine):
+    """Given the span (or None) as host values, omni_attention reads nothing on "torch" and
+    "cuda"; span="auto" finds it by reading limit and key_valid, as documented."""
+    B, L, H, Dh = 2, 12, 2, 8
+    with fake_cuda(monkeypatch, engine) as resolved:
+        q, k, v = (torch.empty(B, L, H, Dh, device=CUDA) for _ in range(3))
+        idx = torch.arange(L, device=CUDA)
+        limit = torch.where((idx >= 3) & (idx < 9), 9, idx + 1).expand(B, L).to(torch.int32)
+        for span in ((3, 9), (0, 0), None):
+            assert ops.omni_attention(q, k, v, limit, span=span).shape == (B, L, H, Dh)
+        valid = torch.ones(B, L, dtype=torch.bool, device=CUDA)
+        assert ops.omni_attention(q, k, v, limit, valid, span=None).shape == (B, L, H, Dh)
+        with pytest.raises(DataDependentOutputException):
+            ops.omni_attention(q, k, v, limit, valid)
+    assert set(resolved) == {engine or "torch"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DynamicOutputShapeException,
-    reason="ops: "
-    "moe_balance_loss: torch.repeat_interleave(arange(G), sizes) without "
-    "output_size reads the sizes (and copies them host -> device every call)",
-)
 def test_moe_balance_loss_reads(monkeypatch):
+    """The balance loss reads nothing: its expert -> group map and coefficients are constants of
+    the config, cached per device (no data-dependent size, no host -> device copy per call)."""
     cfg = small_cfg(token_moe=True)
     batch = collate(cfg, examples(cfg, 4))
-    with fake_cuda(monkeypatch, None, keep=("moe_balance_loss",)):
+    with fake_cuda(monkeypatch, None):
         _loss_step(cfg, batch)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="ops: omni_attention on 'cuda' "
-    "calls the 'attention.omni' launcher directly (flash-attn / SDPA under "
-    "torch.cuda.device, split_span's reads): no custom op, so no fake",
-)
-def test_omni_attention_cuda_backend_has_no_fake(monkeypatch):
-    cfg = small_cfg()
-    batch = collate(cfg, examples(cfg, 4))
-    with fake_cuda(monkeypatch, "cuda"):
-        _loss_step(cfg, batch)
-
-
-def test_cuda_backends_fakes_once_attention_is_set_aside(monkeypatch):
-    """With "cuda" available, every other op runs its custom op's fake; the attention launcher is
-    let through (its torch.cuda.device made a no-op) until it has a fake of its own."""
+def test_cuda_backend_runs_fakes(monkeypatch):
+    """With "cuda" available, every op runs its custom op's fake (omni_attention's
+    unif2ace::omni_attention included): no launcher runs, flash-attn and torch.cuda.device
+    are never reached."""
     cfg = small_cfg(cond_drop=0.5)
     batch, gen = collate(cfg, examples(cfg, 6)), _generation_batches(cfg)
-    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
-    with fake_cuda(monkeypatch, "cuda", allow=[("attention.omni", "cuda")]) as resolved:
+    with fake_cuda(monkeypatch, "cuda") as resolved:
         _loss_step(cfg, batch)
         _generation_steps(cfg, *gen)
     assert "cuda" in resolved
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DataDependentOutputException,
-    reason="ops: omni_limit's "
-    "contiguity check bool(...all()) reads is_image; skip it when checks are off "
-    "(the model computes the limit itself meanwhile)",
-)
-def test_omni_limit_reads(monkeypatch):
+def test_omni_limit_reads_only_with_checks(monkeypatch):
+    """omni_limit's contiguity check reads is_image: only with the value checks on."""
     with fake_cuda(monkeypatch, None):
-        ops.omni_limit(torch.zeros(2, 8, dtype=torch.bool, device=CUDA))
+        is_image = torch.zeros(2, 8, dtype=torch.bool, device=CUDA)
+        assert ops.omni_limit(is_image).shape == (2, 8)
+        unif2ace.set_checks(True)
+        with pytest.raises(DataDependentOutputException):
+            ops.omni_limit(is_image)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DataDependentOutputException,
-    reason="ops: "
-    "schedules.schedule's value check (isfinite / range of t) reads t even with "
-    "set_checks(False) (the model evaluates it on the host meanwhile)",
-)
-def test_schedule_reads(monkeypatch):
+def test_schedule_reads_only_with_checks(monkeypatch):
+    """schedule's value check on t (finite, in [0, 1]) reads t: only with the value checks on."""
     with fake_cuda(monkeypatch, None):
-        ops.schedule(torch.zeros(3, device=CUDA))
+        t = torch.zeros(3, device=CUDA)
+        assert ops.schedule(t).ratio.shape == (3,)
+        assert all(w.shape == (3,) for w in ops.d3diff_weights(t, torch.ones(3, device=CUDA)))
+        unif2ace.set_checks(True)
+        with pytest.raises(DataDependentOutputException):
+            ops.schedule(t)

@@ -140,6 +140,32 @@ def test_bf16(backend):
         assert rel_err(g, gr) < 3e-2
 
 
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.id in ("torch", "cpu")])
+def test_under_autocast(backend):
+    """bf16 autocast: the matmuls on bf16 copies of hidden, weight and bias, the loss in fp32,
+    the gradients in the inputs' dtype (fp32); the op on bf16 inputs exactly, fp32 within bf16."""
+    hidden, weight, b, targets = make_inputs(64, 257, 32, "cpu", bias=True)
+    weights = torch.rand(64) + 0.1
+
+    def run(*ins):
+        loss = fused_linear_cross_entropy(
+            ins[0], ins[1], targets, weights, bias=ins[2], backend=backend, chunk_size=16
+        )
+        return loss, torch.autograd.grad(loss, ins)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = run(hidden, weight, b)
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    loss16, grads16 = run(
+        *(t.detach().bfloat16().requires_grad_(True) for t in (hidden, weight, b))
+    )
+    assert torch.equal(loss, loss16)
+    assert all(torch.equal(g, g16.float()) for g, g16 in zip(grads, grads16, strict=True))
+    loss32, grads32 = run(hidden, weight, b)
+    assert rel_err(loss, loss32) < 1e-2
+    assert all(rel_err(g, g32) < 3e-2 for g, g32 in zip(grads, grads32, strict=True))
+
+
 def test_exported_from_ops():
     assert ops.fused_linear_cross_entropy is fused_linear_cross_entropy
     assert "fused_linear_cross_entropy" in ops.__all__

@@ -398,11 +398,26 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _on_tensor_device(launch):
+    """Run ``launch`` with its first argument's CUDA device current: a Triton launch goes to the
+    current device and its current stream, whatever device the tensors are on."""
+
+    @functools.wraps(launch)
+    def run(t: torch.Tensor, *args, **kwargs):
+        if not t.is_cuda:
+            return launch(t, *args, **kwargs)
+        with torch.cuda.device(t.device):
+            return launch(t, *args, **kwargs)
+
+    return run
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(f"d3diff_loss_fwd: {msg}")
 
 
+@_on_tensor_device
 def d3diff_loss_fwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -433,7 +448,8 @@ def d3diff_loss_fwd(
     grad_scale : None or [N] fp32: each gradient row is multiplied by it (the loss is not).
     config : force a launch configuration (tests); None picks one with :func:`_pick_config`.
 
-    Launches asynchronously on the current stream; no host synchronisation.
+    Launches asynchronously on the logits' device (made current) and its current stream; no host
+    synchronisation.
     """
     _check(logits.dim() == 2, f"logits must be [N, K], got {tuple(logits.shape)}")
     N, K = logits.shape
@@ -463,8 +479,8 @@ def d3diff_loss_fwd(
     interpret = _interpreted()
     if config is None:
         num_sms = _DEFAULT_NUM_SMS
-        if logits.is_cuda:
-            num_sms = _num_sms(logits.device.index or torch.cuda.current_device())
+        if logits.is_cuda:  # the logits' device: current here (_on_tensor_device)
+            num_sms = _num_sms(torch.cuda.current_device())
         config = _pick_config(N, K, logits.dtype, interpret, num_sms)
 
     has_grad = grad is not None

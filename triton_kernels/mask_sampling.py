@@ -222,6 +222,20 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _on_tensor_device(launch):
+    """Run ``launch`` with its first argument's CUDA device current: a Triton launch goes to the
+    current device and its current stream, whatever device the tensors are on."""
+
+    @functools.wraps(launch)
+    def run(t: torch.Tensor, *args, **kwargs):
+        if not t.is_cuda:
+            return launch(t, *args, **kwargs)
+        with torch.cuda.device(t.device):
+            return launch(t, *args, **kwargs)
+
+    return run
+
+
 def _launch_select(
     conf,
     n,
@@ -256,6 +270,7 @@ def _launch_select(
     )
 
 
+@_on_tensor_device
 def mask_tokens_fwd(
     ids: torch.Tensor,
     gamma: torch.Tensor,
@@ -300,6 +315,7 @@ def mask_tokens_fwd(
         raise ValueError(f"mask_tokens_fwd: mode must be 0 (count) or 1 (bernoulli), got {mode}")
 
 
+@_on_tensor_device
 def maskgit_step_fwd(
     logits: torch.Tensor,
     uncond: torch.Tensor | None,
@@ -335,8 +351,8 @@ def maskgit_step_fwd(
     interpret = triton_interpreted()
     if config is None:
         num_sms = _DEFAULT_NUM_SMS
-        if logits.is_cuda:
-            num_sms = _num_sms(logits.device.index or torch.cuda.current_device())
+        if logits.is_cuda:  # the logits' device: current here (_on_tensor_device)
+            num_sms = _num_sms(torch.cuda.current_device())
         config = _pick_step_config(n_pos, K, logits.dtype, interpret, num_sms)
     has_uncond = uncond is not None
     unc = uncond if has_uncond else logits

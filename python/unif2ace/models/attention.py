@@ -6,12 +6,14 @@ Token ``i`` may attend to key ``j`` when
 
 or ``j == i`` (one image per row, its tokens one contiguous span ``[s, e)``; padding keys are never
 attended; a padding query attends to itself so no row is empty). That is the per-query key limit
-``e`` for the image tokens and ``i + 1`` for the others (:func:`unif2ace.ops.omni_limit`; the model computes it once per forward), so every
-forward pass is one call of :func:`unif2ace.ops.omni_attention`, whose backend decides how: the C++
-kernel on CPU fp32 (rotary inside, no copies), SDPA under ``use_backend("torch")`` (two calls when
-every row has its image at the same place and no padding, else the boolean mask), flash-attn on
-CUDA fp16 / bf16 for that same layout. :meth:`Attention.decode` (one new token against the KV
-cache) is the same op with one query and the cached keys.
+``e`` for the image tokens and ``i + 1`` for the others (:func:`unif2ace.ops.omni_limit`; the
+model computes it once per forward), so every forward pass is one call of
+:func:`unif2ace.ops.omni_attention`, whose backend decides how: the C++ kernel on CPU fp32 (rotary
+inside, no copies), SDPA under ``use_backend("torch")`` (two calls when every row has its image at
+the same place and no padding, else the boolean mask), flash-attn on CUDA fp16 / bf16 for that same
+layout. Whether the batch has that layout the model knows from its host metadata; it passes it as
+the op's ``span``, so no layer reads it back from the device. :meth:`Attention.decode` (one new
+token against the KV cache) is the same op with one query and the cached keys.
 """
 
 from __future__ import annotations
@@ -59,10 +61,11 @@ class Attention(nn.Module):
         self.dense = nn.Linear(D, D)
         self.rotary = Rotary(int(cfg.head_dim * cfg.rotary_frac), cfg.rope_theta)
 
-    def forward(self, x, positions, limit, key_valid, cache: dict | None = None):
+    def forward(self, x, positions, limit, key_valid, cache: dict | None = None, span="auto"):
         """x ``[B, L, D]``; positions, limit (int32, :func:`unif2ace.ops.omni_limit`) and key_valid
         (bool or None) ``[B, L]``. ``cache``: a dict that receives this layer's rotated keys and
-        values ``[B, H, L, Dh]`` (prefill)."""
+        values ``[B, H, L, Dh]`` (prefill). ``span``: the layout as host values, ``(s, e)`` or
+        None, as :func:`unif2ace.ops.omni_attention` takes it ("auto": the op reads it)."""
         B, L, D = x.shape
         shape = (B, L, self.n_heads, self.head_dim)
         q, k, v = (
@@ -70,12 +73,13 @@ class Attention(nn.Module):
         )  # [B, L, H, Dh]
         if cache is None:  # rotary inside the op (inside the kernel on CPU)
             rot = self.rotary.tables(positions) if self.rotary.rot_dim else None
-            o = ops.omni_attention(q, k, v, limit, key_valid, rotary=rot)
+            o = ops.omni_attention(q, k, v, limit, key_valid, span=span, rotary=rot)
         else:  # prefill: the cache keeps the rotated keys
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             q, k = self.rotary(q, positions), self.rotary(k, positions)  # [B, H, L, Dh]
             cache["k"], cache["v"] = k, v
-            o = ops.omni_attention(*(t.transpose(1, 2) for t in (q, k, v)), limit, key_valid)
+            qkv = (t.transpose(1, 2) for t in (q, k, v))
+            o = ops.omni_attention(*qkv, limit, key_valid, span=span)
         return self.dense(o.reshape(B, L, D))
 
     def decode(self, x, positions, cache: dict, key_valid):
@@ -92,5 +96,5 @@ class Attention(nn.Module):
         Lk = cache["k"].shape[2]
         limit = torch.full((B, 1), Lk, dtype=torch.int32, device=x.device)  # causal: every key
         kt, vt = cache["k"].transpose(1, 2), cache["v"].transpose(1, 2)
-        o = ops.omni_attention(q.transpose(1, 2), kt, vt, limit, key_valid)  # [B, 1, H, Dh]
+        o = ops.omni_attention(q.transpose(1, 2), kt, vt, limit, key_valid, span=None)
         return self.dense(o.reshape(B, 1, D))

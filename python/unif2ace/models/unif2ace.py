@@ -51,7 +51,9 @@ class Block(nn.Module):
     def forward(self, x, ctx: dict, cache: dict | None = None):
         B, L, D = x.shape
         h = self.input_layernorm(x)
-        a = self.self_attn(h, ctx["positions"], ctx["limit"], ctx["key_valid"], cache)
+        a = self.self_attn(
+            h, ctx["positions"], ctx["limit"], ctx["key_valid"], cache, span=ctx["span"]
+        )
         # the MLP branch runs on the valid tokens only (padding is neither computed nor routed)
         sel = ctx["valid_flat"]
         m_valid, aux = self.mlp(h.reshape(B * L, D)[sel], ctx["group_flat"])
@@ -241,6 +243,8 @@ class UniF2ace(nn.Module):
             "positions": positions_of(valid),
             "limit": torch.where(is_image, end[:, None], idx + 1).to(torch.int32),
             "key_valid": valid if meta.padded else None,
+            # omni_attention's span: every row's image at the same place and no padding
+            "span": meta.image[0] if not meta.padded and len(set(meta.image)) == 1 else None,
             "valid_flat": valid_flat,
             "group_flat": group,  # token MoE group: 0 understanding, 1 generation
             "pool": batch["pool"] & valid,

@@ -16,72 +16,19 @@ Mask sampling: :func:`mask_tokens` (training-time masking), :func:`sample_times`
 :func:`maskgit_step` (the fused decode step) and :func:`maskgit_decode` (the decode loop).
 """
 
+import importlib
+
 from unif2ace.ops import schedules
-from unif2ace.ops.attention import omni_attention, omni_attention_ref, omni_limit
-from unif2ace.ops.d3diff_loss import (  # D3Diff loss
-    d3diff_linear_loss,
-    d3diff_linear_loss_ref,
-    d3diff_loss,
-    d3diff_loss_ref,
-    fused_linear_cross_entropy,
-    fused_linear_cross_entropy_ref,
-)
-from unif2ace.ops.mask_sampling import (  # mask sampling
-    mask_tokens,
-    mask_tokens_ref,
-    maskgit_decode,
-    maskgit_step,
-    maskgit_step_ref,
-    sample_times,
-)
-from unif2ace.ops.moe import (  # grouped MoE dispatch
-    MoEPlan,
-    MoERouting,
-    moe_balance_loss,
-    moe_combine,
-    moe_mlp,
-    moe_mlp_grouped_mm,
-    moe_mlp_ref,
-    moe_permute,
-    moe_plan,
-    moe_route,
-    moe_route_ref,
-    moe_shared_experts,
-    moe_z_loss,
-)
+from unif2ace.ops.attention import *  # noqa: F403  (each family's __all__ is its public API)
+from unif2ace.ops.d3diff_loss import *  # noqa: F403
+from unif2ace.ops.mask_sampling import *  # noqa: F403
+from unif2ace.ops.moe import *  # noqa: F403
 from unif2ace.ops.schedules import DEFAULT_ALPHA, d3diff_weights, schedule
 
-__all__ = [
-    "DEFAULT_ALPHA",
-    "d3diff_linear_loss",
-    "d3diff_linear_loss_ref",
-    "d3diff_loss",
-    "d3diff_loss_ref",
-    "d3diff_weights",
-    "fused_linear_cross_entropy",
-    "fused_linear_cross_entropy_ref",
-    "mask_tokens",  # mask sampling
-    "mask_tokens_ref",
-    "maskgit_decode",
-    "maskgit_step",
-    "maskgit_step_ref",
-    "sample_times",
-    "MoEPlan",  # grouped MoE dispatch
-    "MoERouting",
-    "moe_balance_loss",
-    "moe_combine",
-    "moe_mlp",
-    "moe_mlp_grouped_mm",
-    "moe_mlp_ref",
-    "moe_permute",
-    "moe_plan",
-    "moe_route",
-    "moe_route_ref",
-    "moe_shared_experts",
-    "moe_z_loss",
-    "omni_attention",  # omni-attention
-    "omni_attention_ref",
-    "omni_limit",
-    "schedule",
-    "schedules",
+# The families' modules by name: `unif2ace.ops.d3diff_loss` the attribute is the function.
+FAMILIES = ("attention", "d3diff_loss", "mask_sampling", "moe")
+__all__ = ["DEFAULT_ALPHA", "d3diff_weights", "schedule", "schedules"] + [
+    name
+    for family in FAMILIES
+    for name in importlib.import_module(f"unif2ace.ops.{family}").__all__
 ]

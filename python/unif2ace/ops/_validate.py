@@ -43,7 +43,9 @@ def check_index_range(
     if bool(bad.any()):
         first = int(idx[bad][0])
         allowed = f"[0, {upper})" + (f" or {ignore_index}" if ignore_index is not None else "")
-        raise ValueError(f"{op}: {name} has {int(bad.sum())} entries outside {allowed}, e.g. {first}")
+        raise ValueError(
+            f"{op}: {name} has {int(bad.sum())} entries outside {allowed}, e.g. {first}"
+        )
 
 
 def check_finite(t: torch.Tensor, op: str, name: str, nonnegative: bool = False) -> None:

@@ -1,11 +1,13 @@
 """The "cuda" launcher of omni-attention: flash-attn's kernels for the split layout.
 
-When :func:`~unif2ace.ops.attention._torch.split_span` finds the split layout (every row with the
-same image span ``[s, e)``, no padding) and flash-attn takes the tensors (CUDA, fp16 / bf16), the
-attention is two ``flash_attn_func`` calls: causal over the whole sequence, then non-causal for the
-queries ``[s, e)`` over the keys ``[0, e)``, which overwrites those rows. Otherwise the "torch"
-launcher's SDPA (which has its own CUDA kernels). There is no CUDA kernel of the per-query limit
-rule yet. Contract: the module docstring of :mod:`unif2ace.ops.attention._torch`.
+Given a ``span`` (every row with the same image span ``[s, e)``, no padding: host values from the
+caller) and tensors flash-attn takes (CUDA, fp16 / bf16), the attention is two ``flash_attn_func``
+calls: causal over the whole sequence, then non-causal for the queries ``[s, e)`` over the keys
+``[0, e)``, which overwrites those rows. Otherwise the "torch" launcher's SDPA (which has its own
+CUDA kernels). There is no CUDA kernel of the per-query limit rule yet. The launcher is
+differentiable through flash-attn's and SDPA's own autograd; the public op runs it inside the
+custom op ``unif2ace::omni_attention`` (:mod:`._custom_ops`), so fake tensors and torch.compile
+never reach it. Contract: the module docstring of :mod:`unif2ace.ops.attention._torch`.
 """
 
 from __future__ import annotations
@@ -36,10 +38,9 @@ def flash_available(x: torch.Tensor) -> bool:
 
 
 @_backend.register("attention.omni", "cuda")
-def omni(q, k, v, limit, key_valid, cos, sin, scale):
+def omni(q, k, v, limit, key_valid, cos, sin, scale, span):
     with torch.cuda.device(q.device):
         qt, kt, vt = _torch.rotated_heads_first(q, k, v, cos, sin)
-        span = _torch.split_span(limit, key_valid) if q.shape[1] == k.shape[1] else None
         if span is None or not flash_available(q):
             return _torch.sdpa(qt, kt, vt, limit, key_valid, span, scale).transpose(1, 2)
         flash = _flash_attn_func()

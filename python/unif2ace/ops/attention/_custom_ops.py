@@ -1,9 +1,20 @@
 """The omni-attention custom ops: torch.library registration, fakes and autograd.
 
-``unif2ace::omni_attention_fwd`` runs the ``"attention.omni_fwd"`` launcher of its ``backend``
-(writing the output and the log-sum-exp), ``unif2ace::omni_attention_bwd`` the
-``"attention.omni_bwd"`` launcher; autograd connects them, and torch.compile sees only their
-fakes. The "cpu" backend's ``"attention.omni"`` entry (what the public op calls) is this pair.
+Every backend but "torch" (plain PyTorch, which traces and fakes by itself) runs behind custom ops,
+so torch.compile and fake tensors see only their fakes and never reach a real kernel
+(:func:`omni` chooses):
+
+* the backends with the kernel pair (``"attention.omni_fwd"`` / ``"attention.omni_bwd"``: "cpu"):
+  ``unif2ace::omni_attention_fwd`` runs the forward kernel (writing the output and the
+  log-sum-exp), ``unif2ace::omni_attention_bwd`` the backward kernel; autograd connects them. The
+  "cpu" backend's ``"attention.omni"`` launcher is this pair.
+* the others ("cuda", whose ``"attention.omni"`` launcher is flash-attn or SDPA, differentiable
+  by their own autograd): ``unif2ace::omni_attention`` runs that launcher without autograd; its
+  autograd formula runs the launcher again under autograd and differentiates it (flash-attn's
+  and SDPA's own backward kernels). The backward so recomputes the forward once (as activation
+  checkpointing does): the price of not reaching into flash-attn's private forward / backward
+  functions for the log-sum-exp they exchange, which differ between its versions.
+
 Contract: :mod:`unif2ace.ops.attention._torch`.
 """
 
@@ -103,5 +114,66 @@ def kernel_pair(q, k, v, limit, key_valid, cos, sin, scale, backend: str) -> tor
 
 
 @_backend.register("attention.omni", "cpu")
-def omni_cpu(q, k, v, limit, key_valid, cos, sin, scale):
-    return kernel_pair(q, k, v, limit, key_valid, cos, sin, scale, "cpu")
+def omni_cpu(q, k, v, limit, key_valid, cos, sin, scale, span):
+    return kernel_pair(q, k, v, limit, key_valid, cos, sin, scale, "cpu")  # needs no span
+
+
+# ---- the backends with a whole-attention launcher ("cuda"): one custom op, recomputed backward ----
+
+
+@torch.library.custom_op("unif2ace::omni_attention", mutates_args=())
+def omni_launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    limit: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    scale: float,
+    span: list[int] | None,
+    backend: str,
+) -> torch.Tensor:
+    """``out [B, Lq, H, Dh]`` (contiguous) of the backend's ``"attention.omni"`` launcher."""
+    launch = _backend.launcher("attention.omni", backend)  # no autograd in a custom op's body
+    return launch(q, k, v, limit, key_valid, cos, sin, scale, _span(span)).contiguous()
+
+
+@omni_launch.register_fake
+def _(q, k, v, limit, key_valid, cos, sin, scale, span, backend):
+    return q.new_empty(q.shape)
+
+
+def _span(span: list[int] | None) -> tuple[int, int] | None:
+    return None if span is None else (int(span[0]), int(span[1]))
+
+
+def _launch_setup(ctx, inputs, output):
+    q, k, v, limit, key_valid, cos, sin, scale, span, backend = inputs
+    ctx.scale, ctx.span, ctx.backend = scale, span, backend
+    ctx.save_for_backward(q, k, v, limit, key_valid, cos, sin)
+
+
+def _launch_backward(ctx, grad_out):
+    """The launcher run again under autograd and differentiated: ``dq, dk, dv``. Plain Python, not
+    a custom op: autograd is off inside a custom op's body."""
+    q, k, v, limit, key_valid, cos, sin = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = _backend.launcher("attention.omni", ctx.backend)(
+            *leaves, limit, key_valid, cos, sin, ctx.scale, _span(ctx.span)
+        )
+        dq, dk, dv = torch.autograd.grad(out, leaves, grad_out)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+omni_launch.register_autograd(_launch_backward, setup_context=_launch_setup)
+
+
+def omni(q, k, v, limit, key_valid, cos, sin, scale, span, backend: str) -> torch.Tensor:
+    """``out [B, Lq, H, Dh]`` of a backend other than "torch", behind its custom ops (the module
+    docstring); ``span`` None or ``(s, e)`` as the launcher contract says."""
+    if backend in _backend.implemented("attention.omni_fwd"):
+        return kernel_pair(q, k, v, limit, key_valid, cos, sin, scale, backend)
+    span = None if span is None else list(span)
+    return omni_launch(q, k, v, limit, key_valid, cos, sin, scale, span, backend)

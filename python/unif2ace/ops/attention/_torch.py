@@ -12,15 +12,20 @@ the un-rotated q and k. ``scale`` is a float.
 
 Three kernels::
 
-    "attention.omni"      (q, k, v, limit, key_valid, cos, sin, scale) -> out [B, L, H, Dh]
+    "attention.omni"      (q, k, v, limit, key_valid, cos, sin, scale, span) -> out [B, L, H, Dh]
     "attention.omni_fwd"  (q, k, v, limit, key_valid, cos, sin, scale, out, lse) -> None
     "attention.omni_bwd"  (q, k, v, out, lse, grad_out, limit, key_valid, cos, sin, scale,
                            dq, dk, dv) -> None
 
-* ``"attention.omni"`` is what :func:`unif2ace.ops.omni_attention` calls: the whole attention,
-  differentiable, returning its output (any strides). ``key_valid`` is bool or None, ``cos, sin``
-  as given by the caller. Registered by "torch" (this module: SDPA), "cuda" (``_cuda``: flash-attn
-  when it applies) and "cpu" (``_custom_ops``: the custom-op pair over the two kernels below).
+* ``"attention.omni"`` is the whole attention, differentiable (autograd through it gives the
+  gradients of q, k and v), returning its output (any strides). ``key_valid`` is bool or None,
+  ``cos, sin`` as given by the caller. ``span`` is None or a pair of host ints ``(s, e)``: the
+  caller's statement that every row's limits are ``e`` on ``[s, e)`` and ``i + 1`` elsewhere and
+  that every key is valid (``key_valid`` None, ``Lq = Lk``); a launcher may use it and never
+  reads the layout from the tensors. Registered by "torch" (this module: SDPA, which
+  :func:`unif2ace.ops.omni_attention` calls as it is), "cuda" (``_cuda``: flash-attn when it
+  applies, which the public op runs inside the custom op ``unif2ace::omni_attention``, see
+  ``_custom_ops``) and "cpu" (``_custom_ops``: the custom-op pair over the two kernels below).
 * ``"attention.omni_fwd"`` / ``"attention.omni_bwd"`` are the kernels behind the custom ops
   ``unif2ace::omni_attention_fwd`` / ``_bwd`` (autograd between them). Inputs as above with
   ``limit`` int32 and ``key_valid`` uint8 ``[B, L]`` contiguous, ``cos, sin`` float32 contiguous.
@@ -31,11 +36,12 @@ Three kernels::
   the C++ kernel) and "torch" (this module: the executable spec, explicit softmax).
 
 Backends of ``"attention.omni"``: "torch" runs :func:`torch.nn.functional.scaled_dot_product_attention`
-on the ``[B, H, L, Dh]`` views. When the layout allows (:func:`split_span`: every row has the same
-limits, of the form ``e`` on ``[s, e)`` and ``i + 1`` elsewhere, and every key is valid, e.g. a
-batch of Show-o rows with the image at the same place and no padding) it makes two calls, one
-causal over the whole sequence and one non-causal for the queries ``[s, e)`` over the keys
-``[0, e)``, which overwrites those rows; otherwise one call with the boolean mask.
+on the ``[B, H, L, Dh]`` views. Given a ``span`` (every row has the same limits, of the form ``e``
+on ``[s, e)`` and ``i + 1`` elsewhere, and every key is valid, e.g. a batch of Show-o rows with the
+image at the same place and no padding) it makes two calls, one causal over the whole sequence and
+one non-causal for the queries ``[s, e)`` over the keys ``[0, e)``, which overwrites those rows;
+otherwise one call with the boolean mask. :func:`split_span` finds the span by reading the tensors
+(what :func:`unif2ace.ops.omni_attention` does when its caller does not say).
 """
 
 from __future__ import annotations
@@ -92,11 +98,9 @@ def sdpa(qt, kt, vt, limit, key_valid, span, scale):
 
 
 @_backend.register("attention.omni", "torch")
-def omni(q, k, v, limit, key_valid, cos, sin, scale):
+def omni(q, k, v, limit, key_valid, cos, sin, scale, span):
     qt, kt, vt = rotated_heads_first(q, k, v, cos, sin)
-    span = split_span(limit, key_valid) if q.shape[1] == k.shape[1] else None
-    out = sdpa(qt, kt, vt, limit, key_valid, span, scale)
-    return out.transpose(1, 2)
+    return sdpa(qt, kt, vt, limit, key_valid, span, scale).transpose(1, 2)
 
 
 # ---- the executable spec of the two kernels (explicit softmax, float32 or wider) ---------------

@@ -96,7 +96,9 @@ def d3diff_loss(
     Tensor: float32 scalar or [N]. Gradient flows to ``logits`` only.
 
     Formula: ``ℓ = w_ce·CE + α·w_se·a·(CE + e^u − 1 − u)``, ``CE = LSE − z[x0]``,
-    ``u = LSE − log K``. Accumulation in fp32 on every backend. The fused backends read the
+    ``u = LSE − log K``. Accumulation in fp32 on every backend. Autocast: nothing is cast (there
+    is no matmul here); the logits are read in their own dtype (e.g. bf16 from an autocast LM
+    head), the loss is fp32 and the gradient has the logits' dtype. The fused backends read the
     logits once in the forward (loss only) and once in the backward, which writes the gradient
     scaled by the incoming gradient in the same pass: the returned [N, K] gradient is the only
     [N, K] allocation, and nothing [N, K] is kept between forward and backward.
@@ -157,9 +159,17 @@ def d3diff_linear_loss(
     ``loss = Σ_rows ℓ(hidden @ weight.T + bias)`` with ``ℓ`` as in :func:`d3diff_loss`. Peak extra
     memory is one [C, K] logits block plus the gradient buffers ([N, D], [K, D] in fp32), instead
     of the [N, K] logits and the loss's temporaries.
+    Autocast: under ``torch.autocast`` for ``hidden``'s device, ``hidden``, ``weight`` and
+    ``bias`` are cast to the autocast dtype (as autocast casts ``F.linear``'s inputs; float64 is
+    left alone), so the LM head's matmuls run in bf16 / fp16 with fp32 accumulation (tensor
+    cores on a GPU), each [C, K] logits block is in that dtype, and the loss and the softmax over
+    it are computed in fp32 by the row kernel: the loss is fp32. The casts are differentiable, so
+    the gradients reach the inputs in the inputs' own dtypes (fp32 parameters get fp32
+    gradients). The op itself runs with autocast off.
     """
     op = "d3diff_linear_loss"
     _check_common(alpha, reduction, op)
+    hidden, weight, bias = _autocast_head(hidden, weight, bias)
     name = _check_linear(op, hidden, weight, bias, backend)
     N = hidden.shape[0]
     rows = _prepare_rows(op, N, hidden.device, targets, ratio=ratio, w_ce=w_ce, w_se=w_se)
@@ -212,9 +222,12 @@ def fused_linear_cross_entropy(
 
     The same chunked kernel as :func:`d3diff_linear_loss` with α = 0 (its score-entropy term off,
     ratio unused): only a [C, V] block of logits exists at a time, accumulation in float32.
+    Under ``torch.autocast`` the matmuls run in the autocast dtype and the loss in fp32, as in
+    :func:`d3diff_linear_loss`.
     """
     op = "fused_linear_cross_entropy"
     _check_common(0.0, reduction, op)
+    hidden, weight, bias = _autocast_head(hidden, weight, bias)
     name = _check_linear(op, hidden, weight, bias, backend)
     N = hidden.shape[0]
     if weights is None:
@@ -257,6 +270,23 @@ def _prepare_rows(op, N, device, targets, **floats):
             raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
     f32 = (t.to(torch.float32).contiguous() for t in floats.values())
     return targets.to(torch.int64).contiguous(), *f32
+
+
+def _autocast_head(hidden, weight, bias):
+    """Under autocast for ``hidden``'s device: the floating inputs of the LM head other than
+    float64 cast to the autocast dtype (what autocast does to ``F.linear``), else unchanged."""
+    if not isinstance(hidden, torch.Tensor):
+        return hidden, weight, bias  # _check_linear reports it
+    dev = hidden.device.type
+    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point()
+        return t.to(dtype) if eligible and t.dtype != torch.float64 else t
+
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def _check_linear(op, hidden, weight, bias, backend) -> str:

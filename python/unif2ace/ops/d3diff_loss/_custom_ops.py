@@ -17,9 +17,15 @@ Every op here runs the row kernel ``"d3diff_loss.fwd"`` through
   (3 matmuls in all) and scaled in the backward. reduction="none": the forward keeps only the
   inputs and the backward recomputes each chunk with the incoming per-row gradient (4 matmuls, same
   memory).
+
+Autocast: the custom ops register no autocast rule; their bodies run with autocast off, so the
+launchers and the LM head's matmuls see the inputs' own dtypes (the public linear losses cast
+those to the autocast dtype first, see :func:`unif2ace.ops.d3diff_linear_loss`).
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +53,14 @@ def check_values(op, K, targets, ratio, w_ce, w_se, ignore_index):
     check_finite(w_se, op, "w_se")
 
 
+def _autocast_off(t: torch.Tensor):
+    """Autocast off for ``t``'s device type inside a custom op's body."""
+    dev = t.device.type
+    if not torch.amp.is_autocast_available(dev):  # e.g. meta tensors
+        return nullcontext()
+    return torch.autocast(dev, enabled=False)
+
+
 # ---- d3diff_loss: the loss on given logits -------------------------------------------------------
 
 
@@ -62,7 +76,8 @@ def d3diff_loss_fwd(
     """Per-row loss [N] fp32 of logits [N, K]; rows = [targets, ratio, w_ce, w_se]."""
     check_values("d3diff_loss", logits.shape[1], *rows, ignore_index)
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    _backend.launcher(KERNEL, backend)(logits, *rows, alpha, ignore_index, loss, None, None)
+    with _autocast_off(logits):
+        _backend.launcher(KERNEL, backend)(logits, *rows, alpha, ignore_index, loss, None, None)
     return loss
 
 
@@ -95,7 +110,8 @@ def _write_grad(grad, grad_rows, logits, rows, alpha, ignore_index, backend):
     """The row kernel writing ``grad``, each row scaled by ``grad_rows`` (its loss is discarded)."""
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     scale = grad_rows.to(torch.float32).contiguous()
-    _backend.launcher(KERNEL, backend)(logits, *rows, alpha, ignore_index, loss, grad, scale)
+    with _autocast_off(logits):
+        _backend.launcher(KERNEL, backend)(logits, *rows, alpha, ignore_index, loss, grad, scale)
 
 
 def _d3diff_loss_setup(ctx, inputs, output):
@@ -182,7 +198,7 @@ def d3diff_linear_loss(
     if grad_rows is None:  # a forward; a backward's inputs were checked by its forward
         check_values(op, weight.shape[0], *rows, ignore_index)
     scale = None if grad_rows is None else grad_rows.to(torch.float32).contiguous()
-    with torch.no_grad():
+    with torch.no_grad(), _autocast_off(hidden):
         loss, *grads = _linear_chunks(
             hidden, weight, bias, rows, alpha, ignore_index, chunk, backend, scale, compute_grad
         )

@@ -1,4 +1,6 @@
-"""The "triton" launcher of the D3Diff row kernel: :mod:`unif2ace.triton_kernels.d3diff_loss`.
+"""The "triton" launcher of the D3Diff row kernel: :mod:`unif2ace.triton_kernels.d3diff_loss`,
+whose launch function makes the logits' device current (a Triton launch goes to the current
+device and its current stream).
 
 Contract: the module docstring of :mod:`unif2ace.ops.d3diff_loss._torch`.
 """

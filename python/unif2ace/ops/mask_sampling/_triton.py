@@ -1,7 +1,9 @@
 """The "triton" launchers of the mask-sampling kernels: ``unif2ace.triton_kernels.mask_sampling``
 implements the contract (:mod:`unif2ace.ops.mask_sampling._torch`) with exactly these signatures.
 
-The kernel module is imported on the first launch: triton is heavy and optional.
+The kernel module is imported on the first launch: triton is heavy and optional. Its launch
+functions make their first tensor's device current (a Triton launch goes to the current device and
+its current stream).
 """
 
 from __future__ import annotations
