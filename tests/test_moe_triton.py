@@ -4,6 +4,10 @@ element written (NaN-poisoned buffers), combine backward in place (grad_src = sr
 pre-activation h of the gathered grouped GEMM, and plans with a block_m other than the default 64.
 Under the interpreter on CPU (tests/conftest.py), on the GPU with UNIF2ACE_TEST_GPU=1."""
 
+import itertools
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -184,6 +188,58 @@ def test_route_bwd_torch_matches_cpu(scoring, renormalize):
         _cpu.route_bwd(z, offs, gid, ids, g_w, g_p, scoring, renormalize, 2.0, a)
         _torch.route_bwd(z, offs, gid, ids, g_w, g_p, scoring, renormalize, 2.0, b)
         assert rel_err(b, a) < 1e-6
+
+
+def _near_tie_logits(n_tokens: int, E: int = 8, seed: int = 0) -> torch.Tensor:
+    """Softmax near-ties: per token 2-4 logits within a few 2^-55 of 0 (their exps are 1 or a few
+    ulps below it) and the rest -1000 (exp underflows to 0), kept only where the sum of the exps
+    rounds the same in every order (the backends sum in different orders) and the exps agree
+    between the C library, numpy and torch. Where two exps are a few ulps apart, ``ex / s`` and ``ex · (1 / s)`` round
+    them into different orders or ties."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    while len(rows) < n_tokens:
+        nnz = int(torch.randint(2, 5, (1,), generator=gen))
+        z = torch.full((E,), -1000.0)
+        pos = torch.randperm(E, generator=gen)[:nnz]
+        z[pos] = -torch.randint(0, 12, (nnz,), generator=gen).float() * 2.0**-55
+        zd = z.double()
+        d = zd - zd.max()
+        ex = torch.exp(d)
+        same = ex.tolist() == [math.exp(v) for v in d.tolist()] == np.exp(d.numpy()).tolist()
+        if not same:  # the C library's exp (C++), numpy's (the interpreter) and torch's agree
+            continue
+        vals = [v for v in ex.tolist() if v > 0]
+        if len({sum(p, 0.0) for p in itertools.permutations(vals)}) == 1:
+            rows.append(z)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_route_near_ties_match_cpp(k):
+    """Near-tie routing: the Triton kernel normalises as the C++ and CUDA kernels do
+    (``ex · (1 / Σ ex)``), so it picks the same experts in the same order; on these inputs the
+    division ``ex / Σ ex`` would pick differently for many tokens. On a GPU (libdevice's exp) the
+    chosen keys are compared within a few ulps instead of the ids."""
+    if _backend.cpu_ext() is None:
+        pytest.skip("the C++ CPU module is not built")
+    z = _near_tie_logits(400)
+    zd = z.double()
+    ex = torch.exp(zd - zd.max(1, keepdim=True).values)
+    s = ex.sum(1, keepdim=True)
+    order = lambda key: key.sort(dim=1, descending=True, stable=True).indices[:, :k]  # noqa: E731
+    flips = (order(ex / s) != order(ex * (1.0 / s))).any(1)
+    assert int(flips.sum()) >= 10  # the inputs do tell the two forms apart
+    cpp = moe.moe_route(z, k, return_stats=True, backend="cpu")
+    tri = moe.moe_route(z.to(DEV), k, return_stats=True, backend="triton")
+    if DEV.type == "cpu":
+        assert torch.equal(tri.topk_ids, cpp.topk_ids)
+        assert torch.equal(tri.expert_counts, cpp.expert_counts)
+    else:
+        key = ex * (1.0 / s)
+        got, want = key.gather(1, tri.topk_ids.cpu()), key.gather(1, cpp.topk_ids)
+        assert ((got - want).abs() <= 4 * 2.0**-53).all()
+    assert (tri.topk_weights.cpu() - cpp.topk_weights).abs().max() < 1e-6
 
 
 def test_route_config_stays_within_aot_configs():

@@ -27,6 +27,7 @@ whether they have run on a GPU: the README's status table.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,13 @@ _ROW_INTERPRET = RowConfig(block_r=64, block_d=512, num_warps=4)
 
 
 ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu_glu": 3}
+
+
+def on_device(t: torch.Tensor):
+    """``with on_device(t):`` makes t's GPU the current device: a Triton launch goes to the current
+    device and its current stream, not to its arguments' device. A no-op for CPU tensors (the
+    interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _pick_row_config(interpret: bool) -> RowConfig:
@@ -320,18 +328,19 @@ def permute(x: torch.Tensor, sorted_slot: torch.Tensor, top_k: int, xs: torch.Te
         return
     cfg = _pick_row_config(triton_interpreted())
     grid = (triton.cdiv(N, cfg.block_r), triton.cdiv(D, cfg.block_d))
-    _permute_kernel[grid](
-        x,
-        sorted_slot,
-        xs,
-        N,
-        D,
-        top_k,
-        x.stride(0),
-        BLOCK_R=cfg.block_r,
-        BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps,
-    )
+    with on_device(x):
+        _permute_kernel[grid](
+            x,
+            sorted_slot,
+            xs,
+            N,
+            D,
+            top_k,
+            x.stride(0),
+            BLOCK_R=cfg.block_r,
+            BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps,
+        )
 
 
 def combine(src: torch.Tensor, slot_pos: torch.Tensor, weights, out: torch.Tensor) -> None:
@@ -341,21 +350,22 @@ def combine(src: torch.Tensor, slot_pos: torch.Tensor, weights, out: torch.Tenso
         return
     cfg = _pick_row_config(triton_interpreted())
     grid = (triton.cdiv(T, cfg.block_r), triton.cdiv(D, cfg.block_d))
-    _combine_kernel[grid](
-        src,
-        slot_pos,
-        src if weights is None else weights,
-        out,
-        T,
-        N,
-        D,
-        N // T,
-        src.stride(0),
-        HAS_W=weights is not None,
-        BLOCK_R=cfg.block_r,
-        BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps,
-    )
+    with on_device(src):
+        _combine_kernel[grid](
+            src,
+            slot_pos,
+            src if weights is None else weights,
+            out,
+            T,
+            N,
+            D,
+            N // T,
+            src.stride(0),
+            HAS_W=weights is not None,
+            BLOCK_R=cfg.block_r,
+            BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps,
+        )
 
 
 def combine_bwd(grad_out, src, slot_pos, weights, grad_src, grad_weights) -> None:
@@ -369,25 +379,26 @@ def combine_bwd(grad_out, src, slot_pos, weights, grad_src, grad_weights) -> Non
         grad_out = grad_out.contiguous()
     cfg = _pick_row_config(triton_interpreted())
     grid = (triton.cdiv(T, cfg.block_r),)
-    _combine_bwd_kernel[grid](
-        grad_out,
-        src,
-        slot_pos,
-        src if weights is None else weights,
-        grad_src,
-        src if grad_weights is None else grad_weights,
-        T,
-        N,
-        D,
-        N // T,
-        grad_out.stride(0),
-        src.stride(0),
-        HAS_W=weights is not None,
-        HAS_GW=grad_weights is not None,
-        BLOCK_R=cfg.block_r,
-        BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps,
-    )
+    with on_device(src):
+        _combine_bwd_kernel[grid](
+            grad_out,
+            src,
+            slot_pos,
+            src if weights is None else weights,
+            grad_src,
+            src if grad_weights is None else grad_weights,
+            T,
+            N,
+            D,
+            N // T,
+            grad_out.stride(0),
+            src.stride(0),
+            HAS_W=weights is not None,
+            HAS_GW=grad_weights is not None,
+            BLOCK_R=cfg.block_r,
+            BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps,
+        )
 
 
 def grouped_gemm(a, w, plan, out, act_out=None, activation=None, gather=False) -> None:
@@ -407,34 +418,35 @@ def grouped_gemm(a, w, plan, out, act_out=None, activation=None, gather=False) -
     n_out = w.shape[1] // 2 if code == 3 else w.shape[1]
     grid = (plan.tile_expert.numel(), triton.cdiv(n_out, cfg.block_n))
     ao = out if act_out is None else act_out
-    _grouped_gemm_kernel[grid](
-        a,
-        w,
-        plan.sorted_slot,
-        plan.offsets,
-        plan.tile_expert,
-        plan.tile_row,
-        out,
-        ao,
-        N,
-        w.shape[2],
-        n_out,
-        plan.top_k,
-        plan.block_m,
-        a.stride(0),
-        w.stride(0),
-        w.stride(1),
-        out.stride(0),
-        ao.stride(0),
-        GATHER=gather,
-        ACT=code,
-        IEEE=a.dtype == torch.float32,
-        BLOCK_M=block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    with on_device(a):
+        _grouped_gemm_kernel[grid](
+            a,
+            w,
+            plan.sorted_slot,
+            plan.offsets,
+            plan.tile_expert,
+            plan.tile_row,
+            out,
+            ao,
+            N,
+            w.shape[2],
+            n_out,
+            plan.top_k,
+            plan.block_m,
+            a.stride(0),
+            w.stride(0),
+            w.stride(1),
+            out.stride(0),
+            ao.stride(0),
+            GATHER=gather,
+            ACT=code,
+            IEEE=a.dtype == torch.float32,
+            BLOCK_M=block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
 
 
 def experts_fwd(x, w_up, w_down, weights, plan, activation, y, h, out, xs) -> None:

@@ -2,7 +2,8 @@
 "triton" launcher: ``ops/moe/_triton.py``).
 
 * ``_route_fwd_kernel``: a [BLOCK_T, BLOCK_E] tile of tokens × all E columns per program, scores
-  and keys in fp64 (the C++ kernel's arithmetic, so ties stay ties), each token's group a column
+  and keys in fp64 with the C++ and CUDA kernels' arithmetic (softmax ``ex · (1 / Σ ex)``, sigmoid
+  ``1 / (1 + exp(−z))``), so ties stay ties and near-ties round alike, each token's group a column
   mask; DeepSeek-V3 subgroup scores by a masked top-2 per subgroup; the top-k as k rounds of
   "largest available key, lowest column among equal keys". Per-program expert counts and
   probability sums go to a [programs, BLOCK_E] workspace.
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from unif2ace._backend import triton_interpreted
+from unif2ace.triton_kernels.moe import on_device
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def _route_fwd_kernel(
         ex = tl.where(valid, tl.exp(zm - m[:, None]), 0.0)
         s = tl.sum(ex, axis=1)
         s = tl.where(rok, s, 1.0)
-        p = ex / s[:, None]
+        p = ex * (1.0 / s)[:, None]  # ex · rcp(Σ), the C++ / CUDA form (equal roundings: near-ties)
     else:
         p = tl.where(valid, 1.0 / (1.0 + tl.exp(-z)), 0.0)
     key = p
@@ -172,7 +174,7 @@ def _route_fwd_kernel(
         q = p
     else:
         ps = tl.sum(p, axis=1)
-        q = p / tl.where(ps > 0, ps, 1.0)[:, None]
+        q = p * (1.0 / tl.where(ps > 0, ps, 1.0))[:, None]
     qs = tl.sum(tl.where(valid, q, 0.0), axis=0)
     tl.store(ps_part_ptr + pid.to(tl.int64) * BLOCK_E + cols, qs.to(tl.float32))
     tl.store(cnt_part_ptr + pid.to(tl.int64) * BLOCK_E + cols, cnt)
@@ -226,42 +228,43 @@ def route(
     P = triton.cdiv(T, cfg.block_t)
     cnt_part = torch.empty(P, cfg.block_e, dtype=torch.int32, device=logits.device)
     ps_part = torch.empty(P, cfg.block_e, dtype=torch.float32, device=logits.device)
-    if P:
-        _route_fwd_kernel[(P,)](
-            logits,
-            group_offsets,
-            group_offsets if group_ids is None else group_ids,
-            weights if bias is None else bias,
-            ids,
-            weights,
+    with on_device(logits):
+        if P:
+            _route_fwd_kernel[(P,)](
+                logits,
+                group_offsets,
+                group_offsets if group_ids is None else group_ids,
+                weights if bias is None else bias,
+                ids,
+                weights,
+                cnt_part,
+                ps_part,
+                T,
+                E,
+                group_offsets.numel() - 1,
+                logits.stride(0),
+                top_k,
+                n_group,
+                topk_group,
+                float(scaling),
+                int(group_ids is not None),
+                int(bias is not None),
+                int(renormalize),
+                SOFTMAX=scoring == "softmax",
+                BLOCK_T=cfg.block_t,
+                BLOCK_E=cfg.block_e,
+                BLOCK_K=ROUTE_MAX_K,
+                BLOCK_G=ROUTE_MAX_GROUPS,
+                num_warps=cfg.num_warps,
+            )
+        _route_reduce_kernel[(triton.cdiv(E, cfg.block_e),)](
             cnt_part,
             ps_part,
-            T,
+            counts,
+            prob_sums,
+            P,
             E,
-            group_offsets.numel() - 1,
-            logits.stride(0),
-            top_k,
-            n_group,
-            topk_group,
-            float(scaling),
-            int(group_ids is not None),
-            int(bias is not None),
-            int(renormalize),
-            SOFTMAX=scoring == "softmax",
-            BLOCK_T=cfg.block_t,
-            BLOCK_E=cfg.block_e,
-            BLOCK_K=ROUTE_MAX_K,
-            BLOCK_G=ROUTE_MAX_GROUPS,
+            STRIDE=cfg.block_e,
+            BLOCK=cfg.block_e,
             num_warps=cfg.num_warps,
         )
-    _route_reduce_kernel[(triton.cdiv(E, cfg.block_e),)](
-        cnt_part,
-        ps_part,
-        counts,
-        prob_sums,
-        P,
-        E,
-        STRIDE=cfg.block_e,
-        BLOCK=cfg.block_e,
-        num_warps=cfg.num_warps,
-    )

@@ -88,11 +88,43 @@ def _group_sizes(E: int, experts_per_group, op: str) -> list[int]:
     return sizes
 
 
+# Small constant tensors built from host values (group offsets, the expert -> group map, the
+# per-group loss coefficients), cached per (values, dtype, device): building one is a host ->
+# device copy, which would otherwise run on every call of every layer. Nothing is cached while
+# tracing (torch.compile, fake tensors): the traced program builds its own constants. Callers never
+# write into a cached tensor.
+_CONSTS: dict[tuple, torch.Tensor] = {}
+
+
+def _const(values: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    device = torch.device(device)
+    tracing = torch.compiler.is_compiling() or (
+        torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+    )
+    if tracing or (device.type != "cpu" and device.index is None):
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (values, dtype, device)
+    t = _CONSTS.get(key)
+    if t is None:
+        with torch.inference_mode(False):  # a normal tensor: autograd may save it later
+            t = _CONSTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return t
+
+
 def _offsets_tensor(sizes: list[int], device) -> torch.Tensor:
+    """Group offsets int64 [G+1] (cached: no host -> device copy per call)."""
     offs = [0]
     for s in sizes:
         offs.append(offs[-1] + s)
-    return torch.tensor(offs, dtype=torch.int64, device=device)
+    return _const(tuple(offs), torch.int64, device)
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype where autocast is on for ``device``'s type, else None."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
 
 
 def _check_index_tensor(op, name, t, device, shape=None):
@@ -103,6 +135,32 @@ def _check_index_tensor(op, name, t, device, shape=None):
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
     check_device(op, device, **{name: t})
+
+
+def _route(name, logits, args, nmax) -> MoERouting:
+    """moe_route after validation; ``args`` = moe_route_ref's (top_k, offsets, group_ids, scoring,
+    renormalize, n_group, topk_group, bias, scaling). The torch backend is the reference
+    (differentiable by autograd), given the largest group size ``nmax`` from the host (no read of
+    the offsets); the others run the custom op."""
+    if name == "torch":
+        return moe_route_ref(logits, *args, max_group_size=nmax)
+    top_k, offsets, group_ids, scoring, renormalize, ng, tg, bias, scaling = args
+    if logits.shape[1] > 1 and logits.stride(1) != 1:
+        logits = logits.contiguous()
+    w, ps, ids, counts = route_op(
+        logits,
+        offsets,
+        group_ids,
+        bias,
+        top_k,
+        scoring,
+        bool(renormalize),
+        ng,
+        tg,
+        float(scaling),
+        name,
+    )
+    return MoERouting(ids, w, counts, ps)
 
 
 def moe_route(
@@ -159,6 +217,11 @@ def moe_route(
     or ``scaling · s_j``. ``prob_sums[e] = Σ_t q_{t,e}`` over tokens of e's group, q the softmax
     probability (sigmoid: the score divided by the sum over the group). Gradients flow from
     topk_weights and prob_sums to router_logits.
+
+    Under autocast routing stays in fp32, as the softmax wants: bf16 / fp16 logits are upcast and
+    autocast is off inside. Host reads: none (the group sizes are host values), except where the
+    triton / cuda backends fall back to the torch launcher beyond their kernels' limits (E >
+    256): it reads the largest group size from the offsets once per call.
     """
     op = "moe_route"
     if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
@@ -214,36 +277,14 @@ def moe_route(
             check_index_range(group_ids, len(sizes), op, "group_ids")
         check_finite(router_logits.detach(), op, "router_logits")
     offsets = _offsets_tensor(sizes, dev)
-    if name == "torch":
-        r = moe_route_ref(
-            router_logits,
-            top_k,
-            offsets,
-            group_ids,
-            scoring,
-            renormalize,
-            ng,
-            tg,
-            correction_bias,
-            scaling,
-        )
-    else:
-        if E > 1 and router_logits.stride(1) != 1:
-            router_logits = router_logits.contiguous()
-        w, ps, ids, counts = route_op(
-            router_logits,
-            offsets,
-            group_ids,
-            correction_bias,
-            top_k,
-            scoring,
-            bool(renormalize),
-            ng,
-            tg,
-            float(scaling),
-            name,
-        )
-        r = MoERouting(ids, w, counts, ps)
+    args = (top_k, offsets, group_ids, scoring, renormalize, ng, tg, correction_bias, scaling)
+    if _autocast_dtype(dev) is None:
+        r = _route(name, router_logits, args, max(sizes))
+    else:  # routing stays fp32 under autocast (the softmax wants it): upcast, autocast off inside
+        if router_logits.dtype in (torch.bfloat16, torch.float16):
+            router_logits = router_logits.float()
+        with torch.autocast(dev.type, enabled=False):
+            r = _route(name, router_logits, args, max(sizes))
     return r if return_stats else (r.topk_ids, r.topk_weights)
 
 
@@ -431,8 +472,38 @@ def moe_mlp(
     experts (:func:`moe_mlp_ref`); the others run plan → permute → per-expert GEMMs → combine in
     one custom op that saves the gathered input, the pre-activation and the expert outputs
     (N·(2D + Fu) elements, N = T·k) and recomputes the activation in backward.
+
+    Autocast: the experts compute in the autocast dtype, as ``torch.nn.Linear`` does. Where
+    autocast is on for x's device, x, w_up and w_down are cast to its dtype (bf16 under the
+    trainer's amp) and the op runs with autocast off inside; the GEMMs accumulate in fp32 (the
+    Triton grouped GEMM's 16-bit tensor-core path, F.grouped_mm's bf16 path, the C++ and torch
+    GEMMs) and the combine sums in fp32; the output comes back in the autocast dtype and the
+    gradients in the inputs' own dtypes (the casts' backward). An explicit cast here rather than
+    ``torch.library.register_autocast`` on the custom op: that rule would also cast the routing
+    weights (fp32 by the launcher contract), fixes one dtype at registration instead of the
+    context's, and would not reach the torch backend, which runs no custom op.
+
+    Host reads (the expert sizes are data, the one inherent exception): the composed GEMM loop
+    (CPU; elsewhere where F.grouped_mm does not apply: fp16, rows not 16-byte aligned) reads the
+    plan's offsets once per forward and once per backward (_composed.py); F.grouped_mm and the
+    Triton grouped GEMM (its grid spans the plan's max_tiles, a host size) read nothing. The
+    torch backend's loop over experts (:func:`moe_mlp_ref`) finds each expert's rows on the host.
     """
     op = "moe_mlp"
+    amp = _autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    if amp is not None:
+        cast = lambda t: t.to(amp) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        with torch.autocast(x.device.type, enabled=False):
+            return moe_mlp(
+                cast(x),
+                cast(w_up),
+                cast(w_down),
+                topk_ids,
+                topk_weights,
+                activation=activation,
+                plan=plan,
+                backend=backend,
+            )
     _check_mlp(op, x, w_up, w_down, topk_ids, topk_weights, activation)
     name = _backend.resolve(backend, x.device, op, kernel="moe.experts_fwd")
     if name == "torch":
@@ -479,7 +550,8 @@ def moe_shared_experts(
     w_up [G·S, Fu, D], w_down [G·S, D, F]: group g's S shared experts are rows g·S … g·S + S − 1.
     group_ids [T] (None: one group). ``y[t] = Σ_{s<S} W_down[g·S+s] act(W_up[g·S+s] x[t])``,
     g = group_ids[t]: the routed-experts op with fixed ids and no weights (one pass over all
-    groups, no per-group Python loop).
+    groups, no per-group Python loop). Under autocast it computes in the autocast dtype, as
+    :func:`moe_mlp` (which it calls) does.
     """
     op = "moe_shared_experts"
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
@@ -542,7 +614,9 @@ def moe_balance_loss(
     if len(coefs) != G:
         raise ValueError(f"{op}: coef has {len(coefs)} entries for {G} groups")
     dev = prob_sums.device
-    gidx = torch.repeat_interleave(torch.arange(G, device=dev), torch.tensor(sizes, device=dev))
+    # the expert -> group map and the λ_g·E_g factors: constants of the config, cached per device
+    # (no host -> device copy, no data-dependent size)
+    gidx = _const(tuple(g for g, s in enumerate(sizes) for _ in range(s)), torch.int64, dev)
     p = prob_sums if prob_sums.dtype == torch.float64 else prob_sums.float()
     c = expert_counts.to(p.dtype)
     assign = torch.zeros(G, dtype=p.dtype, device=dev).index_add(0, gidx, c)  # k·T_g
@@ -550,9 +624,7 @@ def moe_balance_loss(
     f = c / assign.clamp_min(1)[gidx]
     P = p / tokens.clamp_min(1.0 / top_k)[gidx]
     per_group = torch.zeros(G, dtype=p.dtype, device=dev).index_add(0, gidx, f * P)
-    loss = per_group * torch.tensor(
-        [cg * s for cg, s in zip(coefs, sizes)], dtype=p.dtype, device=dev
-    )
+    loss = per_group * _const(tuple(cg * s for cg, s in zip(coefs, sizes)), p.dtype, dev)
     return loss.sum() if reduction == "sum" else loss
 
 
@@ -569,7 +641,8 @@ def moe_z_loss(
     sizes = _group_sizes(E, experts_per_group, op)
     if len(sizes) > 1 and group_ids is None:
         raise ValueError(f"{op}: group_ids is required with {len(sizes)} expert groups")
-    _, cols, valid = group_cols(_offsets_tensor(sizes, router_logits.device), group_ids, T, E)
+    offsets = _offsets_tensor(sizes, router_logits.device)
+    _, cols, valid = group_cols(offsets, group_ids, T, E, max(sizes))
     z = router_logits if router_logits.dtype == torch.float64 else router_logits.float()
     lse = torch.logsumexp(z.gather(1, cols).masked_fill(~valid, -math.inf), dim=1)
     return coef * (lse * lse).mean() if T else z.sum() * 0

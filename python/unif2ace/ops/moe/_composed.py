@@ -6,7 +6,8 @@ Contract §7 / §8 (_torch.py) for backends with no grouped GEMM of their own: "
 a faster activation) and return its ``moe.experts_fwd`` / ``moe.experts_bwd`` launcher.
 
 The expert GEMMs run one of two ways. "loop": one torch.mm per non-empty expert into a slice of
-the grouped buffer (any size, any float dtype; one host read of the offsets). "grouped_mm":
+the grouped buffer (any size, any float dtype; one host read of the offsets per forward and per
+backward: the one documented read of the layer, the expert sizes being data). "grouped_mm":
 F.grouped_mm (fp32/bf16, rows 16-byte aligned; no host sync, so the choice on CUDA). On CPU the
 loop is the faster of the two for the whole layer (docs/results.md; the benchmark's
 ``cpu+grouped_mm`` row repeats the comparison). ``UNIF2ACE_MOE_GEMM=loop|grouped_mm`` overrides.
@@ -59,7 +60,11 @@ def _grouped_linear_da(g, w, offsets, grad_a, mode, bounds):
 def _grouped_linear_dw(g, a, offsets, grad_w, mode, bounds):
     """grad_w[e] = g_eᵀ @ a_e (the weight gradient of _grouped_linear; 0 for empty experts)."""
     if mode == "grouped_mm":
-        grad_w.copy_(F.grouped_mm(g.T, a, offs=offsets[1:]))
+        # F.grouped_mm need not write the blocks of empty groups (its bf16 CUDA path allocates the
+        # output with empty_like): zero them here, from the offsets on the device (no host read)
+        dw = F.grouped_mm(g.T, a, offs=offsets[1:])
+        empty = (offsets[1:] == offsets[:-1])[:, None, None]
+        grad_w.copy_(dw.masked_fill_(empty, 0))
         return
     if len(bounds) < grad_w.shape[0]:
         grad_w.zero_()

@@ -129,6 +129,8 @@ def route(
     counts,
     prob_sums,
 ):
+    """The reference; it reads the largest group size from the offsets (one host read per call:
+    on a GPU this runs only beyond the triton / cuda kernels' limits)."""
     with torch.no_grad():
         r = moe_route_ref(
             logits,
@@ -206,27 +208,34 @@ def route_bwd(
 
 @_backend.register("moe.plan", "torch")
 def plan(ids, num_experts, block_m, counts, offsets, sorted_slot, slot_pos, tile_expert, tile_row):
+    """Every size is known on the host (E, N, max_tiles): no host read on a GPU (the "triton"
+    backend's plan). An id outside [0, E) raises on the CPU and is dropped elsewhere (it sorts
+    after every expert's rows and is counted nowhere)."""
     flat = ids.reshape(-1).to(torch.int64)
     N = flat.numel()
-    c = torch.bincount(flat, minlength=num_experts)
+    ok = (flat >= 0) & (flat < num_experts)
+    if flat.device.type == "cpu" and not bool(ok.all()):
+        raise ValueError(f"moe_plan: topk_ids has entries outside [0, {num_experts})")
+    key = torch.where(ok, flat, num_experts)
+    c = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    c = c.index_add_(0, key, torch.ones_like(key))[:num_experts]
     counts.copy_(c)
     offsets[0] = 0
     offsets[1:].copy_(torch.cumsum(c, 0))
-    order = torch.argsort(flat, stable=True)
+    order = torch.argsort(key, stable=True)
     sorted_slot.copy_(order)
     slot_pos[order] = torch.arange(N, dtype=slot_pos.dtype, device=slot_pos.device)
     if block_m:
+        # tile i belongs to the expert whose tile range [ends[e] - n_tiles[e], ends[e]) holds i
         n_tiles = (c + block_m - 1) // block_m
-        te = torch.repeat_interleave(torch.arange(num_experts, device=c.device), n_tiles)
-        first = torch.cumsum(n_tiles, 0) - n_tiles
-        tr = (
-            offsets.to(torch.int64)[te]
-            + (torch.arange(te.numel(), device=c.device) - first[te]) * block_m
-        )
-        tile_expert.fill_(-1)
-        tile_row.fill_(N)
-        tile_expert[: te.numel()] = te.to(torch.int32)
-        tile_row[: te.numel()] = tr.to(torch.int32)
+        ends = torch.cumsum(n_tiles, 0)
+        i = torch.arange(tile_expert.numel(), device=c.device)
+        te = torch.searchsorted(ends, i, right=True)
+        used = te < num_experts
+        e = te.clamp(max=num_experts - 1)
+        tr = offsets.to(torch.int64)[e] + (i - (ends[e] - n_tiles[e])) * block_m
+        tile_expert.copy_(torch.where(used, te, -1))
+        tile_row.copy_(torch.where(used, tr, N))
 
 
 @_backend.register("moe.permute", "torch")

@@ -14,18 +14,30 @@ from unif2ace.ops.moe._types import MoERouting
 
 
 def _consistent(fn, x: torch.Tensor) -> torch.Tensor:
-    """fn(x) elementwise with equal inputs mapped to bit-equal outputs (torch's vectorised and
-    scalar loops may round transcendental functions differently; ties must stay ties)."""
+    """fn(x) elementwise with equal inputs mapped to bit-equal outputs: on the CPU torch's
+    vectorised and scalar loops may round transcendental functions differently (ties must stay
+    ties), so fn runs once per distinct value; elsewhere every element takes the same code path
+    and fn runs directly (torch.unique's output size would be a host read)."""
+    if x.device.type != "cpu":
+        return fn(x)
     vals, inv = torch.unique(x, return_inverse=True)
     return fn(vals)[inv]
 
 
-def group_cols(group_offsets: torch.Tensor, group_ids: torch.Tensor | None, T: int, E: int):
+def group_cols(
+    group_offsets: torch.Tensor,
+    group_ids: torch.Tensor | None,
+    T: int,
+    E: int,
+    nmax: int | None = None,
+):
     """Per token: its group's first expert lo [T], the candidate columns [T, nmax] (clamped into
-    range) and which of them are real [T, nmax]."""
+    range) and which of them are real [T, nmax]. ``nmax``: the largest group size, read from the
+    offsets (a host read) when not given."""
     offs = group_offsets.to(torch.int64)
     sizes = offs[1:] - offs[:-1]
-    nmax = int(sizes.max())
+    if nmax is None:
+        nmax = int(sizes.max())
     gid = (
         group_ids.to(torch.int64)
         if group_ids is not None
@@ -94,22 +106,29 @@ def moe_route_ref(
     topk_group: int = 0,
     correction_bias: torch.Tensor | None = None,
     scaling: float = 1.0,
+    *,
+    max_group_size: int | None = None,
 ) -> MoERouting:
     """Routing in plain PyTorch (contract §1): masked softmax/sigmoid, float64 keys, stable sort.
 
     Differentiable w.r.t. ``router_logits`` (weights and prob_sums). Math in fp32, or fp64 for
     fp64 logits. ``group_offsets`` int64 [G+1] (None: one group of all E experts).
+    ``max_group_size``: the largest group (the width of the candidate tiles); given, nothing is
+    read back from the device (on a GPU), else it is read from the offsets.
     """
     z = router_logits if router_logits.dtype == torch.float64 else router_logits.float()
     T, E = z.shape
     if group_offsets is None:
         group_offsets = torch.tensor([0, E], device=z.device)
-    lo, cols, valid = group_cols(group_offsets, group_ids, T, E)
+        max_group_size = E
+    lo, cols, valid = group_cols(group_offsets, group_ids, T, E, max_group_size)
     local = _select(z, cols, valid, scoring, correction_bias, top_k, n_group, topk_group)
     ids = lo[:, None] + local
     p = _route_scores(z, cols, valid, scoring)
     w, prob_sums = _route_outputs(p, lo, cols, valid, ids, scoring, renormalize, scaling, E)
-    counts = torch.bincount(ids.reshape(-1), minlength=E).to(torch.int32)
+    flat = ids.reshape(-1)  # a histogram of known size (bincount's size would be a host read)
+    counts = torch.zeros(E, dtype=torch.int32, device=ids.device)
+    counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     return MoERouting(ids, w, counts, prob_sums)
 
 
