@@ -89,3 +89,45 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     den = ref.norm().item()
     num = (out - ref).norm().item()
     return num / den if den > 0 else num
+
+
+class LaunchRecorder:
+    """Where mocked GPU launches would go, on this CPU-only torch: ``torch.cuda.device`` makes its
+    index ``current`` while entered (and ``torch.cuda.current_device`` returns it); ``seen`` collects
+    ``(what, device index)`` from the mocks below."""
+
+    def __init__(self, monkeypatch):
+        self.current, self.seen = 0, []
+        recorder = self
+
+        class Device:
+            def __init__(self, d):
+                self.idx = torch.device(d).index
+
+            def __enter__(self):
+                self.prev, recorder.current = recorder.current, self.idx
+
+            def __exit__(self, *exc):
+                recorder.current = self.prev
+
+        monkeypatch.setattr(torch.cuda, "device", Device)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+
+    def record(self, what: str) -> None:
+        self.seen.append((what, self.current))
+
+    def __getitem__(self, grid):
+        """Stands in for a Triton kernel: ``kernel[grid](...)`` records a launch."""
+        return lambda *args, **kwargs: self.record("launch")
+
+    def num_sms(self, index: int) -> int:
+        self.seen.append(("sms", index))
+        return 132
+
+    def stream(self, t: torch.Tensor) -> None:
+        self.seen.append(("stream", t.device.index))
+
+
+@pytest.fixture
+def launch_recorder(monkeypatch) -> LaunchRecorder:
+    return LaunchRecorder(monkeypatch)

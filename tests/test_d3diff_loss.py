@@ -346,27 +346,7 @@ def test_loss_on_logits_under_autocast(backend):
 # ---- GPU launchers: on the tensors' device ----------------------------------------------------
 
 
-def _current_device_mock(monkeypatch) -> list[int]:
-    """torch.cuda.device and current_device on this CPU-only torch: entering a device makes its
-    index current (``current[0]``), so a mocked launch can record where it would go."""
-    current = [0]
-
-    class Device:
-        def __init__(self, d):
-            self.idx = torch.device(d).index
-
-        def __enter__(self):
-            self.prev, current[0] = current[0], self.idx
-
-        def __exit__(self, *exc):
-            current[0] = self.prev
-
-    monkeypatch.setattr(torch.cuda, "device", Device)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
-    return current
-
-
-def test_gpu_launchers_enter_the_tensors_device(monkeypatch):
+def test_gpu_launchers_enter_the_tensors_device(monkeypatch, launch_recorder):
     """The "triton" and "cuda" launchers of the row kernel, on (fake) tensors of cuda:1 while
     cuda:0 is current: every launch, the SM count and the workspace query happen on cuda:1."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -375,31 +355,25 @@ def test_gpu_launchers_enter_the_tensors_device(monkeypatch):
     from unif2ace.ops.d3diff_loss import _cuda as d3_cuda
 
     tk = pytest.importorskip("unif2ace.triton_kernels.d3diff_loss")
-    current = _current_device_mock(monkeypatch)
-    seen = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: seen.append(("launch", current[0]))
-
+    rec = launch_recorder
     for name in (
         "_d3diff_loss_fwd_kernel",
         "_d3diff_loss_partial_kernel",
         "_d3diff_loss_split_grad_kernel",
     ):
-        monkeypatch.setattr(tk, name, Kernel())
-    monkeypatch.setattr(tk, "_num_sms", lambda index: seen.append(("sms", index)) or 132)
+        monkeypatch.setattr(tk, name, rec)
+    monkeypatch.setattr(tk, "_num_sms", rec.num_sms)
 
     class Ext:
         def d3diff_loss_workspace_bytes(self, N, K):
-            seen.append(("workspace", current[0]))
+            rec.record("workspace")
             return 64
 
         def d3diff_loss_fwd(self, *args):
-            seen.append(("launch", current[0]))
+            rec.record("launch")
 
     monkeypatch.setattr(_backend, "cuda_ext", lambda: Ext())
-    monkeypatch.setattr(d3_cuda, "stream", lambda t: seen.append(("stream", t.device.index)))
+    monkeypatch.setattr(d3_cuda, "stream", rec.stream)
     monkeypatch.setattr(d3_cuda, "desc", lambda t: None)
     monkeypatch.setattr(d3_cpu, "desc", lambda t: None)
     split = tk.D3DiffConfig(block_k=64, num_warps=4, splits=2)
@@ -413,9 +387,9 @@ def test_gpu_launchers_enter_the_tensors_device(monkeypatch):
         for backend in ("triton", "cuda"):
             _backend.launcher(KERNEL, backend)(*args, None)
         tk.d3diff_loss_fwd(*args, config=split)
-    kinds = [k for k, _ in seen]
+    kinds = [k for k, _ in rec.seen]
     assert kinds.count("launch") == 4 and {"sms", "workspace", "stream"} <= set(kinds)
-    assert all(index == 1 for _, index in seen), seen
+    assert all(index == 1 for _, index in rec.seen), rec.seen
 
 
 # ---- op registration: opcheck and torch.compile --------------------------------------------------

@@ -79,27 +79,7 @@ def test_torch_compile():
 # ---- GPU launchers: on the tensors' device -------------------------------------------------------------
 
 
-def _current_device_mock(monkeypatch) -> list[int]:
-    """torch.cuda.device and current_device on this CPU-only torch: entering a device makes its
-    index current (``current[0]``), so a mocked launch can record where it would go."""
-    current = [0]
-
-    class Device:
-        def __init__(self, d):
-            self.idx = torch.device(d).index
-
-        def __enter__(self):
-            self.prev, current[0] = current[0], self.idx
-
-        def __exit__(self, *exc):
-            current[0] = self.prev
-
-    monkeypatch.setattr(torch.cuda, "device", Device)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
-    return current
-
-
-def test_gpu_launchers_enter_the_tensors_device(monkeypatch):
+def test_gpu_launchers_enter_the_tensors_device(monkeypatch, launch_recorder):
     """The "triton" and "cuda" launchers of both kernels, on (fake) tensors of cuda:1 while cuda:0
     is current: every launch, the SM count, the workspace query and the stream are cuda:1's."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -108,13 +88,7 @@ def test_gpu_launchers_enter_the_tensors_device(monkeypatch):
     from unif2ace.ops.mask_sampling import _cuda as ms_cuda
 
     tk = pytest.importorskip("unif2ace.triton_kernels.mask_sampling")
-    current = _current_device_mock(monkeypatch)
-    seen = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: seen.append(("launch", current[0]))
-
+    rec = launch_recorder
     kernels = (
         "_select_kernel",
         "_bernoulli_kernel",
@@ -122,21 +96,21 @@ def test_gpu_launchers_enter_the_tensors_device(monkeypatch):
         "_maskgit_combine_kernel",
     )
     for name in kernels:
-        monkeypatch.setattr(tk, name, Kernel())
-    monkeypatch.setattr(tk, "_num_sms", lambda index: seen.append(("sms", index)) or 132)
+        monkeypatch.setattr(tk, name, rec)
+    monkeypatch.setattr(tk, "_num_sms", rec.num_sms)
 
     class Ext:
         def maskgit_step_workspace_bytes(self, B, L, K):
-            seen.append(("workspace", current[0]))
+            rec.record("workspace")
             return 64
 
         def mask_tokens_fwd(self, *args):
-            seen.append(("launch", current[0]))
+            rec.record("launch")
 
         maskgit_step_fwd = mask_tokens_fwd
 
     monkeypatch.setattr(_backend, "cuda_ext", lambda: Ext())
-    monkeypatch.setattr(ms_cuda, "stream", lambda t: seen.append(("stream", t.device.index)))
+    monkeypatch.setattr(ms_cuda, "stream", rec.stream)
     monkeypatch.setattr(ms_cuda, "desc", lambda t: None)
     monkeypatch.setattr(ms_cpu, "desc", lambda t: None)
     split = tk.StepConfig(block_k=64, num_warps=4, splits=2)
@@ -155,11 +129,11 @@ def test_gpu_launchers_enter_the_tensors_device(monkeypatch):
                 launch(ids, gamma, n_mask, K, 3, 0, mode, *out)
             _backend.launcher("mask_sampling.maskgit_step", backend)(*step, step_out)
         tk.maskgit_step_fwd(*step, step_out, config=split)
-    kinds = [k for k, _ in seen]
+    kinds = [k for k, _ in rec.seen]
     # triton: select, bernoulli, scan, select; cuda: 3 calls; the forced split: scan, combine, select
     assert kinds.count("launch") == 4 + 3 + 3
     assert {"sms", "workspace", "stream"} <= set(kinds)
-    assert all(index == 1 for _, index in seen), seen
+    assert all(index == 1 for _, index in rec.seen), rec.seen
 
 
 # ---- validation: one test per rule ---------------------------------------------------------------------

@@ -35,7 +35,6 @@ per step, split-K until there are ~2 programs per SM) and compile for sm_80/sm_9
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -43,6 +42,10 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from unif2ace.triton_kernels._launch import num_sms as _num_sms
+from unif2ace.triton_kernels._launch import on_tensor_device
+from unif2ace.triton_kernels._lse import _online_lse_update
 
 # -----------------------------------------------------------------------------------------------
 # Launch configurations (data, not constants scattered through the code)
@@ -134,22 +137,6 @@ AOT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # -----------------------------------------------------------------------------------------------
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
-
-
-@triton.jit
-def _online_lse_update(m, s, x):
-    """One step of a per-lane online log-sum-exp: (m, s) -> state of (m, s) plus x, one exp.
-
-    s counts sum exp(x_i - m). A lane whose max does not move adds e^{x-m}; one whose max moves
-    rescales by e^{m-x} and adds 1; both are e^{-|x-m|}. m starts at -FLT_MAX (not -inf) so a
-    masked x = -inf gives e^{-inf} = 0 rather than e^{nan}; a NaN x makes s NaN (NaN in, NaN out).
-    """
-    d = x - m
-    e = tl.exp(-tl.abs(d))
-    up = d > 0.0
-    s = tl.where(up, s * e + 1.0, s + e)
-    m = tl.where(up, x, m)
-    return m, s
 
 
 @triton.jit
@@ -393,31 +380,12 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _on_tensor_device(launch):
-    """Run ``launch`` with its first argument's CUDA device current: a Triton launch goes to the
-    current device and its current stream, whatever device the tensors are on."""
-
-    @functools.wraps(launch)
-    def run(t: torch.Tensor, *args, **kwargs):
-        if not t.is_cuda:
-            return launch(t, *args, **kwargs)
-        with torch.cuda.device(t.device):
-            return launch(t, *args, **kwargs)
-
-    return run
-
-
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(f"d3diff_loss_fwd: {msg}")
 
 
-@_on_tensor_device
+@on_tensor_device
 def d3diff_loss_fwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -479,7 +447,7 @@ def d3diff_loss_fwd(
     interpret = _interpreted()
     if config is None:
         num_sms = _DEFAULT_NUM_SMS
-        if logits.is_cuda:  # the logits' device: current here (_on_tensor_device)
+        if logits.is_cuda:  # the logits' device: current here (on_tensor_device)
             num_sms = _num_sms(torch.cuda.current_device())
         config = _pick_config(N, K, logits.dtype, interpret, num_sms)
 

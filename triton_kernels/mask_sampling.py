@@ -22,7 +22,6 @@ The block sizes compile for sm_80/sm_90 without spills (tests/test_triton_aot.py
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +29,8 @@ import triton
 import triton.language as tl
 
 from unif2ace._backend import triton_interpreted
+from unif2ace.triton_kernels._launch import num_sms as _num_sms
+from unif2ace.triton_kernels._launch import on_tensor_device
 from unif2ace.triton_kernels.mask_sampling_philox import _STREAM_MASK, _counter3
 from unif2ace.triton_kernels.mask_sampling_step import (
     _COMBINE_ROWS,
@@ -217,25 +218,6 @@ _BERNOULLI_BLOCK = 1024
 _BERNOULLI_WARPS = 4
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _on_tensor_device(launch):
-    """Run ``launch`` with its first argument's CUDA device current: a Triton launch goes to the
-    current device and its current stream, whatever device the tensors are on."""
-
-    @functools.wraps(launch)
-    def run(t: torch.Tensor, *args, **kwargs):
-        if not t.is_cuda:
-            return launch(t, *args, **kwargs)
-        with torch.cuda.device(t.device):
-            return launch(t, *args, **kwargs)
-
-    return run
-
-
 def _launch_select(
     conf,
     n,
@@ -270,7 +252,7 @@ def _launch_select(
     )
 
 
-@_on_tensor_device
+@on_tensor_device
 def mask_tokens_fwd(
     ids: torch.Tensor,
     gamma: torch.Tensor,
@@ -315,7 +297,7 @@ def mask_tokens_fwd(
         raise ValueError(f"mask_tokens_fwd: mode must be 0 (count) or 1 (bernoulli), got {mode}")
 
 
-@_on_tensor_device
+@on_tensor_device
 def maskgit_step_fwd(
     logits: torch.Tensor,
     uncond: torch.Tensor | None,
@@ -351,7 +333,7 @@ def maskgit_step_fwd(
     interpret = triton_interpreted()
     if config is None:
         num_sms = _DEFAULT_NUM_SMS
-        if logits.is_cuda:  # the logits' device: current here (_on_tensor_device)
+        if logits.is_cuda:  # the logits' device: current here (on_tensor_device)
             num_sms = _num_sms(torch.cuda.current_device())
         config = _pick_step_config(n_pos, K, logits.dtype, interpret, num_sms)
     has_uncond = uncond is not None
@@ -366,6 +348,9 @@ def maskgit_step_fwd(
     # Scalars as the reference rounds them: fp32 (1 + g) and g, fp32 1/T, fp32 τ.
     g = float(guidance)
     compile_opts = {} if interpret else {"enable_fp_fusion": False}
+    choice = choice_noise if choice_noise is not None else confidence
+    # The per-position outputs and per-split partials that the scan writes and the combine merges.
+    positions = (out_ids, confidence, part_f, part_k, n_pos, L)
     _maskgit_scan_kernel[(triton.cdiv(n_pos, rows), splits)](
         logits,
         logits.stride(0),
@@ -375,13 +360,8 @@ def maskgit_step_fwd(
         unc.stride(1),
         ids,
         gumbel_noise if gumbel_noise is not None else confidence,
-        choice_noise if choice_noise is not None else confidence,
-        out_ids,
-        confidence,
-        part_f,
-        part_k,
-        n_pos,
-        L,
+        choice,
+        *positions,
         K,
         chunk,
         int(mask_id),
@@ -405,13 +385,8 @@ def maskgit_step_fwd(
         crows = _COMBINE_ROWS if not interpret else max(1, min(256, 4096 // splits))
         _maskgit_combine_kernel[(triton.cdiv(n_pos, crows),)](
             ids,
-            choice_noise if choice_noise is not None else confidence,
-            out_ids,
-            confidence,
-            part_f,
-            part_k,
-            n_pos,
-            L,
+            choice,
+            *positions,
             int(mask_id),
             float(choice_temperature),
             int(seed),

@@ -164,27 +164,30 @@ _UNALIGNED_ARGS = tuple(
 )
 
 
+def _spec(name: str, kernel, tag: str, seed_t: str, sig: dict, constexprs: dict, **kw) -> AotSpec:
+    """The AotSpec ``name[tag]`` of one kernel variant: the seed typed ``seed_t`` (``-seed32`` in
+    the name for i32), the constexprs appended to the signature in their order."""
+    seed_tag = "" if seed_t == "i64" else "-seed32"
+    return AotSpec(
+        name=f"{name}[{tag}{seed_tag}]",
+        kernel=kernel,
+        signature={**sig, "seed": seed_t, **dict.fromkeys(constexprs, "constexpr")},
+        constexprs=constexprs,
+        **kw,
+    )
+
+
 def _scan_spec(cfg: StepConfig, dt: str, flags: tuple, aligned: bool, seed_t: str):
     has_u, has_n, has_c = flags
     tag = f"{dt}-bk{cfg.block_k}-w{cfg.num_warps}-s{cfg.splits}" + ("" if aligned else "-unaligned")
-    tag += f"-u{int(has_u)}n{int(has_n)}c{int(has_c)}" + ("" if seed_t == "i64" else "-seed32")
-    return AotSpec(
-        name=f"_maskgit_scan_kernel[{tag}]",
-        kernel=_maskgit_scan_kernel,
-        signature={
-            "logits_ptr": "*" + dt,
-            "uncond_ptr": "*" + dt,
-            **_SCAN_SIG,
-            "seed": seed_t,
-            "HAS_UNCOND": "constexpr",
-            "HAS_NOISE": "constexpr",
-            "HAS_CHOICE_NOISE": "constexpr",
-            "FAST_LOG": "constexpr",
-            "SPLITS": "constexpr",
-            "ROWS": "constexpr",
-            "BLOCK_K": "constexpr",
-        },
-        constexprs={
+    tag += f"-u{int(has_u)}n{int(has_n)}c{int(has_c)}"
+    return _spec(
+        "_maskgit_scan_kernel",
+        _maskgit_scan_kernel,
+        tag,
+        seed_t,
+        {"logits_ptr": "*" + dt, "uncond_ptr": "*" + dt, **_SCAN_SIG},
+        {
             "HAS_UNCOND": has_u,
             "HAS_NOISE": has_n,
             "HAS_CHOICE_NOISE": has_c,
@@ -210,19 +213,13 @@ def _scan_spec(cfg: StepConfig, dt: str, flags: tuple, aligned: bool, seed_t: st
 
 
 def _combine_spec(splits: int, has_c: bool, seed_t: str):
-    return AotSpec(
-        name=f"_maskgit_combine_kernel[s{splits}-c{int(has_c)}"
-        + ("" if seed_t == "i64" else "-seed32")
-        + "]",
-        kernel=_maskgit_combine_kernel,
-        signature={
-            **_COMBINE_SIG,
-            "seed": seed_t,
-            "HAS_CHOICE_NOISE": "constexpr",
-            "SPLITS": "constexpr",
-            "ROWS": "constexpr",
-        },
-        constexprs={"HAS_CHOICE_NOISE": has_c, "SPLITS": splits, "ROWS": _COMBINE_ROWS},
+    return _spec(
+        "_maskgit_combine_kernel",
+        _maskgit_combine_kernel,
+        f"s{splits}-c{int(has_c)}",
+        seed_t,
+        _COMBINE_SIG,
+        {"HAS_CHOICE_NOISE": has_c, "SPLITS": splits, "ROWS": _COMBINE_ROWS},
         num_warps=_COMBINE_WARPS,
         divisible_by_16=_ALIGNED_ARGS,
         meta=dict(kernel="combine", splits=splits, seed=seed_t),
@@ -233,21 +230,13 @@ def _combine_spec(splits: int, has_c: bool, seed_t: str):
 def _select_spec(cfg: SelectConfig, key_philox: bool, seed_t: str):
     kind = "philox" if key_philox else "conf"
     mode = "single" if cfg.single else "chunked"
-    return AotSpec(
-        name=f"_select_kernel[{kind}-bl{cfg.block_l}-w{cfg.num_warps}-{mode}"
-        + ("" if seed_t == "i64" else "-seed32")
-        + "]",
-        kernel=_select_kernel,
-        signature={
-            **_SELECT_SIG,
-            "seed": seed_t,
-            "conf_ptr": "*i64" if key_philox else "*fp32",
-            "KEY_PHILOX": "constexpr",
-            "NBITS": "constexpr",
-            "BLOCK_L": "constexpr",
-            "SINGLE": "constexpr",
-        },
-        constexprs={
+    return _spec(
+        "_select_kernel",
+        _select_kernel,
+        f"{kind}-bl{cfg.block_l}-w{cfg.num_warps}-{mode}",
+        seed_t,
+        {**_SELECT_SIG, "conf_ptr": "*i64" if key_philox else "*fp32"},
+        {
             "KEY_PHILOX": key_philox,
             "NBITS": 64 if key_philox else 32,
             "BLOCK_L": cfg.block_l,
@@ -260,13 +249,13 @@ def _select_spec(cfg: SelectConfig, key_philox: bool, seed_t: str):
 
 
 def _bernoulli_spec(seed_t: str):
-    return AotSpec(
-        name=f"_bernoulli_kernel[bl{_BERNOULLI_BLOCK}-w{_BERNOULLI_WARPS}"
-        + ("" if seed_t == "i64" else "-seed32")
-        + "]",
-        kernel=_bernoulli_kernel,
-        signature={**_BERNOULLI_SIG, "seed": seed_t, "BLOCK_L": "constexpr"},
-        constexprs={"BLOCK_L": _BERNOULLI_BLOCK},
+    return _spec(
+        "_bernoulli_kernel",
+        _bernoulli_kernel,
+        f"bl{_BERNOULLI_BLOCK}-w{_BERNOULLI_WARPS}",
+        seed_t,
+        _BERNOULLI_SIG,
+        {"BLOCK_L": _BERNOULLI_BLOCK},
         num_warps=_BERNOULLI_WARPS,
         divisible_by_16=_ALIGNED_ARGS,
         meta=dict(kernel="bernoulli", block_l=_BERNOULLI_BLOCK, seed=seed_t),

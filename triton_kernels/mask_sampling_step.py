@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from unif2ace.triton_kernels._lse import _online_lse_update
 from unif2ace.triton_kernels.mask_sampling_philox import (
     _STREAM_CHOICE,
     _STREAM_SAMPLE,
@@ -131,18 +132,6 @@ def _split_chunk(K: int, splits: int, block: int) -> int:
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite fp32
 _NO_K = tl.constexpr(2147483647)  # "no column yet" in the running argmax
-
-
-@triton.jit
-def _online_lse_update(m, s, x):
-    """Per-lane online log-sum-exp: s counts Σ e^{x_i − m}; one exp per element (see d3diff_loss).
-    m starts at −FLT_MAX so a masked x = −inf adds e^{−inf} = 0."""
-    d = x - m
-    e = tl.exp(-tl.abs(d))
-    up = d > 0.0
-    s = tl.where(up, s * e + 1.0, s + e)
-    m = tl.where(up, x, m)
-    return m, s
 
 
 @triton.jit
