@@ -17,7 +17,6 @@ does) and its routing in fp32.
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
 import torch
@@ -29,22 +28,6 @@ from unif2ace.models.moe import DenseMLP
 
 MOE = [(True, True), (True, False), (False, True), (False, False)]
 CONFIGS = {"test": small_cfg, "tiny": lambda **kw: get_config("tiny", **kw)}
-AUTOCAST_FREE: tuple[str, ...] = ()
-
-
-def _fp32(fn):
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        cast = lambda v: v.float() if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
-        with torch.autocast("cpu", enabled=False):
-            return fn(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
-
-    return run
-
-
-def _fp32_ops(monkeypatch, names=AUTOCAST_FREE):
-    for name in names:
-        monkeypatch.setattr(ops, name, _fp32(getattr(ops, name)))
 
 
 def _step(model, batch, amp: bool):
@@ -74,7 +57,6 @@ def test_training_step_under_bf16_autocast_matches_fp32(monkeypatch, config, moe
     torch.manual_seed(0)
     model = UniF2ace(cfg)
     batch = collate(cfg, examples(cfg, 6 if config == "test" else 4))
-    _fp32_ops(monkeypatch)
     with use_backend(backend):
         l32, g32, p32 = _step(model, batch, amp=False)
         l16, g16, p16 = _step(model, batch, amp=True)

@@ -16,8 +16,9 @@ launcher may then run (``_backend.launcher`` raises for them).
 Two things of the harness, not of the code under test:
 
 * this torch has no CUDA device guard, and the hand-written Python bindings of
-  ``Tensor.__getitem__``, ``__setitem__``, ``to`` and ``copy_`` enter one, so :class:`_Indexing` runs them through the equivalent
-  aten ops (slice, select, index, index_put, _to_copy);
+  ``Tensor.__getitem__``, ``__setitem__``, ``to``, ``copy_`` and ``__invert__`` (``~t``) enter
+  one, so :class:`_Indexing` runs them through the equivalent aten ops (slice, select, index,
+  index_put, _to_copy, copy_, bitwise_not);
 * :func:`unif2ace.models.unif2ace.draw_noise` is host computation (a CPU generator, like a data
   loader's shuffling), which fake mode cannot tell from device work: it runs outside fake mode.
 """
@@ -87,8 +88,8 @@ def _basic(x: torch.Tensor, idx) -> tuple[torch.Tensor, list]:
 
 
 class _Indexing(TorchFunctionMode):
-    """``Tensor.__getitem__``, ``__setitem__``, ``to`` and ``copy_`` on fake CUDA tensors through
-    aten ops (see the module docstring)."""
+    """``Tensor.__getitem__``, ``__setitem__``, ``to``, ``copy_`` and ``__invert__`` on fake CUDA
+    tensors through aten ops (see the module docstring)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -121,6 +122,8 @@ class _Indexing(TorchFunctionMode):
             return None
         if func is torch.Tensor.copy_ and args[0].is_cuda:
             return torch.ops.aten.copy_.default(*args, **kwargs)
+        if func is torch.Tensor.__invert__ and args[0].is_cuda:
+            return torch.ops.aten.bitwise_not.default(args[0])
         return func(*args, **kwargs)
 
 
@@ -128,17 +131,11 @@ def _no_launch(kernel, backend, *args):
     raise AssertionError(f"a real launcher ran in fake mode: {kernel} on {backend}")
 
 
-# The reads left in ops/ (each pinned by a strict xfail below): the model steps run with these
-# stand-ins, which take the same tensors and give the same shapes without reading
-OPS_READS: dict = {}
-
-
 @contextlib.contextmanager
-def fake_cuda(monkeypatch, engine: str | None, keep: tuple[str, ...] = (), allow=()):
+def fake_cuda(monkeypatch, engine: str | None):
     """Fake CUDA with value checks off. ``engine`` ("triton" or "cuda"): that backend reported
     available on CUDA devices, so the ops resolve to it and run their custom ops' fakes; every
-    launcher but the "torch" ones (plain PyTorch, which fake mode runs) then raises. ``keep``:
-    the :data:`OPS_READS` to leave in place (default: all replaced by their stand-ins)."""
+    launcher but the "torch" ones (plain PyTorch, which fake mode runs) then raises."""
     if engine is not None:
         real_available, real_launcher = _backend.available, _backend.launcher
 
@@ -149,7 +146,7 @@ def fake_cuda(monkeypatch, engine: str | None, keep: tuple[str, ...] = (), allow
             return real_available(backend, device)
 
         def launcher(kernel, backend):
-            if backend != "torch" and (kernel, backend) not in allow:
+            if backend != "torch":
                 return functools.partial(_no_launch, kernel, backend)
             return real_launcher(kernel, backend)
 
@@ -170,9 +167,6 @@ def fake_cuda(monkeypatch, engine: str | None, keep: tuple[str, ...] = (), allow
             return real_draw(*a, **kw)
 
     monkeypatch.setattr(model_module, "draw_noise", draw_noise)
-    for name, (where, attr, stand_in) in OPS_READS.items():
-        if name not in keep:
-            monkeypatch.setattr(where, attr, stand_in)
     checks = _backend.checks_enabled()
     unif2ace.set_checks(False)
     try:

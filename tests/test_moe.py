@@ -28,6 +28,7 @@ from unif2ace.ops.moe import (
     moe_z_loss,
     reference,
 )
+from unif2ace.ops.moe._types import RouteOptions
 
 # ‖out − ref‖/‖ref‖ against float64. fp32: accumulation order over D, F ≤ 1024.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -237,21 +238,20 @@ def test_permute_combine(backend, T, D, k, E, dtype):
 def test_launchers_write_every_element():
     """Contract: outputs poisoned with NaN / -1 before the call are fully written (cpu)."""
     T, E, k, D = 37, 9, 2, 33
-    z = torch.randn(T, E)
-    go = torch.tensor([0, E])
-    ids = torch.full((T, k), -1, dtype=torch.int64)
-    w = torch.full((T, k), float("nan"))
-    c = torch.full((E,), -1, dtype=torch.int32)
-    ps = torch.full((E,), float("nan"))
-    _cpu.route(z, go, None, None, k, "softmax", True, 0, 0, 1.0, ids, w, c, ps)
+    nan = lambda *shape: torch.full(shape, float("nan"))  # noqa: E731
+    z, go = torch.randn(T, E), torch.tensor([0, E])
+    ids, w = torch.full((T, k), -1, dtype=torch.int64), nan(T, k)
+    c, ps = torch.full((E,), -1, dtype=torch.int32), nan(E)
+    _cpu.route(z, go, None, None, RouteOptions(k, "softmax", True, 0, 0, 1.0), ids, w, c, ps)
     assert (ids >= 0).all() and w.isfinite().all() and (c >= 0).all() and ps.isfinite().all()
-    gz = torch.full((T, E), float("nan"))
+    gz = nan(T, E)
     _cpu.route_bwd(z, go, None, ids, torch.randn(T, k), None, "softmax", True, 1.0, gz)
     assert gz.isfinite().all()
     for scoring, renorm in (("softmax", True), ("sigmoid", False)):  # torch spec == C++
         gid = torch.randint(0, 2, (T,))
         go2 = torch.tensor([0, 4, E])
-        _cpu.route(z, go2, gid, None, k, scoring, renorm, 0, 0, 2.0, ids, w, c, ps)
+        opts = RouteOptions(k, scoring, renorm, 0, 0, 2.0)
+        _cpu.route(z, go2, gid, None, opts, ids, w, c, ps)
         args = (z, go2, gid, ids, torch.randn(T, k), torch.randn(E), scoring, renorm, 2.0)
         ga, gb = torch.empty(T, E), torch.empty(T, E)
         _cpu.route_bwd(*args, ga)
@@ -264,16 +264,11 @@ def test_launchers_write_every_element():
     _cpu.plan(ids, E, 16, *bufs)
     assert all((b != -7).all() for b in bufs)
     x = torch.randn(T, D)
-    xs = torch.full((T * k, D), float("nan"))
+    xs, y, gsrc, gw = nan(T * k, D), nan(T, D), nan(T * k, D), nan(T, k)
     _cpu.permute(x, bufs[2], k, xs)
-    y = torch.full((T, D), float("nan"))
     _cpu.combine(xs, bufs[3], w, y)
-    gsrc = torch.full((T * k, D), float("nan"))
-    gw = torch.full((T, k), float("nan"))
     _cpu.combine_bwd(torch.randn(T, D), xs, bufs[3], w, gsrc, gw)
-    assert (
-        xs.isfinite().all() and y.isfinite().all() and gsrc.isfinite().all() and gw.isfinite().all()
-    )
+    assert all(t.isfinite().all() for t in (xs, y, gsrc, gw))
 
 
 # ---- expert MLP ---------------------------------------------------------------------------------
@@ -504,12 +499,7 @@ def test_bad_k_larger_than_E():
 
 def test_bad_k_larger_than_group():
     with pytest.raises(ValueError, match="top_k = 3 exceeds the 2 experts of group 0"):
-        moe_route(
-            torch.randn(3, 6),
-            3,
-            group_ids=torch.zeros(3, dtype=torch.long),
-            experts_per_group=[2, 4],
-        )
+        moe_route(torch.randn(3, 6), 3, group_ids=torch.zeros(3).long(), experts_per_group=[2, 4])
     with pytest.raises(ValueError, match="topk_group"):
         moe_route(torch.randn(3, 8), 4, n_group=4, topk_group=1)
 
@@ -555,12 +545,8 @@ def test_bad_devices():
     with pytest.raises(ValueError, match="topk_ids is on meta"):
         moe_mlp(x, wu, wd, ids.to("meta"), w)
     with pytest.raises(ValueError, match="group_ids is on meta"):
-        moe_route(
-            torch.randn(3, 4),
-            2,
-            group_ids=torch.zeros(3, dtype=torch.long, device="meta"),
-            experts_per_group=2,
-        )
+        gid = torch.zeros(3, dtype=torch.long, device="meta")
+        moe_route(torch.randn(3, 4), 2, group_ids=gid, experts_per_group=2)
     with pytest.raises(ValueError, match="correction_bias is on meta"):
         moe_route(torch.randn(3, 4), 2, correction_bias=torch.zeros(4, device="meta"))
 

@@ -10,13 +10,12 @@ import torch
 from test_fake_cuda import CUDA, fake_cuda
 from test_moe import check_mlp, mlp_inputs
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.overrides import TorchFunctionMode
 
 from conftest import backend_params, device_for, rel_err
 from unif2ace import _backend, ops
 from unif2ace.ops import moe
 from unif2ace.ops.moe import _cpu, _cuda, _torch, moe_mlp, moe_mlp_ref, moe_route
-from unif2ace.ops.moe._types import MoEPlan
+from unif2ace.ops.moe._types import MoEPlan, RouteOptions
 
 BF16_TOL = 3e-2  # ‖out − ref‖ / ‖ref‖ against float64 with bf16 GEMM inputs
 
@@ -88,21 +87,11 @@ def test_shared_experts_and_routing_under_autocast(backend):
 # ---- host reads, cached constants ---------------------------------------------------------------
 
 
-class _Invert(TorchFunctionMode):
-    """``~t`` on fake CUDA tensors through aten: its Python binding enters a CUDA device guard,
-    which this CPU-only torch lacks (one more method for test_fake_cuda's ``_Indexing``)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.__invert__ and args[0].is_cuda:
-            return torch.ops.aten.bitwise_not.default(args[0])
-        return func(*args, **(kwargs or {}))
-
-
 def test_torch_backend_reads_nothing_on_cuda(monkeypatch):
     """The torch backend's routing with its two losses, and the torch plan (the "triton"
     backend's), on fake CUDA tensors: every size is known on the host, nothing is read back."""
     T, E, k = 37, 8, 2
-    with fake_cuda(monkeypatch, None), _Invert():
+    with fake_cuda(monkeypatch, None):
         z = torch.randn(T, E, device=CUDA)  # no grad: autograd needs a real CUDA device guard
         gid = torch.randint(0, 2, (T,), device=CUDA)
         r = moe_route(z, k, group_ids=gid, experts_per_group=4, return_stats=True, backend="torch")
@@ -227,10 +216,10 @@ def _fake_inputs(T=37, E=8, k=2, D=16, Fh=8, block_m=16):
 def _run_launchers(backend, a):
     launch = lambda kernel: _backend.launcher(kernel, backend)  # noqa: E731
     p = a["plan"]
+    opts = RouteOptions(a["k"], "softmax", True, 0, 0, 1.0)
     launch("moe.route")(
-        a["logits"], a["offsets"], None, None, a["k"], "softmax", True, 0, 0, 1.0,
-        a["ids"], a["w"], a["counts"], a["ps"],
-    )  # fmt: skip
+        a["logits"], a["offsets"], None, None, opts, a["ids"], a["w"], a["counts"], a["ps"]
+    )
     if backend == "cuda":  # the triton backend's plan is the torch launcher
         launch("moe.plan")(a["ids"], a["E"], p.block_m, *p.tensors())
     launch("moe.permute")(a["x"], p.sorted_slot, a["k"], a["xs"])

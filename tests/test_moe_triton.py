@@ -15,6 +15,7 @@ from conftest import device_for, rel_err
 from unif2ace import _backend
 from unif2ace.ops import moe
 from unif2ace.ops.moe import _cpu, _torch, reference
+from unif2ace.ops.moe._types import RouteOptions
 
 pytestmark = pytest.mark.skipif(
     not _backend.available("triton", device_for("triton")), reason="triton not available here"
@@ -151,7 +152,7 @@ def test_route_kernel_matches_torch_launcher(mode, T, E, k, ties):
         )
         for _ in range(2)
     ]
-    args = (z, offs, gid, bias, k, scoring, True, ng, tg, 1.5)
+    args = (z, offs, gid, bias, RouteOptions(k, scoring, True, ng, tg, 1.5))
     moe_route.route(*args, *outs[0])
     _torch.route(z.double(), *args[1:], *outs[1])
     ids, w, cnt, ps = outs[0]

@@ -204,25 +204,11 @@ def _route_reduce_kernel(
     tl.store(prob_sums_ptr + e, s, mask=em)
 
 
-def route(
-    logits,
-    group_offsets,
-    group_ids,
-    bias,
-    top_k,
-    scoring,
-    renormalize,
-    n_group,
-    topk_group,
-    scaling,
-    ids,
-    weights,
-    counts,
-    prob_sums,
-) -> None:
-    """Contract §1: one program per BLOCK_T tokens, then a fixed-order reduction of the
-    per-program expert partials (no atomics, no host sync). Supports E <= ROUTE_MAX_E,
-    top_k <= ROUTE_MAX_K, n_group <= ROUTE_MAX_GROUPS (:func:`route_supported`)."""
+def route(logits, group_offsets, group_ids, bias, opts, ids, weights, counts, prob_sums) -> None:
+    """Contract §1 (``opts``: the RouteOptions of ``unif2ace.ops.moe._types``): one program per
+    BLOCK_T tokens, then a fixed-order reduction of the per-program expert partials (no atomics,
+    no host sync). Supports E <= ROUTE_MAX_E, top_k <= ROUTE_MAX_K, n_group <= ROUTE_MAX_GROUPS
+    (:func:`route_supported`)."""
     T, E = logits.shape
     cfg = _pick_route_config(E, triton_interpreted())
     P = triton.cdiv(T, cfg.block_t)
@@ -243,14 +229,14 @@ def route(
                 E,
                 group_offsets.numel() - 1,
                 logits.stride(0),
-                top_k,
-                n_group,
-                topk_group,
-                float(scaling),
+                opts.top_k,
+                opts.n_group,
+                opts.topk_group,
+                float(opts.scaling),
                 int(group_ids is not None),
                 int(bias is not None),
-                int(renormalize),
-                SOFTMAX=scoring == "softmax",
+                int(opts.renormalize),
+                SOFTMAX=opts.scoring == "softmax",
                 BLOCK_T=cfg.block_t,
                 BLOCK_E=cfg.block_e,
                 BLOCK_K=ROUTE_MAX_K,

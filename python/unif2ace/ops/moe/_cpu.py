@@ -18,22 +18,7 @@ from unif2ace.ops.moe.reference import activate
 _SCORING_CODES = {"softmax": 0, "sigmoid": 1}
 
 
-def route_args(
-    logits,
-    group_offsets,
-    group_ids,
-    bias,
-    top_k,
-    scoring,
-    renormalize,
-    n_group,
-    topk_group,
-    scaling,
-    ids,
-    weights,
-    counts,
-    prob_sums,
-) -> tuple:
+def route_args(logits, group_offsets, group_ids, bias, opts, ids, weights, counts, prob_sums):
     """The arguments of ``moe_route_fwd`` (``unif2ace._C`` and, followed by its workspace and
     stream, ``unif2ace._C_cuda``) from the launcher's."""
     return (
@@ -41,12 +26,12 @@ def route_args(
         desc(group_offsets),
         desc(group_ids),
         desc(bias),
-        top_k,
-        _SCORING_CODES[scoring],
-        bool(renormalize),
-        n_group,
-        topk_group,
-        float(scaling),
+        opts.top_k,
+        _SCORING_CODES[opts.scoring],
+        bool(opts.renormalize),
+        opts.n_group,
+        opts.topk_group,
+        float(opts.scaling),
         desc(ids),
         desc(weights),
         desc(counts),

@@ -21,9 +21,9 @@ _ROUTE_MAX_E = 256  # csrc/cuda/moe.cu kRouteMaxE: up to 8 candidates per lane o
 
 @_backend.register("moe.route", "cuda")
 def route(*args):
-    logits, top_k = args[0], args[4]  # the contract's arguments (_torch.route)
+    logits, opts = args[0], args[4]  # the contract's arguments (_torch.route)
     T, E = logits.shape
-    if E > _ROUTE_MAX_E or top_k > 32:
+    if E > _ROUTE_MAX_E or opts.top_k > 32:
         _torch.route(*args)
         return
     ext = _backend.cuda_ext()

@@ -10,7 +10,7 @@ import torch
 
 from unif2ace import _backend
 from unif2ace.ops.moe import _cpu, _cuda, _torch, _triton  # noqa: F401  (register the launchers)
-from unif2ace.ops.moe._types import MoEPlan
+from unif2ace.ops.moe._types import MoEPlan, RouteOptions
 
 # The per-backend facts that fix output shapes (the fakes need them without running a launcher).
 # BLOCK_M: the plan's row block, the rows of one tile of its tile map (0: no tile map; the CPU
@@ -48,40 +48,16 @@ def route_op(
     weights = torch.empty(T, top_k, dtype=torch.float32, device=dev)
     counts = torch.empty(E, dtype=torch.int32, device=dev)
     prob_sums = torch.empty(E, dtype=torch.float32, device=dev)
+    opts = RouteOptions(top_k, scoring, renormalize, n_group, topk_group, scaling)
     _backend.launcher("moe.route", backend)(
-        logits,
-        group_offsets,
-        group_ids,
-        bias,
-        top_k,
-        scoring,
-        renormalize,
-        n_group,
-        topk_group,
-        scaling,
-        ids,
-        weights,
-        counts,
-        prob_sums,
+        logits, group_offsets, group_ids, bias, opts, ids, weights, counts, prob_sums
     )
     # Float outputs first: opcheck's autograd test sums the outputs into the first one's dtype.
     return weights, prob_sums, ids, counts
 
 
 @route_op.register_fake
-def _(
-    logits,
-    group_offsets,
-    group_ids,
-    bias,
-    top_k,
-    scoring,
-    renormalize,
-    n_group,
-    topk_group,
-    scaling,
-    backend,
-):
+def _(logits, group_offsets, group_ids, bias, top_k, *options_and_backend):
     T, E = logits.shape
     return (
         logits.new_empty(T, top_k, dtype=torch.float32),
@@ -105,41 +81,20 @@ def route_bwd_op(
     backend: str,
 ) -> torch.Tensor:
     grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-    _backend.launcher("moe.route_bwd", backend)(
-        logits,
-        group_offsets,
-        group_ids,
-        ids,
-        grad_weights,
-        grad_prob_sums,
-        scoring,
-        renormalize,
-        scaling,
-        grad,
-    )
+    inputs = (logits, group_offsets, group_ids, ids, grad_weights, grad_prob_sums)
+    _backend.launcher("moe.route_bwd", backend)(*inputs, scoring, renormalize, scaling, grad)
     return grad
 
 
 @route_bwd_op.register_fake
-def _(
-    logits,
-    group_offsets,
-    group_ids,
-    ids,
-    grad_weights,
-    grad_prob_sums,
-    scoring,
-    renormalize,
-    scaling,
-    backend,
-):
+def _(logits, *inputs_and_options):
     return logits.new_empty(logits.shape, dtype=torch.float32)
 
 
 def _route_setup(ctx, inputs, output):
     logits, group_offsets, group_ids = inputs[:3]
     scoring, renormalize, scaling, backend = inputs[5], inputs[6], inputs[9], inputs[10]
-    ctx.args = (scoring, renormalize, scaling, backend)
+    ctx.args = (scoring, renormalize, scaling, backend)  # route_bwd_op's trailing arguments
     ctx.save_for_backward(logits, group_offsets, group_ids, output[2])
     ctx.mark_non_differentiable(output[2], output[3])
     ctx.set_materialize_grads(False)
@@ -147,19 +102,9 @@ def _route_setup(ctx, inputs, output):
 
 def _route_backward(ctx, g_weights, g_prob_sums, g_ids, g_counts):
     logits, group_offsets, group_ids, ids = ctx.saved_tensors
-    scoring, renormalize, scaling, backend = ctx.args
     f32 = lambda g: None if g is None else g.to(torch.float32).contiguous()
     grad = route_bwd_op(
-        logits,
-        group_offsets,
-        group_ids,
-        ids,
-        f32(g_weights),
-        f32(g_prob_sums),
-        scoring,
-        renormalize,
-        scaling,
-        backend,
+        logits, group_offsets, group_ids, ids, f32(g_weights), f32(g_prob_sums), *ctx.args
     )
     return (grad.to(logits.dtype),) + (None,) * 10
 
@@ -389,22 +334,9 @@ def _mlp_bwd_impl(grad_y, x, w_up, w_down, weights, plan, h, out, xs, activation
     gw = torch.empty(
         weights.shape if weights is not None else (0,), dtype=torch.float32, device=x.device
     )
+    grads = (gx, gwu, gwd, gw if weights is not None else None)
     _backend.launcher("moe.experts_bwd", backend)(
-        grad_y,
-        x,
-        w_up,
-        w_down,
-        weights,
-        plan,
-        activation,
-        h,
-        out,
-        xs,
-        gx,
-        gwu,
-        gwd,
-        gw if weights is not None else None,
-        consume=consume,
+        grad_y, x, w_up, w_down, weights, plan, activation, h, out, xs, *grads, consume=consume
     )
     return gx, gwu, gwd, gw
 

@@ -19,8 +19,10 @@ Index dtypes: topk_ids int64 (torch/HF convention) on input to plan may also be 
 every plan array is int32 (N < 2^31 is checked); element offsets inside kernels are 64-bit
 (row · D can pass 2^31).
 
-1. moe.route(logits, group_offsets, group_ids, bias, top_k, scoring, renormalize, n_group,
-             topk_group, scaling, ids, weights, counts, prob_sums)
+1. moe.route(logits, group_offsets, group_ids, bias, opts, ids, weights, counts, prob_sums)
+   opts: RouteOptions (_types.py), the routing choices top_k, scoring, renormalize, n_group,
+   topk_group, scaling (the custom op keeps them as flat arguments of its schema and bundles
+   them here).
    logits  [T, E] float32/bf16/fp16, column stride 1, any row stride (router output).
    group_offsets int64 [G+1] (contiguous, offsets[0] = 0, offsets[G] ≤ E): group g owns the
            global experts [offsets[g], offsets[g+1]); a single group [0, E] when not grouped.
@@ -113,36 +115,21 @@ from unif2ace.ops.moe.reference import moe_route_ref
 
 
 @_backend.register("moe.route", "torch")
-def route(
-    logits,
-    group_offsets,
-    group_ids,
-    bias,
-    top_k,
-    scoring,
-    renormalize,
-    n_group,
-    topk_group,
-    scaling,
-    ids,
-    weights,
-    counts,
-    prob_sums,
-):
+def route(logits, group_offsets, group_ids, bias, opts, ids, weights, counts, prob_sums):
     """The reference; it reads the largest group size from the offsets (one host read per call:
     on a GPU this runs only beyond the triton / cuda kernels' limits)."""
     with torch.no_grad():
         r = moe_route_ref(
             logits,
-            top_k,
+            opts.top_k,
             group_offsets,
             group_ids,
-            scoring,
-            renormalize,
-            n_group,
-            topk_group,
+            opts.scoring,
+            opts.renormalize,
+            opts.n_group,
+            opts.topk_group,
             bias,
-            scaling,
+            opts.scaling,
         )
     ids.copy_(r.topk_ids)
     weights.copy_(r.topk_weights)

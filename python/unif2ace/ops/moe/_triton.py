@@ -27,42 +27,12 @@ def _kernels():
 
 
 @_backend.register("moe.route", "triton")
-def route(
-    logits,
-    group_offsets,
-    group_ids,
-    bias,
-    top_k,
-    scoring,
-    renormalize,
-    n_group,
-    topk_group,
-    scaling,
-    ids,
-    weights,
-    counts,
-    prob_sums,
-):
+def route(logits, group_offsets, group_ids, bias, opts, ids, weights, counts, prob_sums):
     from unif2ace.triton_kernels import moe_route  # lazy: triton is heavy and optional
 
-    supported = moe_route.route_supported(logits.shape[1], top_k, n_group)
+    supported = moe_route.route_supported(logits.shape[1], opts.top_k, opts.n_group)
     launch = moe_route.route if supported else _torch.route
-    launch(
-        logits,
-        group_offsets,
-        group_ids,
-        bias,
-        top_k,
-        scoring,
-        renormalize,
-        n_group,
-        topk_group,
-        scaling,
-        ids,
-        weights,
-        counts,
-        prob_sums,
-    )
+    launch(logits, group_offsets, group_ids, bias, opts, ids, weights, counts, prob_sums)
 
 
 route_bwd = _backend.register("moe.route_bwd", "triton")(_torch.route_bwd)

@@ -1,11 +1,24 @@
-"""The two results of the MoE family that cross its layers: :class:`MoERouting` (what routing
-returns) and :class:`MoEPlan` (the expert-sorted order every later kernel reads)."""
+"""The small types that cross the MoE family's layers: :class:`RouteOptions` (what the routing
+launchers are asked for), :class:`MoERouting` (what routing returns) and :class:`MoEPlan` (the
+expert-sorted order every later kernel reads)."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
+
+
+class RouteOptions(NamedTuple):
+    """The routing choices a ``moe.route`` launcher receives (contract §1): top_k; scoring
+    "softmax" | "sigmoid"; renormalize; n_group, topk_group (0 = off); scaling."""
+
+    top_k: int
+    scoring: str
+    renormalize: bool
+    n_group: int
+    topk_group: int
+    scaling: float
 
 
 class MoEPlan(NamedTuple):
