@@ -5,12 +5,39 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 
 
 @functools.cache
 def num_sms(device_index: int) -> int:
     """The streaming-multiprocessor count of CUDA device ``device_index`` (cached)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_count(
+    rows: int,
+    K: int,
+    num_sms: int,
+    *,
+    block: int,
+    min_steps: int,
+    max_splits: int,
+    programs_per_sm: int,
+) -> int:
+    """How many programs to split each row's K columns over (1: no split).
+
+    A row is split only when there are fewer than ``programs_per_sm`` rows per SM, into the power
+    of 2 that fills the SMs, at most ``max_splits`` and at most as many as leave every split
+    ``min_steps`` blocks of ``block`` columns.
+    """
+    want = programs_per_sm * num_sms
+    if rows >= want:
+        return 1
+    fit = K // (min_steps * block)
+    if fit < 2:
+        return 1
+    splits = min(triton.next_power_of_2(triton.cdiv(want, max(rows, 1))), max_splits)
+    return min(splits, 1 << (fit.bit_length() - 1))  # largest power of 2 <= fit
 
 
 def on_tensor_device(launch):

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from unif2ace.triton_kernels._launch import num_sms as _num_sms
-from unif2ace.triton_kernels._launch import on_tensor_device
+from unif2ace.triton_kernels._launch import on_tensor_device, split_count
 from unif2ace.triton_kernels._lse import _online_lse_update
 
 # -----------------------------------------------------------------------------------------------
@@ -109,14 +109,15 @@ def _pick_config(
         block = min(max(triton.next_power_of_2(K), 16), _INTERPRET_MAX_BLOCK)
         return D3DiffConfig(block_k=block, num_warps=4, splits=1)
     row = _row_config(K, dtype.itemsize)
-    want = _SPLIT_BELOW_PROGRAMS_PER_SM * num_sms
-    if N >= want:
-        return row
-    max_splits = K // (_SPLIT_MIN_STEPS * _SPLIT_BLOCK)
-    if max_splits < 2:
-        return row
-    splits = min(triton.next_power_of_2(triton.cdiv(want, max(N, 1))), _SPLIT_MAX)
-    splits = min(splits, 1 << (max_splits.bit_length() - 1))  # largest power of 2 <= max_splits
+    splits = split_count(
+        N,
+        K,
+        num_sms,
+        block=_SPLIT_BLOCK,
+        min_steps=_SPLIT_MIN_STEPS,
+        max_splits=_SPLIT_MAX,
+        programs_per_sm=_SPLIT_BELOW_PROGRAMS_PER_SM,
+    )
     if splits < 2:
         return row
     return D3DiffConfig(block_k=_SPLIT_BLOCK, num_warps=_SPLIT_WARPS, splits=splits)

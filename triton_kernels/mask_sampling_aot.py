@@ -98,19 +98,23 @@ _SCAN_SIG = {
     "seed": "i64",
     "offset": "i32",
 }
+# The combine kernel takes these of the scan's arguments, in the same order.
 _COMBINE_SIG = {
-    "ids_ptr": "*i64",
-    "choice_ptr": "*fp32",
-    "out_ids_ptr": "*i64",
-    "conf_ptr": "*fp32",
-    "part_f_ptr": "*fp32",
-    "part_k_ptr": "*i32",
-    "n_pos": "i32",
-    "L": "i32",
-    "mask_id": "i32",
-    "tau": "fp32",
-    "seed": "i64",
-    "offset": "i32",
+    name: _SCAN_SIG[name]
+    for name in (
+        "ids_ptr",
+        "choice_ptr",
+        "out_ids_ptr",
+        "conf_ptr",
+        "part_f_ptr",
+        "part_k_ptr",
+        "n_pos",
+        "L",
+        "mask_id",
+        "tau",
+        "seed",
+        "offset",
+    )
 }
 _SELECT_SIG = {
     "conf_ptr": "*fp32",

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from unif2ace.triton_kernels._launch import split_count
 from unif2ace.triton_kernels._lse import _online_lse_update
 from unif2ace.triton_kernels.mask_sampling_philox import (
     _STREAM_CHOICE,
@@ -105,14 +106,15 @@ def _pick_step_config(
         rows = min(_INTERPRET_ELEMS // block, triton.next_power_of_2(max(n_pos, 1)))
         return StepConfig(block_k=block, num_warps=4, splits=1, rows=min(rows, _INTERPRET_MAX_ROWS))
     base = _scan_config(K)
-    want = _SPLIT_BELOW_PROGRAMS_PER_SM * num_sms
-    if n_pos >= want:
-        return base
-    max_splits = K // (_SPLIT_MIN_STEPS * _SPLIT_BLOCK)
-    if max_splits < 2:
-        return base
-    splits = min(triton.next_power_of_2(triton.cdiv(want, max(n_pos, 1))), _SPLIT_MAX)
-    splits = min(splits, 1 << (max_splits.bit_length() - 1))  # largest power of 2 <= max_splits
+    splits = split_count(
+        n_pos,
+        K,
+        num_sms,
+        block=_SPLIT_BLOCK,
+        min_steps=_SPLIT_MIN_STEPS,
+        max_splits=_SPLIT_MAX,
+        programs_per_sm=_SPLIT_BELOW_PROGRAMS_PER_SM,
+    )
     # Chunks are rounded up to whole blocks: halve until the last split still owns columns.
     while splits > 1 and _split_chunk(K, splits, _SPLIT_BLOCK) * (splits - 1) >= K:
         splits //= 2
