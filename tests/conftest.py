@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 if os.environ.get("UNIF2ACE_TEST_GPU", "0") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -98,6 +99,7 @@ class LaunchRecorder:
 
     def __init__(self, monkeypatch):
         self.current, self.seen = 0, []
+        self.monkeypatch = monkeypatch
         recorder = self
 
         class Device:
@@ -126,6 +128,23 @@ class LaunchRecorder:
 
     def stream(self, t: torch.Tensor) -> None:
         self.seen.append(("stream", t.device.index))
+
+    def mock_native(self, cuda_launchers, cpu_launchers, workspace: str, *launches: str) -> None:
+        """Stands in for the compiled extensions: ``_backend.cuda_ext()`` answers ``workspace``
+        (records a "workspace", 64 bytes) and each of ``launches`` (records a launch); the launcher
+        modules' ``stream`` records a stream and their ``desc`` returns None."""
+
+        def workspace_bytes(*args):
+            self.record("workspace")
+            return 64
+
+        ext = SimpleNamespace(**{workspace: workspace_bytes})
+        for name in launches:
+            setattr(ext, name, lambda *args: self.record("launch"))
+        self.monkeypatch.setattr(_backend, "cuda_ext", lambda: ext)
+        self.monkeypatch.setattr(cuda_launchers, "stream", self.stream)
+        self.monkeypatch.setattr(cuda_launchers, "desc", lambda t: None)
+        self.monkeypatch.setattr(cpu_launchers, "desc", lambda t: None)
 
 
 @pytest.fixture

@@ -364,18 +364,7 @@ def test_gpu_launchers_enter_the_tensors_device(monkeypatch, launch_recorder):
         monkeypatch.setattr(tk, name, rec)
     monkeypatch.setattr(tk, "_num_sms", rec.num_sms)
 
-    class Ext:
-        def d3diff_loss_workspace_bytes(self, N, K):
-            rec.record("workspace")
-            return 64
-
-        def d3diff_loss_fwd(self, *args):
-            rec.record("launch")
-
-    monkeypatch.setattr(_backend, "cuda_ext", lambda: Ext())
-    monkeypatch.setattr(d3_cuda, "stream", rec.stream)
-    monkeypatch.setattr(d3_cuda, "desc", lambda t: None)
-    monkeypatch.setattr(d3_cpu, "desc", lambda t: None)
+    rec.mock_native(d3_cuda, d3_cpu, "d3diff_loss_workspace_bytes", "d3diff_loss_fwd")
     split = tk.D3DiffConfig(block_k=64, num_warps=4, splits=2)
     with FakeTensorMode():
         dev = torch.device("cuda", 1)

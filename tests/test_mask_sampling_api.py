@@ -99,20 +99,9 @@ def test_gpu_launchers_enter_the_tensors_device(monkeypatch, launch_recorder):
         monkeypatch.setattr(tk, name, rec)
     monkeypatch.setattr(tk, "_num_sms", rec.num_sms)
 
-    class Ext:
-        def maskgit_step_workspace_bytes(self, B, L, K):
-            rec.record("workspace")
-            return 64
-
-        def mask_tokens_fwd(self, *args):
-            rec.record("launch")
-
-        maskgit_step_fwd = mask_tokens_fwd
-
-    monkeypatch.setattr(_backend, "cuda_ext", lambda: Ext())
-    monkeypatch.setattr(ms_cuda, "stream", rec.stream)
-    monkeypatch.setattr(ms_cuda, "desc", lambda t: None)
-    monkeypatch.setattr(ms_cpu, "desc", lambda t: None)
+    rec.mock_native(
+        ms_cuda, ms_cpu, "maskgit_step_workspace_bytes", "mask_tokens_fwd", "maskgit_step_fwd"
+    )
     split = tk.StepConfig(block_k=64, num_warps=4, splits=2)
     with FakeTensorMode():
         dev = torch.device("cuda", 1)

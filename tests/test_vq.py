@@ -10,13 +10,7 @@ import torch
 from unif2ace.data.synthface import draw_arrays
 from unif2ace.encoders.cnn import SemanticEncoder, to_tensor
 from unif2ace.vq.model import VQAutoencoder, VQConfig
-from unif2ace.vq.train import (
-    SemanticPerceptualLoss,
-    evaluate_vq,
-    psnr,
-    reconstruct,
-    train_vq,
-)
+from unif2ace.vq.train import SemanticPerceptualLoss, evaluate_vq, psnr, reconstruct, train_vq
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -66,26 +66,15 @@ class Pipeline:
         return out
 
     def generate(
-        self,
-        prompts: list[str],
-        *,
-        steps: int = 12,
-        guidance: float = 2.0,
-        temperature: float = 1.0,
-        seed: int = 0,
-        batch: int = 32,
+        self, prompts: list[str], *, seed: int = 0, batch: int = 32, **sampling
     ) -> np.ndarray:
-        """Faces ``uint8 [N, H, W, 3]`` for text prompts."""
+        """Faces ``uint8 [N, H, W, 3]`` for text prompts, ``batch`` at a time (the batch from
+        prompt ``i`` on with seed ``seed + i``). ``sampling``: ``steps``, ``guidance``, ``temperature``,
+        ``choice_temperature`` of :func:`~unif2ace.models.sampling.generate_images` (its defaults
+        where left out)."""
         toks = self._tokens(list(prompts), "prompt")
         codes = [
-            generate_images(
-                self.model,
-                toks[i : i + batch],
-                steps=steps,
-                guidance=guidance,
-                temperature=temperature,
-                seed=seed + i,
-            )
+            generate_images(self.model, toks[i : i + batch], seed=seed + i, **sampling)
             for i in range(0, len(toks), batch)
         ]
         return self.assets.decode_codes(torch.cat(codes))
