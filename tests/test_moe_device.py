@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from conftest import backend_params, device_for, rel_err
 from unif2ace import _backend, ops
 from unif2ace.ops import moe
-from unif2ace.ops.moe import _cpu, _cuda, _torch, moe_mlp, moe_mlp_ref, moe_route
+from unif2ace.ops.moe import _cpu, _cuda, _custom_ops, _torch, moe_mlp, moe_mlp_ref, moe_route
 from unif2ace.ops.moe._types import MoEPlan, RouteOptions
 
 BF16_TOL = 3e-2  # ‖out − ref‖ / ‖ref‖ against float64 with bf16 GEMM inputs
@@ -178,18 +178,8 @@ def entered(monkeypatch):
 def _fake_inputs(T=37, E=8, k=2, D=16, Fh=8, block_m=16):
     """Contract arguments on DEV1 (call under FakeTensorMode)."""
     N = T * k
-    i32 = dict(dtype=torch.int32, device=DEV1)
-    nt = N // block_m + E
-    plan = MoEPlan(
-        torch.empty(E, **i32),
-        torch.empty(E + 1, **i32),
-        torch.empty(N, **i32),
-        torch.empty(N, **i32),
-        torch.empty(nt, **i32),
-        torch.empty(nt, **i32),
-        k,
-        block_m,
-    )
+    ids = torch.empty(T, k, dtype=torch.int64, device=DEV1)
+    plan = MoEPlan(*_custom_ops.empty_plan(ids, E, block_m), k, block_m)
     f = dict(device=DEV1)
     return dict(
         T=T,
@@ -197,9 +187,9 @@ def _fake_inputs(T=37, E=8, k=2, D=16, Fh=8, block_m=16):
         k=k,
         logits=torch.empty(T, E, **f),
         offsets=torch.empty(2, dtype=torch.int64, device=DEV1),
-        ids=torch.empty(T, k, dtype=torch.int64, device=DEV1),
+        ids=ids,
         w=torch.empty(T, k, **f),
-        counts=torch.empty(E, **i32),
+        counts=torch.empty(E, dtype=torch.int32, device=DEV1),
         ps=torch.empty(E, **f),
         x=torch.empty(T, D, **f),
         xs=torch.empty(N, D, **f),

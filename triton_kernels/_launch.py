@@ -7,11 +7,20 @@ import functools
 import torch
 import triton
 
+# The SM count the config pickers assume without a device (interpreter, AOT sweeps): H100 SXM.
+DEFAULT_NUM_SMS = 132
+
 
 @functools.cache
 def num_sms(device_index: int) -> int:
     """The streaming-multiprocessor count of CUDA device ``device_index`` (cached)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_num_sms(t: torch.Tensor) -> int:
+    """The SM count of ``t``'s device, current inside :func:`on_tensor_device`; the default for
+    CPU tensors (the interpreter)."""
+    return num_sms(torch.cuda.current_device()) if t.is_cuda else DEFAULT_NUM_SMS
 
 
 def split_count(

@@ -43,8 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from unif2ace.triton_kernels._launch import num_sms as _num_sms
-from unif2ace.triton_kernels._launch import on_tensor_device, split_count
+from unif2ace.triton_kernels import _launch
 from unif2ace.triton_kernels._lse import _online_lse_update
 
 # -----------------------------------------------------------------------------------------------
@@ -90,8 +89,6 @@ _SPLIT_BELOW_PROGRAMS_PER_SM = 2
 # array, so use whole rows (up to 16384 columns) per step and never split.
 _INTERPRET_MAX_BLOCK = 16384
 
-_DEFAULT_NUM_SMS = 132  # H100 SXM; the launcher passes the real count of the tensor's device
-
 
 def _row_config(K: int, itemsize: int) -> D3DiffConfig:
     max_block = _ROW_BYTES_PER_STEP // itemsize
@@ -102,14 +99,14 @@ def _row_config(K: int, itemsize: int) -> D3DiffConfig:
 
 
 def _pick_config(
-    N: int, K: int, dtype: torch.dtype, interpret: bool, num_sms: int = _DEFAULT_NUM_SMS
+    N: int, K: int, dtype: torch.dtype, interpret: bool, num_sms: int = _launch.DEFAULT_NUM_SMS
 ) -> D3DiffConfig:
     """The launch configuration for an [N, K] problem with ``dtype`` logits."""
     if interpret:
         block = min(max(triton.next_power_of_2(K), 16), _INTERPRET_MAX_BLOCK)
         return D3DiffConfig(block_k=block, num_warps=4, splits=1)
     row = _row_config(K, dtype.itemsize)
-    splits = split_count(
+    splits = _launch.split_count(
         N,
         K,
         num_sms,
@@ -386,7 +383,7 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(f"d3diff_loss_fwd: {msg}")
 
 
-@on_tensor_device
+@_launch.on_tensor_device
 def d3diff_loss_fwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -447,10 +444,7 @@ def d3diff_loss_fwd(
 
     interpret = _interpreted()
     if config is None:
-        num_sms = _DEFAULT_NUM_SMS
-        if logits.is_cuda:  # the logits' device: current here (on_tensor_device)
-            num_sms = _num_sms(torch.cuda.current_device())
-        config = _pick_config(N, K, logits.dtype, interpret, num_sms)
+        config = _pick_config(N, K, logits.dtype, interpret, _launch.device_num_sms(logits))
 
     has_grad = grad is not None
     has_scale = grad_scale is not None

@@ -29,13 +29,11 @@ import triton
 import triton.language as tl
 
 from unif2ace._backend import triton_interpreted
-from unif2ace.triton_kernels._launch import num_sms as _num_sms
-from unif2ace.triton_kernels._launch import on_tensor_device
+from unif2ace.triton_kernels._launch import device_num_sms, on_tensor_device
 from unif2ace.triton_kernels.mask_sampling_philox import _STREAM_MASK, _counter3
 from unif2ace.triton_kernels.mask_sampling_step import (
     _COMBINE_ROWS,
     _COMBINE_WARPS,
-    _DEFAULT_NUM_SMS,
     StepConfig,
     _maskgit_combine_kernel,
     _maskgit_scan_kernel,
@@ -332,10 +330,7 @@ def maskgit_step_fwd(
         return
     interpret = triton_interpreted()
     if config is None:
-        num_sms = _DEFAULT_NUM_SMS
-        if logits.is_cuda:  # the logits' device: current here (on_tensor_device)
-            num_sms = _num_sms(torch.cuda.current_device())
-        config = _pick_step_config(n_pos, K, logits.dtype, interpret, num_sms)
+        config = _pick_step_config(n_pos, K, logits.dtype, interpret, device_num_sms(logits))
     has_uncond = uncond is not None
     unc = uncond if has_uncond else logits
     splits, block, rows = config.splits, config.block_k, config.rows

@@ -116,10 +116,8 @@ _COMBINE_SIG = {
         "offset",
     )
 }
-_SELECT_SIG = {
-    "conf_ptr": "*fp32",
-    "n_ptr": "*i64",
-    "src_ids_ptr": "*i64",
+# The select and bernoulli kernels end with the same arguments: the masked row they write.
+_MASK_OUT_SIG = {
     "out_ids_ptr": "*i64",
     "out_mask_ptr": "*i1",
     "L": "i32",
@@ -127,16 +125,8 @@ _SELECT_SIG = {
     "seed": "i64",
     "offset": "i32",
 }
-_BERNOULLI_SIG = {
-    "ids_ptr": "*i64",
-    "gamma_ptr": "*fp32",
-    "out_ids_ptr": "*i64",
-    "out_mask_ptr": "*i1",
-    "L": "i32",
-    "mask_id": "i32",
-    "seed": "i64",
-    "offset": "i32",
-}
+_SELECT_SIG = {"conf_ptr": "*fp32", "n_ptr": "*i64", "src_ids_ptr": "*i64", **_MASK_OUT_SIG}
+_BERNOULLI_SIG = {"ids_ptr": "*i64", "gamma_ptr": "*fp32", **_MASK_OUT_SIG}
 # Fresh torch allocations are 16-byte aligned; a logits view at an odd column is not (unaligned
 # variant: the logits/uncond pointers and strides lose it).
 _ALIGNED_ARGS = (

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from unif2ace.triton_kernels._launch import split_count
+from unif2ace.triton_kernels._launch import DEFAULT_NUM_SMS, split_count
 from unif2ace.triton_kernels._lse import _online_lse_update
 from unif2ace.triton_kernels.mask_sampling_philox import (
     _STREAM_CHOICE,
@@ -87,8 +87,6 @@ _INTERPRET_ELEMS = 1 << 17
 _INTERPRET_SCAN_BLOCK = 1024
 _INTERPRET_MAX_ROWS = 256
 
-_DEFAULT_NUM_SMS = 132  # H100 SXM; the launcher passes the real count of the tensor's device
-
 
 def _scan_config(K: int) -> StepConfig:
     block = min(max(triton.next_power_of_2(K), _SCAN_MIN_BLOCK), _SCAN_MAX_BLOCK)
@@ -97,7 +95,7 @@ def _scan_config(K: int) -> StepConfig:
 
 
 def _pick_step_config(
-    n_pos: int, K: int, dtype: torch.dtype, interpret: bool, num_sms: int = _DEFAULT_NUM_SMS
+    n_pos: int, K: int, dtype: torch.dtype, interpret: bool, num_sms: int = DEFAULT_NUM_SMS
 ) -> StepConfig:
     """Launch configuration of the scan for ``n_pos = B·L`` positions of K columns."""
     del dtype  # same values per thread for fp32 and 16-bit logits until a GPU says otherwise

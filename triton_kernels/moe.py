@@ -322,25 +322,26 @@ def _grouped_gemm_kernel(
 # -----------------------------------------------------------------------------------------------
 
 
+def _launch_rows(
+    kernel, rows: int, D: int, t: torch.Tensor, *args, per_column: bool = True, **flags
+):
+    """Launch a row kernel over ``rows`` rows (and the D columns in blocks when ``per_column``) on
+    ``t``'s device, with the row configuration of this process."""
+    cfg = _pick_row_config(triton_interpreted())
+    grid = (triton.cdiv(rows, cfg.block_r),)
+    if per_column:
+        grid += (triton.cdiv(D, cfg.block_d),)
+    with on_device(t):
+        kernel[grid](
+            *args, **flags, BLOCK_R=cfg.block_r, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps
+        )
+
+
 def permute(x: torch.Tensor, sorted_slot: torch.Tensor, top_k: int, xs: torch.Tensor) -> None:
     N, D = xs.shape
     if N == 0 or D == 0:
         return
-    cfg = _pick_row_config(triton_interpreted())
-    grid = (triton.cdiv(N, cfg.block_r), triton.cdiv(D, cfg.block_d))
-    with on_device(x):
-        _permute_kernel[grid](
-            x,
-            sorted_slot,
-            xs,
-            N,
-            D,
-            top_k,
-            x.stride(0),
-            BLOCK_R=cfg.block_r,
-            BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps,
-        )
+    _launch_rows(_permute_kernel, N, D, x, x, sorted_slot, xs, N, D, top_k, x.stride(0))
 
 
 def combine(src: torch.Tensor, slot_pos: torch.Tensor, weights, out: torch.Tensor) -> None:
@@ -348,24 +349,9 @@ def combine(src: torch.Tensor, slot_pos: torch.Tensor, weights, out: torch.Tenso
     N = slot_pos.numel()
     if T == 0 or D == 0:
         return
-    cfg = _pick_row_config(triton_interpreted())
-    grid = (triton.cdiv(T, cfg.block_r), triton.cdiv(D, cfg.block_d))
-    with on_device(src):
-        _combine_kernel[grid](
-            src,
-            slot_pos,
-            src if weights is None else weights,
-            out,
-            T,
-            N,
-            D,
-            N // T,
-            src.stride(0),
-            HAS_W=weights is not None,
-            BLOCK_R=cfg.block_r,
-            BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps,
-        )
+    w = src if weights is None else weights
+    args = (src, slot_pos, w, out, T, N, D, N // T, src.stride(0))
+    _launch_rows(_combine_kernel, T, D, src, *args, HAS_W=weights is not None)
 
 
 def combine_bwd(grad_out, src, slot_pos, weights, grad_src, grad_weights) -> None:
@@ -377,28 +363,21 @@ def combine_bwd(grad_out, src, slot_pos, weights, grad_src, grad_weights) -> Non
         grad_out = grad_out.to(src.dtype)
     if D > 1 and grad_out.stride(1) != 1:
         grad_out = grad_out.contiguous()
-    cfg = _pick_row_config(triton_interpreted())
-    grid = (triton.cdiv(T, cfg.block_r),)
-    with on_device(src):
-        _combine_bwd_kernel[grid](
-            grad_out,
-            src,
-            slot_pos,
-            src if weights is None else weights,
-            grad_src,
-            src if grad_weights is None else grad_weights,
-            T,
-            N,
-            D,
-            N // T,
-            grad_out.stride(0),
-            src.stride(0),
-            HAS_W=weights is not None,
-            HAS_GW=grad_weights is not None,
-            BLOCK_R=cfg.block_r,
-            BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps,
-        )
+    w = src if weights is None else weights
+    gw = src if grad_weights is None else grad_weights
+    args = (grad_out, src, slot_pos, w, grad_src, gw, T, N, D, N // T)
+    _launch_rows(
+        _combine_bwd_kernel,
+        T,
+        D,
+        src,
+        *args,
+        grad_out.stride(0),
+        src.stride(0),
+        per_column=False,
+        HAS_W=weights is not None,
+        HAS_GW=grad_weights is not None,
+    )
 
 
 def grouped_gemm(a, w, plan, out, act_out=None, activation=None, gather=False) -> None:

@@ -31,9 +31,7 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 
 _state = {"backend": os.environ.get("UNIF2ACE_BACKEND", "auto"), "checks": True}
 if _state["backend"] not in BACKENDS:
-    raise ValueError(
-        f"UNIF2ACE_BACKEND={_state['backend']!r} is not one of {BACKENDS}"
-    )
+    raise ValueError(f"UNIF2ACE_BACKEND={_state['backend']!r} is not one of {BACKENDS}")
 _state["checks"] = os.environ.get("UNIF2ACE_CHECKS", "1") not in ("0", "false", "False")
 
 

@@ -49,6 +49,12 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def int_options(p: argparse.ArgumentParser, **defaults: int) -> None:
+    """One integer option per keyword, in order: ``n_gen=256`` adds ``--n-gen`` (default 256)."""
+    for name, default in defaults.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+
+
 def recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML recipe (sections model, train, data)")
     p.add_argument(

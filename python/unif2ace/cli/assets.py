@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from unif2ace.cli._common import Commands, data_dir, save_pairs_grid
+from unif2ace.cli._common import Commands, data_dir, int_options, save_pairs_grid
 from unif2ace.data.readers import FieldMap, load_images_from_records, load_split
 from unif2ace.data.synthface import draw_arrays
 from unif2ace.encoders.cnn import load_encoder
@@ -51,10 +51,7 @@ def _add_judge(p):
     )
     # more drawn identities (and steps) is what the brows and the moustache need to be read
     # reliably (the runs: docs/results.md)
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--batch", type=int, default=48)
-    p.add_argument("--seed", type=int, default=11)
-    p.add_argument("--width", type=int, default=16)
+    int_options(p, steps=5000, batch=48, seed=11, width=16)
     return run_judge
 
 
@@ -263,10 +260,7 @@ def run_eval_vq(args) -> dict:
     data=True,
 )
 def _add_enc(p):
-    p.add_argument("--semantic-steps", type=int, default=1000)
-    p.add_argument("--identity-steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--width", type=int, default=16)
+    int_options(p, semantic_steps=1000, identity_steps=2000, batch=64, width=16)
     return run_encoders
 
 

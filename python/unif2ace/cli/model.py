@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unif2ace.cli._common import Commands, save_grid
+from unif2ace.cli._common import Commands, int_options, save_grid
 from unif2ace.data.readers import load_split
 from unif2ace.eval.judge import load_judge
 from unif2ace.eval.model_eval import evaluate_model, summary_rows
@@ -143,9 +143,7 @@ def run_caption(args) -> dict:
 def _add_eval(p):
     _infer_args(p)
     p.add_argument("--split", default="test")
-    p.add_argument("--n-gen", type=int, default=256)
-    p.add_argument("--n-vqa", type=int, default=512)
-    p.add_argument("--n-cap", type=int, default=256)
+    int_options(p, n_gen=256, n_vqa=512, n_cap=256)
     _decode_args(p)
     p.add_argument("--report", type=Path, help="folder (default <model-dir>/eval)")
     return run_evaluate
@@ -233,9 +231,7 @@ ABLATIONS = {
 )
 def _add_ablate(p):
     p.add_argument("--only", nargs="*", help="a subset of the variants (by index, 0-based)")
-    p.add_argument("--n-gen", type=int, default=128)
-    p.add_argument("--n-vqa", type=int, default=256)
-    p.add_argument("--n-cap", type=int, default=128)
+    int_options(p, n_gen=128, n_vqa=256, n_cap=128)
     return run_ablate
 
 

@@ -52,29 +52,13 @@ def route(*args):
 
 @_backend.register("moe.route_bwd", "cpu")
 def route_bwd(
-    logits,
-    group_offsets,
-    group_ids,
-    ids,
-    grad_weights,
-    grad_prob_sums,
-    scoring,
-    renormalize,
-    scaling,
-    grad_logits,
+    logits, group_offsets, group_ids, ids, grad_w, grad_ps, scoring, renorm, scaling, out
 ):
-    _backend.cpu_ext().moe_route_bwd(
-        desc(logits),
-        desc(group_offsets),
-        desc(group_ids),
-        desc(ids),
-        _SCORING_CODES[scoring],
-        renormalize,
-        float(scaling),
-        desc(grad_weights),
-        desc(grad_prob_sums),
-        desc(grad_logits),
-    )
+    # (the contract's grad_weights, grad_prob_sums, renormalize, grad_logits)
+    tensors = (logits, group_offsets, group_ids, ids)
+    grads = (grad_w, grad_ps, out)
+    code, scale = _SCORING_CODES[scoring], float(scaling)
+    _backend.cpu_ext().moe_route_bwd(*map(desc, tensors), code, renorm, scale, *map(desc, grads))
 
 
 @_backend.register("moe.plan", "cpu")

@@ -116,31 +116,27 @@ def _max_tiles(n: int, num_experts: int, block_m: int) -> int:
     return n // block_m + num_experts if block_m > 0 else 0
 
 
+def empty_plan(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """The plan's int32 arrays for the N = ids.numel() slots, uninitialised, on ids' device:
+    counts [E], offsets [E+1], sorted_slot [N], slot_pos [N], tile_expert / tile_row [max_tiles]."""
+    n = ids.numel()
+    nt = _max_tiles(n, num_experts, block_m)
+    sizes = (num_experts, num_experts + 1, n, n, nt, nt)
+    return tuple(ids.new_empty(s, dtype=torch.int32) for s in sizes)
+
+
 @torch.library.custom_op("unif2ace::moe_plan", mutates_args=())
 def plan_op(
     ids: torch.Tensor, num_experts: int, block_m: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    n = ids.numel()
-    i32 = dict(dtype=torch.int32, device=ids.device)
-    nt = _max_tiles(n, num_experts, block_m)
-    out = (
-        torch.empty(num_experts, **i32),
-        torch.empty(num_experts + 1, **i32),
-        torch.empty(n, **i32),
-        torch.empty(n, **i32),
-        torch.empty(nt, **i32),
-        torch.empty(nt, **i32),
-    )
+    out = empty_plan(ids, num_experts, block_m)
     _backend.launcher("moe.plan", backend)(ids, num_experts, block_m, *out)
     return out
 
 
 @plan_op.register_fake
 def _(ids, num_experts, block_m, backend):
-    n = ids.numel()
-    nt = _max_tiles(n, num_experts, block_m)
-    e = lambda *s: ids.new_empty(*s, dtype=torch.int32)
-    return e(num_experts), e(num_experts + 1), e(n), e(n), e(nt), e(nt)
+    return empty_plan(ids, num_experts, block_m)
 
 
 @torch.library.custom_op("unif2ace::moe_permute", mutates_args=())

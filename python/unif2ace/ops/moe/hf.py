@@ -37,22 +37,26 @@ EXPERTS_NAME = "unif2ace"
 _SILU_ACTS = ("silu", "swish")
 
 
+# Expert-module flags these kernels cannot honour: (attribute, its default, why). A flag whose
+# default is True is unsupported when explicitly False; one whose default is False when set.
+_UNSUPPORTED = (
+    ("has_gate", True, "ungated experts (up_proj only)"),
+    ("has_bias", False, "expert biases"),
+    ("is_transposed", False, "transposed expert weights"),
+    ("is_concatenated", True, "interleaved gate/up rows"),
+    ("_is_expert_parallel", False, "expert parallelism (sentinel ids)"),
+    ("has_post_expert_norm", False, "a post-expert norm"),
+)
+
+
 def _check_experts(experts: torch.nn.Module) -> None:
     why = []
     if not hasattr(experts, "gate_up_proj") or not hasattr(experts, "down_proj"):
         why.append("no gate_up_proj / down_proj parameters")
-    if getattr(experts, "has_gate", True) is False:
-        why.append("ungated experts (up_proj only)")
-    if getattr(experts, "has_bias", False):
-        why.append("expert biases")
-    if getattr(experts, "is_transposed", False):
-        why.append("transposed expert weights")
-    if getattr(experts, "is_concatenated", True) is False:
-        why.append("interleaved gate/up rows")
-    if getattr(experts, "_is_expert_parallel", False):
-        why.append("expert parallelism (sentinel ids)")
-    if getattr(experts, "has_post_expert_norm", False):
-        why.append("a post-expert norm")
+    for name, default, reason in _UNSUPPORTED:
+        value = getattr(experts, name, default)
+        if (value is False) if default else bool(value):  # a flag off, or a feature on
+            why.append(reason)
     act = getattr(getattr(experts, "config", None), "hidden_act", "silu")
     if act not in _SILU_ACTS:
         why.append(f"hidden_act={act!r} (only silu gating)")
