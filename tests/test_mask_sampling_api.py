@@ -153,6 +153,11 @@ def _good(B=2, L=5, K=8):
         (lambda a: a["ids"].__setitem__((0, 1), 9), ValueError, "ids has 1 entries outside"),
         (lambda a: a["ids"].__setitem__((1, 0), -3), ValueError, "ids has 1 entries outside"),
         (lambda a: a.update(mask_id=3), ValueError, "mask_id = 3 is a codebook index"),
+        (
+            lambda a: a.update(ids=a["ids"].int(), mask_id=2**31),
+            ValueError,
+            "does not fit the ids' dtype torch.int32",
+        ),
         (lambda a: a.update(mask_len=torch.tensor([-1, 2])), ValueError, "mask_len must be in"),
         (lambda a: a.update(mask_len=torch.tensor([2, 6])), ValueError, "mask_len must be in"),
         (
@@ -230,6 +235,11 @@ def test_step_value_checks_can_be_disabled():
         (dict(gamma=torch.tensor([0.5])), ValueError, "gamma must have shape"),
         (dict(mode="random"), ValueError, "mode must be one of"),
         (dict(seed=-5), ValueError, "seed must be in"),
+        # a mask id the ids' dtype cannot hold would be written as a wrapped value (0, -2^31)
+        (dict(ids=torch.zeros(2, 3, dtype=torch.int32), mask_id=2**31), ValueError, "not fit"),
+        (dict(ids=torch.zeros(2, 3, dtype=torch.int32), mask_id=2**40), ValueError, "not fit"),
+        (dict(ids=torch.zeros(2, 3, dtype=torch.int32), mask_id=-(2**31) - 1), ValueError, "fit"),
+        (dict(mask_id=2**63), ValueError, "does not fit the ids' dtype torch.int64"),
     ],
 )
 def test_mask_tokens_validation(kwargs, err, match):

@@ -82,6 +82,19 @@ def _check_int(op: str, name: str, v, lo: int, hi: int) -> int:
     return v
 
 
+def _check_mask_id(op: str, mask_id, dtype: torch.dtype) -> int:
+    """``mask_id`` is written into ids of ``dtype``: a value that dtype cannot hold is refused
+    (it would wrap to another token)."""
+    info = torch.iinfo(dtype)
+    if isinstance(mask_id, int) and not isinstance(mask_id, bool):
+        if not info.min <= mask_id <= info.max:
+            raise ValueError(
+                f"{op}: mask_id = {mask_id} does not fit the ids' dtype {dtype} "
+                f"([{info.min}, {info.max}]); use int64 ids or a smaller mask id"
+            )
+    return _check_int(op, "mask_id", mask_id, info.min, info.max + 1)
+
+
 def _check_number(op: str, name: str, v, *, positive: bool = False, nonnegative: bool = False):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise ValueError(f"{op}: {name} must be a finite number, got {v!r}")
@@ -209,7 +222,7 @@ def mask_tokens(
     B, L = _check_ids(op, ids)
     if mode not in MODES:
         raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
-    _check_int(op, "mask_id", mask_id, -(2**63), 2**63)
+    _check_mask_id(op, mask_id, ids.dtype)
     seed = _resolve_seed(op, seed)
     offset = _check_int(op, "offset", offset, 0, OFFSET_LIMIT)
     gamma = _per_row(op, "gamma", gamma, B, ids.device, torch.float32)
@@ -322,7 +335,7 @@ def maskgit_step(
             raise TypeError(
                 f"{op}: uncond_logits dtype {uncond_logits.dtype} differs from logits' {logits.dtype}"
             )
-    _check_int(op, "mask_id", mask_id, -(2**63), 2**63)
+    _check_mask_id(op, mask_id, ids.dtype)
     if 0 <= mask_id < K:
         raise ValueError(
             f"{op}: mask_id = {mask_id} is a codebook index in [0, K = {K}); the mask token must lie "
