@@ -470,6 +470,20 @@ def test_inplace_backward(backend):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.id in ("cpu", "triton")])
+def test_inplace_backward_refuses_a_second_backward(backend):
+    """The gradient overwrote the saved logits: a second backward through the graph must be
+    refused by autograd's version check, not run on the gradient as if it were the logits."""
+    dev = device_for(backend)
+    N, K = 37, 101
+    rows = make_rows(N, K, dev)
+    x = torch.randn(N, K, device=dev, requires_grad=True)
+    loss = d3diff_loss(x * 1, *rows, 0.3, inplace_backward=True, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_no_grad_path_matches():
     if not _backend.available("cpu", torch.device("cpu")):
         pytest.skip("cpu backend not built")

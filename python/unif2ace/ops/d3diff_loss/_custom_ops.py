@@ -128,6 +128,10 @@ def _d3diff_loss_backward(ctx, grad_loss):
         # Opt-in (Liger-style): the gradient overwrites the logits' storage, so backward allocates
         # nothing [N, K]. Traced graphs take the out-of-place op below (same values).
         _write_grad(logits, grad_loss, logits, rows, *ctx.args)
+        # The kernel wrote through a raw pointer, which autograd cannot see: bump the version so
+        # that a second backward through this graph is refused instead of reading the gradient
+        # as if it were the logits.
+        torch.autograd.graph.increment_version(logits)
         grad = logits
     else:
         grad = d3diff_loss_bwd(grad_loss, logits, rows, *ctx.args)
