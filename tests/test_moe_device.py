@@ -276,3 +276,20 @@ def test_cuda_launchers_enter_the_tensors_device(monkeypatch, entered):
     kernels = {n for n, _ in calls}
     assert {"moe_route_fwd", "moe_plan", "moe_permute", "moe_combine", "moe_combine_bwd"} <= kernels
     assert all(d == DEV1 for _, d in calls), calls
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_moe_mlp_with_no_tokens(backend):
+    """T = 0 gives [0, D] on every backend, and a backward where there is a graph (the cpu backend
+    used to raise in its combine)."""
+    dev = device_for(backend)
+    x = torch.randn(0, 8, device=dev, requires_grad=True)
+    w_up = torch.randn(4, 16, 8, device=dev, requires_grad=True)
+    w_down = torch.randn(4, 8, 8, device=dev, requires_grad=True)
+    ids = torch.zeros(0, 2, dtype=torch.long, device=dev)
+    weights = torch.zeros(0, 2, device=dev, requires_grad=True)
+    y = moe_mlp(x, w_up, w_down, ids, weights, backend=backend)
+    assert y.shape == (0, 8)
+    if y.requires_grad:  # the torch reference's loop over experts leaves no graph for T = 0
+        y.sum().backward()
+        assert w_up.grad is None or not w_up.grad.any()

@@ -73,11 +73,15 @@ def permute(x, sorted_slot, top_k, xs):
 
 @_backend.register("moe.combine", "cpu")
 def combine(src, slot_pos, weights, out):
+    if out.shape[0] == 0:  # no tokens: nothing to write (the binding cannot infer k from T = 0)
+        return
     _backend.cpu_ext().moe_combine(desc(src), desc(slot_pos), desc(weights), desc(out))
 
 
 @_backend.register("moe.combine_bwd", "cpu")
 def combine_bwd(grad_out, src, slot_pos, weights, grad_src, grad_weights):
+    if grad_out.shape[0] == 0:  # no tokens, no slots: the gradients are empty
+        return
     _backend.cpu_ext().moe_combine_bwd(
         desc(grad_out), desc(src), desc(slot_pos), desc(weights), desc(grad_src), desc(grad_weights)
     )
