@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,30 @@ def test_no_reference_to_notes_outside_the_repository():
                 if any(s in line for s in needles):
                     found.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not found, "references to files outside the repository:\n" + "\n".join(found)
+
+
+def test_version_flag_and_declared_dependencies(capsys):
+    """`unif2ace --version` answers; every third-party package the library imports at module top is
+    declared in pyproject.toml (PyYAML arrived only through another package's dependencies)."""
+    import tomllib
+
+    from unif2ace.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and "unif2ace" in capsys.readouterr().out
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = {re.split(r"[<>=;\[ ]", d)[0].strip().lower() for d in deps}
+    # import name -> distribution name, for the top-level imports of python/unif2ace
+    needed = {"torch": "torch", "numpy": "numpy", "PIL": "pillow", "tokenizers": "tokenizers",
+              "safetensors": "safetensors", "tqdm": "tqdm", "yaml": "pyyaml",
+              "vector_quantize_pytorch": "vector-quantize-pytorch"}  # fmt: skip
+    imported = set()
+    for f in (ROOT / "python" / "unif2ace").rglob("*.py"):
+        for node in ast.parse(f.read_text()).body:
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+    missing = sorted(needed[m] for m in imported & set(needed) if needed[m] not in declared)
+    assert not missing, f"imported but not declared in pyproject.toml: {missing}"

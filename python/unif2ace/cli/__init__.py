@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import unif2ace
 from unif2ace.cli import assets, data, demo, model
 from unif2ace.cli._common import print_json
 
@@ -33,6 +34,7 @@ COMMANDS = {**data.COMMANDS, **assets.COMMANDS, **model.COMMANDS, **demo.COMMAND
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unif2ace", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"unif2ace {unif2ace.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, help) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
