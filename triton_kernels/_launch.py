@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -49,15 +50,19 @@ def split_count(
     return min(splits, 1 << (fit.bit_length() - 1))  # largest power of 2 <= fit
 
 
+def on_device(t: torch.Tensor):
+    """``with on_device(t):`` makes t's GPU the current device: a Triton launch goes to the current
+    device and its current stream, whatever device its arguments are on. A no-op for CPU tensors
+    (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def on_tensor_device(launch):
-    """Run ``launch`` with its first argument's CUDA device current: a Triton launch goes to the
-    current device and its current stream, whatever device the tensors are on."""
+    """Run ``launch`` inside :func:`on_device` of its first argument."""
 
     @functools.wraps(launch)
     def run(t: torch.Tensor, *args, **kwargs):
-        if not t.is_cuda:
-            return launch(t, *args, **kwargs)
-        with torch.cuda.device(t.device):
+        with on_device(t):
             return launch(t, *args, **kwargs)
 
     return run

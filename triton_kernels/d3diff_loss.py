@@ -36,13 +36,13 @@ per step, split-K until there are ~2 programs per SM) and compile for sm_80/sm_9
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from unif2ace._backend import triton_interpreted
 from unif2ace.triton_kernels import _launch
 from unif2ace.triton_kernels._lse import _online_lse_update
 
@@ -374,10 +374,6 @@ def _d3diff_loss_split_grad_kernel(
 # -----------------------------------------------------------------------------------------------
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(f"d3diff_loss_fwd: {msg}")
@@ -442,7 +438,7 @@ def d3diff_loss_fwd(
         return
     _check(K > 0, "K must be positive")
 
-    interpret = _interpreted()
+    interpret = triton_interpreted()
     if config is None:
         config = _pick_config(N, K, logits.dtype, interpret, _launch.device_num_sms(logits))
 

@@ -27,7 +27,6 @@ whether they have run on a GPU: the README's status table.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +34,7 @@ import triton
 import triton.language as tl
 
 from unif2ace._backend import triton_interpreted
+from unif2ace.triton_kernels._launch import on_device
 
 # -----------------------------------------------------------------------------------------------
 # Launch configurations
@@ -70,13 +70,6 @@ _ROW_INTERPRET = RowConfig(block_r=64, block_d=512, num_warps=4)
 
 
 ACT_CODES = {None: 0, "gelu": 1, "gelu_tanh": 2, "silu_glu": 3}
-
-
-def on_device(t: torch.Tensor):
-    """``with on_device(t):`` makes t's GPU the current device: a Triton launch goes to the current
-    device and its current stream, not to its arguments' device. A no-op for CPU tensors (the
-    interpreter)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _pick_row_config(interpret: bool) -> RowConfig:

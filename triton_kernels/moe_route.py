@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from unif2ace._backend import triton_interpreted
-from unif2ace.triton_kernels.moe import on_device
+from unif2ace.triton_kernels._launch import on_device
 
 
 @dataclass(frozen=True)

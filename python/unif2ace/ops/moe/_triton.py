@@ -8,7 +8,7 @@ activation fused into the up projection's epilogue, no xs saved) are Triton kern
 backward and the plan are the torch launchers, and the backward's GEMMs are the composed path
 (_composed.py: torch GEMMs) over the Triton permute / combine.
 
-Every Triton launch runs with its tensors' GPU as the current device (``on_device`` in the
+Every Triton launch runs with its tensors' GPU as the current device (``_launch.on_device`` in the
 launch functions of ``triton_kernels/moe.py`` and ``moe_route.py``): Triton launches on the
 current device and stream, so a model on ``cuda:1`` would otherwise run its kernels on ``cuda:0``.
 """
