@@ -265,24 +265,8 @@ def mlp_fwd_op(
 
 
 @mlp_fwd_op.register_fake
-def _(
-    x,
-    w_up,
-    w_down,
-    weights,
-    counts,
-    offsets,
-    sorted_slot,
-    slot_pos,
-    tile_expert,
-    tile_row,
-    top_k,
-    block_m,
-    activation,
-    save,
-    consume,
-    backend,
-):
+def _(x, w_up, w_down, weights, counts, offsets, sorted_slot, *plan_and_options):
+    *_, save, _consume, backend = plan_and_options
     T, D = x.shape
     N = sorted_slot.numel() if save else 0
     return (
@@ -338,26 +322,7 @@ def _mlp_bwd_impl(grad_y, x, w_up, w_down, weights, plan, h, out, xs, activation
 
 
 @mlp_bwd_op.register_fake
-def _(
-    grad_y,
-    x,
-    w_up,
-    w_down,
-    weights,
-    counts,
-    offsets,
-    sorted_slot,
-    slot_pos,
-    tile_expert,
-    tile_row,
-    h,
-    out,
-    xs,
-    top_k,
-    block_m,
-    activation,
-    backend,
-):
+def _(grad_y, x, w_up, w_down, weights, *plan_saved_and_options):
     gw = x.new_empty(weights.shape if weights is not None else (0,), dtype=torch.float32)
     return torch.empty_like(x), torch.empty_like(w_up), torch.empty_like(w_down), gw
 
