@@ -116,7 +116,7 @@ def _check(q, k, v, limit, key_valid, rotary, span):
             )
         check_device(OP, q.device, cos=cos, sin=sin)
     if _backend.checks_enabled() and limit.numel() and not torch.compiler.is_compiling():
-        lo, hi = int(limit.min()), int(limit.max())
+        lo, hi = map(int, torch.stack(torch.aminmax(limit)).tolist())  # one host sync
         if lo < 0 or hi > Lk:
             raise ValueError(f"{OP}: limit must lie in [0, Lk] = [0, {Lk}], got [{lo}, {hi}]")
     _check_span(span, limit, key_valid, Lk)

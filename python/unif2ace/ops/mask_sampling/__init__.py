@@ -86,13 +86,13 @@ def _check_mask_id(op: str, mask_id, dtype: torch.dtype) -> int:
     """``mask_id`` is written into ids of ``dtype``: a value that dtype cannot hold is refused
     (it would wrap to another token)."""
     info = torch.iinfo(dtype)
-    if isinstance(mask_id, int) and not isinstance(mask_id, bool):
-        if not info.min <= mask_id <= info.max:
-            raise ValueError(
-                f"{op}: mask_id = {mask_id} does not fit the ids' dtype {dtype} "
-                f"([{info.min}, {info.max}]); use int64 ids or a smaller mask id"
-            )
-    return _check_int(op, "mask_id", mask_id, info.min, info.max + 1)
+    try:
+        return _check_int(op, "mask_id", mask_id, info.min, info.max + 1)
+    except ValueError:  # only the range can fail with a ValueError: say why it is refused
+        raise ValueError(
+            f"{op}: mask_id = {mask_id} does not fit the ids' dtype {dtype} "
+            f"([{info.min}, {info.max}]); use int64 ids or a smaller mask id"
+        ) from None
 
 
 def _check_number(op: str, name: str, v, *, positive: bool = False, nonnegative: bool = False):
