@@ -109,10 +109,12 @@ class BatchMeta:
             return first, n
 
         (i0, ni), (p0, np_) = spans(is_img), spans(prompt)
+        i1 = torch.where(is_img, idx, -1).amax(1) + 1 if L else ni  # end of each row's image
         host = torch.stack(
             [
                 i0,
                 ni,
+                i1,
                 p0,
                 np_,
                 valid.sum(1),
@@ -120,11 +122,11 @@ class BatchMeta:
                 batch["task"],
                 batch["index"],
             ]
-        ).tolist()
-        i0, ni, p0, np_, nv, na, task, index = host
+        ).tolist()  # the one read
+        i0, ni, i1, p0, np_, nv, na, task, index = host
         image = tuple((s, s + n) if n else (0, 0) for s, n in zip(i0, ni))
-        for b, (s, e) in enumerate(image):
-            if not bool(is_img[b, s:e].all()):
+        for b, ((s, e), end) in enumerate(zip(image, i1)):
+            if e != s and e != end:  # n image tokens between the first and the last: contiguous
                 raise ValueError(f"row {b}: the image tokens must be one contiguous span")
         return cls(
             seq_len=L,

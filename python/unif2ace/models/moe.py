@@ -29,21 +29,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from unif2ace import ops
+from unif2ace.ops.moe.reference import activate
 
 N_GROUPS = 2  # 0: understanding, 1: generation
 SEQ_EXPERTS = 4  # per group
 # expert slots of the sequence-level MoE: understanding 0..3, generation 4..7
 COPY_SLOTS = (0, 1, 4, 5)
 CLIP_SLOT, FACE_SLOT, ZERO_SLOT, NOISE_SLOT = 2, 3, 6, 7
-
-
-def _act(h: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "gelu_tanh":
-        return F.gelu(h, approximate="tanh")
-    if activation == "gelu":
-        return F.gelu(h)
-    g, u = h.chunk(2, dim=-1)
-    return F.silu(g) * u
 
 
 class DenseMLP(nn.Module):
@@ -57,7 +49,7 @@ class DenseMLP(nn.Module):
     def forward(
         self, x: torch.Tensor, group_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fc2(_act(self.fc1(x), self.activation)), x.new_zeros(())
+        return self.fc2(activate(self.fc1(x), self.activation)), x.new_zeros(())
 
 
 class TokenMoE(nn.Module):

@@ -36,7 +36,7 @@ from unif2ace.io import load_pretrained_state, save_pretrained
 from unif2ace.models import special_tokens as st
 from unif2ace.models.attention import Attention
 from unif2ace.models.config import ModelConfig
-from unif2ace.models.layout import TASK_T2I, BatchMeta, positions_of
+from unif2ace.models.layout import IGNORE, TASK_T2I, BatchMeta, positions_of
 from unif2ace.models.moe import DenseMLP, SequenceMoE, TokenMoE
 
 
@@ -108,18 +108,17 @@ def draw_noise(cfg: ModelConfig, indices: list[int], step: int, seed: int) -> St
     """The noise of the t2i samples ``indices`` at ``step``: per sample, from a CPU generator
     seeded by ``(seed, step, index)``, a time ``t ~ U(0, 1)``, a mask seed and the prompt-drop
     draw; then the schedule at ``t``. Host computation only (plain values and CPU tensors)."""
-    times, gammas, mask_seeds, drop = [], [], [], []
+    times, mask_seeds, drop = [], [], []
     for index in indices:
         g = torch.Generator().manual_seed(_sample_seed(seed, step, index))
         t = torch.rand(1, generator=g)
-        gammas.append(ops.schedule(t, cfg.schedule).gamma)
         mask_seeds.append(int(torch.randint(0, 2**62, (1,), generator=g)))
         drop.append(float(torch.rand(1, generator=g)) < cfg.cond_drop)
         times.append(t)
     if not indices:
         return StepNoise(torch.zeros(3, 0), [], [], [])
-    gamma = torch.cat(gammas)
     sv = ops.schedule(torch.cat(times), cfg.schedule)
+    gamma = sv.gamma
     N = cfg.image_tokens
     # the count of ops.mask_tokens' "count" mode: round half to even of N·γ in float64
     num_masked = [min(max(round(g * N), 1), N) for g in gamma.double().tolist()]
@@ -373,7 +372,7 @@ class UniF2ace(nn.Module):
         tgt = batch["targets"]
         n_learn = sum(meta.answer)
         if n_learn:
-            sel = tgt != -100
+            sel = tgt != IGNORE
             w, bias = self.head_rows("text")
             n_ans = sel.sum(1).float()  # [B] answer tokens per row
             at = torch.nonzero_static(sel, size=n_learn)  # [n_learn, 2]
