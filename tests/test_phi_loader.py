@@ -32,9 +32,10 @@ def _seed():
     torch.manual_seed(0)
 
 
-def _phi(zero_mlp_bias=False):
+def _phi(zero_mlp_bias=False, qk_layernorm=False):
     torch.manual_seed(1)
     conf = transformers.PhiConfig(
+        qk_layernorm=qk_layernorm,
         vocab_size=V,
         hidden_size=D,
         num_hidden_layers=LAYERS,
@@ -118,6 +119,24 @@ def test_dense_logits_match_phi(phi_dir, tmp_path, fmt):
     torch.testing.assert_close(out[..., :V], ref, rtol=0, atol=1e-4)
 
 
+def test_qk_layernorm_logits_match_phi(tmp_path):
+    """Show-o's Phi: a LayerNorm over each head's q and k before rotary (qk_layernorm=True)."""
+    phi = _phi(qk_layernorm=True)
+    phi.save_pretrained(tmp_path)
+    model = _build(tmp_path, token_moe=False, seq_moe=False)
+    assert model.config.qk_norm
+    report = load_phi(model, tmp_path)
+    assert report["n_copied"] == 5 + 18 * LAYERS and not report["unused"]
+    ids = _ids()
+    with torch.no_grad():
+        ref = phi(ids).logits
+        out = model(text_batch(ids))
+    torch.testing.assert_close(out[..., :V], ref, rtol=0, atol=1e-4)
+    # a model without the norms cannot take the checkpoint
+    with pytest.raises(ValueError, match="qk_norm"):
+        load_phi(_build(tmp_path, token_moe=False, seq_moe=False, qk_norm=False), tmp_path)
+
+
 def test_upcycled_moe_runs_and_trains(phi_dir):
     folder, _ = phi_dir
     model = _build(folder)  # token MoE + sequence MoE on
@@ -197,7 +216,6 @@ def test_not_a_phi_config(phi_dir, tmp_path):
         ({"model_type": "llama"}, "not a transformers Phi"),
         ({"model_type": "phi-msft"}, "convert_phi_weights_to_hf"),
         ({"num_key_value_heads": 2}, "num_key_value_heads"),
-        ({"qk_layernorm": True}, "qk_layernorm"),
         ({"hidden_act": "relu"}, "hidden_act"),
     ]:
         with pytest.raises(ValueError, match=match):

@@ -51,7 +51,8 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    """Phi-1.5 attention: q/k/v/dense projections with bias, partial rotary, omni-attention."""
+    """Phi-1.5 attention: q/k/v/dense projections with bias, optional QK-LayerNorm (Show-o: over
+    each head's dimension, affine, before rotary), partial rotary, omni-attention."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -59,25 +60,47 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(D, D) for _ in range(3))
         self.dense = nn.Linear(D, D)
+        if cfg.qk_norm:
+            self.q_layernorm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_layernorm = nn.LayerNorm(cfg.head_dim, eps=cfg.norm_eps)
+        else:
+            self.q_layernorm = self.k_layernorm = None
         self.rotary = Rotary(int(cfg.head_dim * cfg.rotary_frac), cfg.rope_theta)
 
-    def forward(self, x, positions, limit, key_valid, cache: dict | None = None, span="auto"):
+    def _qkv(self, x: torch.Tensor):
+        """q, k, v ``[B, L, H, Dh]`` of x ``[B, L, D]`` (q and k normed, not rotated)."""
+        B, L, _ = x.shape
+        shape = (B, L, self.n_heads, self.head_dim)
+        q, k, v = (p(x).view(shape) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        return q, k, v
+
+    def forward(
+        self, x, positions, limit, key_valid, cache: dict | None = None, span="auto", past=None
+    ):
         """x ``[B, L, D]``; positions, limit (int32, :func:`unif2ace.ops.omni_limit`) and key_valid
         (bool or None) ``[B, L]``. ``cache``: a dict that receives this layer's rotated keys and
         values ``[B, H, L, Dh]`` (prefill). ``span``: the layout as host values, ``(s, e)`` or
-        None, as :func:`unif2ace.ops.omni_attention` takes it ("auto": the op reads it)."""
+        None, as :func:`unif2ace.ops.omni_attention` takes it ("auto": the op reads it).
+
+        ``past``: a cache dict of earlier positions (a prefix computed once, e.g. Show-o's text
+        prompt while the image is decoded): x then holds the positions after them, attending to
+        the ``Lp`` cached keys and to each other; ``limit`` counts keys from the start of the
+        prefix and ``key_valid`` is ``[B, Lp + L]``."""
         B, L, D = x.shape
-        shape = (B, L, self.n_heads, self.head_dim)
-        q, k, v = (
-            p(x).view(shape) for p in (self.q_proj, self.k_proj, self.v_proj)
-        )  # [B, L, H, Dh]
-        if cache is None:  # rotary inside the op (inside the kernel on CPU)
+        q, k, v = self._qkv(x)  # [B, L, H, Dh]
+        if cache is None and past is None:  # rotary inside the op (inside the kernel on CPU)
             rot = self.rotary.tables(positions) if self.rotary.rot_dim else None
             o = ops.omni_attention(q, k, v, limit, key_valid, span=span, rotary=rot)
-        else:  # prefill: the cache keeps the rotated keys
+        else:  # the cache keeps the rotated keys
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             q, k = self.rotary(q, positions), self.rotary(k, positions)  # [B, H, L, Dh]
-            cache["k"], cache["v"] = k, v
+            if past is not None:
+                k, v = torch.cat([past["k"], k], 2), torch.cat([past["v"], v], 2)
+                span = None
+            if cache is not None:
+                cache["k"], cache["v"] = k, v
             qkv = (t.transpose(1, 2) for t in (q, k, v))
             o = ops.omni_attention(*qkv, limit, key_valid, span=span)
         return self.dense(o.reshape(B, L, D))
@@ -86,10 +109,7 @@ class Attention(nn.Module):
         """One new text token per row: x ``[B, 1, D]`` at ``positions [B, 1]``, attending to the
         cached keys (``key_valid [B, Lc]``) and itself; appends its key and value to ``cache``."""
         B, _, D = x.shape
-        shape = (B, 1, self.n_heads, self.head_dim)
-        q, k, v = (
-            p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        q, k, v = (t.transpose(1, 2) for t in self._qkv(x))
         q, k = self.rotary(q, positions), self.rotary(k, positions)
         cache["k"] = torch.cat([cache["k"], k], 2)
         cache["v"] = torch.cat([cache["v"], v], 2)

@@ -34,6 +34,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     d_ff: int = 512  # dense MLP width (token MoE off)
     activation: str = "gelu_tanh"  # Phi's gelu_new
+    qk_norm: bool = False  # Show-o: a LayerNorm (affine) over each head's q and k, before rotary
+    # Show-o's CLIP-ViT variants: the projector of the vision tower's features into the model
+    # (Linear clip_dim→d, GELU, Linear d→d); 0: none
+    mm_projector_dim: int = 0
     # image-token input embeddings added to the token table: a learned embedding per grid
     # position (MaskGIT's; rotary alone gives only 1-D offsets), and a learned linear map of the
     # image tokenizer's code vector (FSQ/LFQ coordinates, :meth:`UniF2ace.set_code_vectors`), so
@@ -108,6 +112,8 @@ class ModelConfig:
                 name == "expert_activation" and v is None
             ):
                 raise ValueError(f"{name} must be gelu, gelu_tanh or silu_glu, got {v!r}")
+        if self.mm_projector_dim < 0:
+            raise ValueError(f"mm_projector_dim must be >= 0, got {self.mm_projector_dim}")
         if self.schedule not in ("cosine", "linear", "loglinear"):
             raise ValueError(f"schedule must be cosine, linear or loglinear, got {self.schedule!r}")
         return self
@@ -155,7 +161,7 @@ def parameter_count(cfg: ModelConfig) -> dict:
     """Parameters by part, and those active per token (top-k of the routed experts), from the
     config alone (no model is built, so ``full`` is cheap to count)."""
     D, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
-    attn = 4 * D * D + 4 * D
+    attn = 4 * D * D + 4 * D + cfg.qk_norm * 4 * cfg.head_dim
     norm = 2 * D
     fu = 2 if cfg.moe_activation == "silu_glu" else 1
     if cfg.token_moe:
@@ -182,6 +188,8 @@ def parameter_count(cfg: ModelConfig) -> dict:
     blocks = L * (attn + norm + mlp + seq)
     embed = V * D + cfg.image_pos_embed * cfg.image_tokens * D + cfg.code_vector_dim * D
     head = V * D + V + norm
+    proj = cfg.mm_projector_dim and (cfg.mm_projector_dim * D + D + D * D + D)
+    embed += proj
     total = blocks + embed + head
     active = L * (attn + norm + mlp_active + seq) + embed + head
     return {

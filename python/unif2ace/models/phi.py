@@ -8,6 +8,7 @@ transformers 5.23)::
     model.embed_tokens.weight                                   [V, D]
     model.layers.{i}.input_layernorm.{weight,bias}              [D]
     model.layers.{i}.self_attn.{q_proj,k_proj,v_proj,dense}.*   [D, D], [D]
+    model.layers.{i}.self_attn.{q,k}_layernorm.{weight,bias}    [D / heads]  (qk_layernorm only)
     model.layers.{i}.mlp.fc1.{weight,bias}                      [F, D], [F]
     model.layers.{i}.mlp.fc2.{weight,bias}                      [D, F], [D]
     model.final_layernorm.{weight,bias}                         [D]
@@ -84,8 +85,6 @@ def _check_phi_config(conf: dict, where: str) -> None:
             f"{conf['num_attention_heads']}; UniF²ace's attention has no grouped "
             "KV heads"
         )
-    if conf.get("qk_layernorm"):
-        raise ValueError(f"{where}: qk_layernorm=true is not supported (UniF²ace has no q/k norm)")
     act = conf.get("hidden_act", "gelu_new")
     if act not in _ACTIVATIONS:
         raise ValueError(
@@ -131,6 +130,7 @@ def config_from_phi(phi_config: dict, **overrides) -> ModelConfig:
         rope_theta=theta,
         norm_eps=float(phi_config.get("layer_norm_eps", 1e-5)),
         activation=_ACTIVATIONS[phi_config.get("hidden_act", "gelu_new")],
+        qk_norm=bool(phi_config.get("qk_layernorm", False)),
     )
     return ModelConfig.from_dict({**base, **overrides}, where="config_from_phi")
 
@@ -173,6 +173,7 @@ def _check_fits(cfg: ModelConfig, conf: dict) -> None:
         "n_layers": conf["num_hidden_layers"],
         "d_model": conf["hidden_size"],
         "text_vocab": conf["vocab_size"],
+        "qk_norm": bool(conf.get("qk_layernorm", False)),
     }
     bad = {k: (getattr(cfg, k), v) for k, v in want.items() if getattr(cfg, k) != v}
     if bad:
@@ -256,6 +257,9 @@ def load_phi(model: nn.Module, folder, *, strict_dense: bool = True) -> dict:
                 plain(f"{p}input_layernorm.{wb}", f"{q}input_layernorm.{wb}")
                 for proj in ("q_proj", "k_proj", "v_proj", "dense"):
                     plain(f"{p}self_attn.{proj}.{wb}", f"{q}self_attn.{proj}.{wb}")
+                if cfg.qk_norm:
+                    for norm in ("q_layernorm", "k_layernorm"):
+                        plain(f"{p}self_attn.{norm}.{wb}", f"{q}self_attn.{norm}.{wb}")
             if isinstance(block.mlp, DenseMLP):
                 for fc in ("fc1", "fc2"):
                     for wb in ("weight", "bias"):

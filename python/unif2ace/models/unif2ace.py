@@ -48,11 +48,11 @@ class Block(nn.Module):
         self.mlp = TokenMoE(cfg) if cfg.token_moe else DenseMLP(cfg)
         self.seq_moe = SequenceMoE(cfg) if cfg.seq_moe else None
 
-    def forward(self, x, ctx: dict, cache: dict | None = None):
+    def forward(self, x, ctx: dict, cache: dict | None = None, past: dict | None = None):
         B, L, D = x.shape
         h = self.input_layernorm(x)
         a = self.self_attn(
-            h, ctx["positions"], ctx["limit"], ctx["key_valid"], cache, span=ctx["span"]
+            h, ctx["positions"], ctx["limit"], ctx["key_valid"], cache, ctx["span"], past
         )
         # the MLP branch runs on the valid tokens only (padding is neither computed nor routed)
         sel = ctx["valid_flat"]
@@ -143,6 +143,11 @@ class UniF2ace(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size)
         if cfg.image_pos_embed:
             self.image_pos = nn.Embedding(cfg.image_tokens, cfg.d_model)
+        if cfg.mm_projector_dim:  # Show-o's CLIP-ViT variants (:mod:`unif2ace.showo`)
+            D = cfg.d_model
+            self.mm_projector = nn.Sequential(
+                nn.Linear(cfg.mm_projector_dim, D), nn.GELU(), nn.Linear(D, D)
+            )
         if cfg.code_vector_dim:
             self.code_proj = nn.Linear(cfg.code_vector_dim, cfg.d_model, bias=False)
             self.register_buffer(
@@ -257,14 +262,56 @@ class UniF2ace(nn.Module):
         empty list that receives each layer's keys, values and sequence-MoE mixture (prefill for
         :meth:`decode_step`)."""
         ctx = self._context(batch, BatchMeta.of(batch))
-        x = self.embed(input_ids, batch["is_image"])
+        return self.run_layers(self.embed(input_ids, batch["is_image"]), ctx, cache)
+
+    def rule_context(
+        self,
+        positions: torch.Tensor,
+        limit: torch.Tensor,
+        key_valid: torch.Tensor | None,
+        *,
+        group: torch.Tensor | int = 0,
+    ) -> dict:
+        """The per-forward context of :meth:`run_layers` for an attention rule given directly
+        (``positions`` and ``limit [B, L]``, ``key_valid [B, Lk]`` or None, as
+        :func:`unif2ace.ops.omni_attention` takes them) instead of a collated batch: every token
+        goes through the MLP branch, in token-MoE ``group`` (0 understanding, 1 generation; an
+        int or ``[B]``). Only for models without the sequence MoE, which needs a batch's pooling
+        and task rows. This is how :mod:`unif2ace.showo` runs Show-o's own layouts."""
+        if self.config.seq_moe:
+            raise ValueError("rule_context: the sequence MoE needs a collated batch (use forward)")
+        B, L = limit.shape
+        dev = limit.device
+        if isinstance(group, int):
+            group = torch.full((B,), group, dtype=torch.long, device=dev)
+        return {
+            "positions": positions,
+            "limit": limit.to(torch.int32),
+            "key_valid": key_valid,
+            "span": None,
+            "valid_flat": torch.arange(B * L, device=dev),
+            "group_flat": group.long()[:, None].expand(B, L).reshape(-1),
+        }
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        ctx: dict,
+        cache: list[dict] | None = None,
+        past: list[dict] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input embeddings ``x [B, L, D]`` through every block and the final LayerNorm, under
+        ``ctx`` (:meth:`_context` or :meth:`rule_context`): the hidden states and the summed
+        balance loss. ``cache``: an empty list that receives each layer's keys and values;
+        ``past``: each layer's cache of a prefix that x follows (see
+        :meth:`unif2ace.models.attention.Attention.forward`)."""
         aux = x.new_zeros(())
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             c = None
             if cache is not None:
                 c = {}
                 cache.append(c)
-            x, a = layer(x, ctx, c)
+            x, a = layer(x, ctx, c, None if past is None else past[i])
             aux = aux + a
         return self.final_layernorm(x), aux
 
