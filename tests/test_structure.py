@@ -34,13 +34,14 @@ LAYERS = {
     "data": 3,
     "vq": 3,
     "encoders": 3,
+    "showo": 3,
     "train": 4,
     "eval": 4,
     "pipeline": 5,
     "cli": 6,
     "__main__": 6,
 }
-LAYER_NAMES = ["base", "ops", "models", "data/vq/encoders", "train/eval", "pipeline", "cli"]
+LAYER_NAMES = ["base", "ops", "models", "data/vq/encoders/showo", "train/eval", "pipeline", "cli"]
 # the package root re-exports ops and the backend switches: it sits with ops
 ROOT_LAYER = 1
 

@@ -32,9 +32,16 @@ class Rotary(nn.Module):
 
     def __init__(self, rot_dim: int, theta: float):
         super().__init__()
-        self.rot_dim = rot_dim
-        inv = 1.0 / theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim)
-        self.register_buffer("inv_freq", inv, persistent=False)
+        self.rot_dim, self.theta = rot_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        r = self.rot_dim
+        return 1.0 / self.theta ** (torch.arange(0, r, 2, dtype=torch.float32) / r)
+
+    def reset_buffers(self) -> None:
+        """Recompute the frequencies (after ``to_empty``: a model built on the meta device)."""
+        self.inv_freq = self._inv_freq().to(self.inv_freq.device)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin [B, L, rot_dim / 2]`` (fp32) of ``positions [B, L]``: the ``rotary`` argument

@@ -56,9 +56,14 @@ class Block(nn.Module):
         )
         # the MLP branch runs on the valid tokens only (padding is neither computed nor routed)
         sel = ctx["valid_flat"]
-        m_valid, aux = self.mlp(h.reshape(B * L, D)[sel], ctx["group_flat"])
-        # in m_valid's dtype: under autocast a dense MLP returns the autocast dtype
-        m = h.new_zeros(B * L, D, dtype=m_valid.dtype).index_copy(0, sel, m_valid).view(B, L, D)
+        if sel is None:  # every token valid (rule_context)
+            m, aux = self.mlp(h.reshape(B * L, D), ctx["group_flat"])
+            m = m.view(B, L, D)
+        else:
+            m_valid, aux = self.mlp(h.reshape(B * L, D)[sel], ctx["group_flat"])
+            # in m_valid's dtype: under autocast a dense MLP returns the autocast dtype
+            m = h.new_zeros(B * L, D, dtype=m_valid.dtype).index_copy(0, sel, m_valid)
+            m = m.view(B, L, D)
         if self.seq_moe is not None:
             if cache is not None:  # the decoder reuses the prefix's mixture for new tokens
                 sa, sc, _, aux_seq = self.seq_moe.mixture(
@@ -160,6 +165,22 @@ class UniF2ace(nn.Module):
             self.register_buffer(f"{name}_mean", torch.zeros(dim))
             self.register_buffer(f"{name}_std", torch.full((dim,), dim**-0.5))
         self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The buffers' initial values: a model built on the meta device and materialised with
+        ``to_empty`` calls this before loading weights (buffers a checkpoint does not hold, like
+        the rotary frequencies, would otherwise be uninitialised memory)."""
+        for name, dim in (
+            ("semantic", self.config.semantic_dim),
+            ("identity", self.config.identity_dim),
+        ):
+            getattr(self, f"{name}_mean").zero_()
+            getattr(self, f"{name}_std").fill_(dim**-0.5)
+        if self.config.code_vector_dim:
+            self.code_vectors.zero_()
+        for layer in self.layers:
+            layer.self_attn.rotary.reset_buffers()
 
     def reset_parameters(self) -> None:
         for mod in self.modules():
@@ -289,7 +310,7 @@ class UniF2ace(nn.Module):
             "limit": limit.to(torch.int32),
             "key_valid": key_valid,
             "span": None,
-            "valid_flat": torch.arange(B * L, device=dev),
+            "valid_flat": None,  # every token goes through the MLP
             "group_flat": group.long()[:, None].expand(B, L).reshape(-1),
         }
 
