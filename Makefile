@@ -9,7 +9,7 @@ BUILD_DEPS := scikit-build-core pybind11 ninja cmake
 TEST_DEPS  := pytest pytest-benchmark expecttest ruff numpy transformers onnx onnxruntime
 OUT ?= bench_results
 
-.PHONY: setup build demo demo-fast train-tiny ablate test test-slow test-gpu lint format bench bench-quick bench-all bench-e2e gpu-suite clean help
+.PHONY: setup build demo demo-fast train-tiny ablate test test-slow test-install test-gpu lint format bench bench-quick bench-all bench-e2e gpu-suite clean help
 
 # OpenMP threads that spin at barriers crawl when another job shares the 2 cores (a training
 # step measured 4-10x slower); passive waiting costs little on an idle machine.
@@ -23,6 +23,7 @@ help:
 	@echo "make bench      the D3Diff loss benchmark (CPU)"
 	@echo "make test       set up and run the default test suite (CPU + Triton interpreter)"
 	@echo "make test-slow  the longer checks (marker: slow)"
+	@echo "make test-install  a bare 'pip install .' into a fresh venv runs 'unif2ace --help' (minutes)"
 	@echo "make gpu-suite  on a CUDA machine: build _C_cuda, GPU tests, every benchmark -> $(OUT)/"
 	@echo "make lint       ruff check + ruff format --check"
 
@@ -60,6 +61,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# a fresh venv gets the local CPU torch wheel, then the package with its declared dependencies only
+test-install: setup
+	$(PY) -m pytest -q -m slow tests/test_reliability_cli.py -k bare_pip_install
 
 test-gpu: setup
 	UNIF2ACE_TEST_GPU=1 $(PY) -m pytest -q -m gpu

@@ -5,12 +5,15 @@ user gets for bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from unif2ace.cli import main
+from unif2ace.cli.data import check_redraw
 from unif2ace.models.layout import TASK_MMU, TASK_T2I
 from unif2ace.pipeline import Assets, Pipeline, UnifiedDataset, check_images, prepare_split
 
@@ -231,3 +234,77 @@ def test_vq_perceptual_loss_uses_the_semantic_encoder(run, tmp_path):
     assert info["perceptual_encoder"] == str(run / "encoders" / "semantic")
     with pytest.raises(SystemExit, match="no model.safetensors"):
         _cli("train-vq", run, "--steps 1 --quiet", "--perceptual", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# a model bound to the assets it was trained with; a cache that does not load is rebuilt
+
+
+def _copy_run(run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst, ignore=shutil.ignore_patterns("ablations", "samples", "vqa_only"))
+    return dst
+
+
+def test_model_is_bound_to_the_assets_it_was_trained_with(run, tmp_path, capsys):
+    from unif2ace.pipeline.assets import AssetMismatch, check_model_assets
+
+    bound = json.loads((run / "model" / "assets.json").read_text())["sha256"]
+    names = {"text tokenizer", "image tokenizer", "semantic encoder", "identity encoder"}
+    assert names | {"SynthFace data"} == set(bound)
+    root = _copy_run(run, tmp_path)
+    check_model_assets(root / "model", Assets(root))  # content, not paths: a copy verifies
+    # another text tokenizer in the run folder: a resumed train and inference refuse, naming it
+    assert _cli("train-text-tokenizer", root, "--vocab-size 500 --quiet") == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(root), "--quiet", "--set", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "trained with another text tokenizer" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(AssetMismatch, match=r"model was trained with another text tokenizer"):
+        check_model_assets(root / "model", Assets(root))
+    with pytest.raises(AssetMismatch, match="another text tokenizer"):  # inference too
+        Pipeline.load(root)
+    assert _cli("caption", root, "--image", root / "synthface" / "meta.json") == 2
+    assert "another text tokenizer" in capsys.readouterr().err
+    # a new model folder trains on (and is bound to) the new assets
+    assert _cli("train", root, "--quiet", "--model-dir", root / "model2", "--set", *SMALL) == 0
+    check_model_assets(root / "model2", Assets(root))
+
+
+def test_data_all_refuses_to_redraw_a_trained_folder(run, tmp_path, capsys):
+    root = _copy_run(run, tmp_path)
+    vq = (root / "vq" / "model.safetensors").read_bytes()
+    args = ["data-all", "--out", str(root), "--num-images", "120", "--fast", "--quiet"]
+    assert main([*args, "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--force" in err and "image tokenizer" in err and "trained model" in err
+    assert (root / "vq" / "model.safetensors").read_bytes() == vq
+    # forced, nothing lets a step keep an old asset: the image tokenizer used to resume its
+    # finished training on the old data from its train_state.pt
+    assert (root / "vq" / "train_state.pt").is_file()
+    check_redraw(root, force=True)
+    assert not (root / "vq" / "train_state.pt").exists()
+
+
+@pytest.mark.slow
+def test_data_all_forced_redraws_every_asset(run, tmp_path):
+    from unif2ace.pipeline.assets import AssetMismatch, check_model_assets
+
+    root = _copy_run(run, tmp_path)
+    before = Assets(root).hashes()
+    args = ["data-all", "--out", str(root), "--num-images", "120", "--fast", "--quiet"]
+    assert main([*args, "--seed", "3", "--force"]) == 0
+    after = Assets(root).hashes()
+    assert all(after[k] != before[k] for k in before)
+    with pytest.raises(AssetMismatch, match=r"another text tokenizer, image tokenizer"):
+        check_model_assets(root / "model", Assets(root))
+
+
+def test_a_model_data_cache_that_does_not_load_is_rebuilt(run, tmp_path):
+    root = _copy_run(run, tmp_path)
+    good = prepare_split(Assets(root), "train", progress=False)
+    cache = root / "model_data" / "train.pt"
+    cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    again = prepare_split(Assets(root), "train", progress=False)
+    assert again.ids == good.ids and torch.equal(again.codes, good.codes)
+    assert torch.load(cache, weights_only=False)["data"].ids == good.ids  # rewritten whole

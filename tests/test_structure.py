@@ -6,6 +6,11 @@
       base (_backend, io, triton_kernels) <- ops <- models <- data / vq / encoders
           <- train / eval <- pipeline <- cli
 
+  with one exception: the package root's module-level ``__getattr__`` (PEP 562) may import
+  upward, to re-export ``Pipeline``. It runs only when the name is first read, after ``import
+  unif2ace`` has finished, so it adds no import-time dependency; its imports still count for
+  the cycle check;
+
 - no Python file over 700 lines;
 - no reference to design notes kept outside the repository.
 """
@@ -85,6 +90,18 @@ def _imports(name: str, path: Path) -> list[tuple[str, int]]:
 GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 
+def _lazy_lines() -> set[int]:
+    """Lines of the package root's top-level ``def __getattr__``: its imports run on first use of
+    a name (lazy re-exports), the one place an import may point to an upper layer."""
+    tree = ast.parse(MODULES["unif2ace"].read_text())
+    return {
+        line
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
+        for line in range(node.lineno, node.end_lineno + 1)
+    }
+
+
 def _layer(name: str) -> int | None:
     """The module's layer; None for a module of no layer (its own test says so)."""
     parts = name.split(".")
@@ -125,8 +142,11 @@ def test_no_import_cycle():
 
 def test_dependencies_point_one_way():
     bad = []
+    lazy = _lazy_lines()
     for name, deps in sorted(GRAPH.items()):
         for dep, line in deps:
+            if name == "unif2ace" and line in lazy:
+                continue
             if None not in (_layer(dep), _layer(name)) and _layer(dep) > _layer(name):
                 where = MODULES[name].relative_to(ROOT)
                 bad.append(

@@ -29,9 +29,9 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "torch"),
 }
 
+# A bad UNIF2ACE_BACKEND is reported when the default is first read (get_backend), not at import:
+# `import unif2ace` then works, and the command can say what is wrong in one line.
 _state = {"backend": os.environ.get("UNIF2ACE_BACKEND", "auto"), "checks": True}
-if _state["backend"] not in BACKENDS:
-    raise ValueError(f"UNIF2ACE_BACKEND={_state['backend']!r} is not one of {BACKENDS}")
 _state["checks"] = os.environ.get("UNIF2ACE_CHECKS", "1") not in ("0", "false", "False")
 
 
@@ -44,6 +44,8 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     """The process-wide default backend (``"auto"`` unless changed)."""
+    if _state["backend"] not in BACKENDS:
+        raise ValueError(f"UNIF2ACE_BACKEND={_state['backend']!r} is not one of {BACKENDS}")
     return _state["backend"]
 
 

@@ -5,10 +5,17 @@ its folder under ``--out`` and a ``metrics.json`` in it."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
-from unif2ace.cli._common import Commands, data_dir, int_options, save_pairs_grid
+from unif2ace.cli._common import (
+    Commands,
+    data_dir,
+    int_options,
+    nonneg_float,
+    save_pairs_grid,
+)
 from unif2ace.data.readers import FieldMap, load_images_from_records, load_split
 from unif2ace.data.synthface import draw_arrays
 from unif2ace.encoders.cnn import load_encoder
@@ -143,8 +150,15 @@ def _add_vq(p):
         help="semantic encoder folder for the perceptual loss (default <out>/encoders/semantic; "
         "without one the loss is off, reported)",
     )
-    p.add_argument("--max-minutes", type=float, help="wall budget (default 30; fast: 4)")
-    p.add_argument("--max-cpu-minutes", type=float, default=14.0, help="CPU-time budget")
+    p.add_argument(
+        "--max-minutes",
+        type=nonneg_float,
+        help="wall-clock budget: caps the step count when the steps do not fit, recorded in "
+        "vq/train_info.json (default none, so the result is the same on every run; fast: 4)",
+    )
+    p.add_argument(
+        "--max-cpu-minutes", type=nonneg_float, help="CPU-time budget, the same way (default none)"
+    )
     p.add_argument("--judge", type=Path, help="judge folder (default <out>/judge if present)")
     return run_vq
 
@@ -153,7 +167,7 @@ def run_vq(args) -> dict:
     out = Path(args.out) / "vq"
     fast = args.preset == "fast"
     steps = args.steps or (1500 if fast else 10000)
-    max_minutes = args.max_minutes if args.max_minutes is not None else (4.0 if fast else 30.0)
+    max_minutes = args.max_minutes if args.max_minutes is not None else (4.0 if fast else None)
     if args.records:
         images = load_images_from_records(args.records, FieldMap(image=args.image_field))
         test = None
@@ -202,6 +216,7 @@ def run_vq(args) -> dict:
         perceptual=perceptual,
         perceptual_weight=args.perceptual_weight,
     )
+    _say_budget(info)
     res = {
         "train": info,
         "perceptual_encoder": str(sem_dir) if perceptual is not None else None,
@@ -213,6 +228,31 @@ def run_vq(args) -> dict:
         res.update(_eval_vq(model, test, args.judge or Path(args.out) / "judge", out))
     atomic_write_json(out / "metrics.json", res)
     return res
+
+
+def _say_budget(info: dict) -> None:
+    """State on stderr (also with --quiet) that a time budget changed the step count: the
+    tokenizer then depends on this machine's speed."""
+    option = {"max_minutes": "--max-minutes", "max_cpu_minutes": "--max-cpu-minutes"}
+    if info["capped_by"]:
+        name, wall, cpu = (
+            info["capped_by"],
+            info["seconds_per_step_timed"],
+            info["cpu_seconds_per_step_timed"],
+        )
+        pace = "" if wall is None else f" (timed here: {wall:.3f} s, {cpu:.3f} CPU s a step)"
+        print(
+            f"train-vq: {option[name]} {info[name]:g} caps training at {info['steps_planned']} of "
+            f"{info['steps']} steps{pace}; the tokenizer depends on this machine's speed "
+            "(recorded in vq/train_info.json)",
+            file=sys.stderr,
+        )
+    if info["budget_spent"]:
+        print(
+            f"train-vq: stopped at step {info['steps_done']} of {info['steps_planned']}: the time "
+            "budget is spent; rerun the same command with a larger budget to continue",
+            file=sys.stderr,
+        )
 
 
 def _eval_vq(model, test, judge_dir: Path, out: Path) -> dict:

@@ -1,5 +1,9 @@
 """The dataset subcommands (``make-data``, ``train-text-tokenizer``) and ``data-all``, which runs
-the whole data pipeline: the dataset, then the assets of :mod:`unif2ace.cli.assets`."""
+the whole data pipeline: the dataset, then the assets of :mod:`unif2ace.cli.assets`.
+
+The data steps hold the run folder's lock exclusively (:func:`unif2ace.io.lock_folder`; a
+training holds it shared), and ``data-all`` does not redraw a folder that already holds finished
+assets unless given ``--force``."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from unif2ace.cli._common import Commands, data_dir, run_command
 from unif2ace.data.readers import FieldMap, dataset_stats, read_records
 from unif2ace.data.synthface import SynthFaceConfig, generate
 from unif2ace.data.text_tokenizer import TextTokenizer, synthface_texts
-from unif2ace.io import atomic_write_json
+from unif2ace.io import atomic_write_json, lock_folder
+from unif2ace.pipeline.assets import finished_assets, trained_models
 
 COMMANDS = Commands()
 # the data pipeline, in order: the encoders come before the image tokenizer, whose perceptual loss
@@ -21,8 +26,9 @@ DATA_STEPS = ("make-data", "train-text-tokenizer", "train-judge", "train-encoder
 
 def run_data_step(name: str, args, extra: list[str]) -> dict:
     """Run the data step ``name`` (one of :data:`DATA_STEPS`) with ``args``' output folder,
-    threads and quietness, and the step's own arguments ``extra``."""
-    return run_command({**COMMANDS, **assets.COMMANDS}, name, args, extra)
+    threads and quietness, and the step's own arguments ``extra``, holding the folder's lock."""
+    with lock_folder(args.out, name):
+        return run_command({**COMMANDS, **assets.COMMANDS}, name, args, extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,6 +53,11 @@ def _add_make_data(p):
 
 
 def run_make_data(args) -> dict:
+    with lock_folder(args.out, "make-data"):
+        return _make_data(args)
+
+
+def _make_data(args) -> dict:
     per_image = args.vqa_per_image
     cfg = SynthFaceConfig(
         args.num_images,
@@ -101,6 +112,11 @@ def _add_text_tok(p):
 
 
 def run_text_tokenizer(args) -> dict:
+    with lock_folder(args.out, "train-text-tokenizer"):
+        return _text_tokenizer(args)
+
+
+def _text_tokenizer(args) -> dict:
     t0 = time.perf_counter()
     if args.records:
 
@@ -142,10 +158,48 @@ def _add_all(p):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--format", choices=("jsonl", "parquet"), default="jsonl")
     p.add_argument("--fast", action="store_true", help="tiny step counts (smoke test)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="redraw a folder that already holds finished assets (a model trained on them then "
+        "no longer matches them and must be retrained)",
+    )
     return run_all
 
 
+def check_redraw(out, force: bool) -> None:
+    """Refuse (ValueError) to redraw a folder holding finished assets unless ``force``; forced,
+    remove what would let a step keep an old asset (the image tokenizer resumes a finished
+    training from ``vq/train_state.pt``)."""
+    out = Path(out)
+    done = finished_assets(out)
+    if done and not force:
+        models = ", ".join(str(m) for m in trained_models(out))
+        bound = f", and the trained model in {models} would no longer match them" if models else ""
+        raise ValueError(
+            f"{out} already holds finished assets ({', '.join(done)}){bound}; "
+            "pass --force to redraw them all, or use another --out"
+        )
+    if force:
+        (out / "vq" / "train_state.pt").unlink(missing_ok=True)
+
+
 def run_all(args) -> dict:
+    # SynthFace splits by identity (images_per_identity each): fewer than two identities and one
+    # more image leave a split empty
+    least = 2 * SynthFaceConfig().images_per_identity + 1
+    if args.num_images < least:
+        raise ValueError(
+            f"--num-images {args.num_images}: data-all needs at least {least} images "
+            f"(train, val and test each hold whole identities of "
+            f"{SynthFaceConfig().images_per_identity} images)"
+        )
+    with lock_folder(args.out, "data-all"):
+        check_redraw(args.out, args.force)
+        return _all(args)
+
+
+def _all(args) -> dict:
     fast = args.fast
     steps = {
         "make-data": [

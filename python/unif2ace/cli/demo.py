@@ -8,9 +8,9 @@ import json
 import time
 from pathlib import Path
 
-from unif2ace.cli._common import Commands, save_grid
+from unif2ace.cli._common import Commands, pos_float, pos_int, save_grid
 from unif2ace.cli.data import run_data_step
-from unif2ace.cli.model import evaluate_run
+from unif2ace.cli.model import evaluate_run, prepare_training
 from unif2ace.eval.model_eval import summary_rows
 from unif2ace.io import atomic_write_bytes, atomic_write_json
 from unif2ace.pipeline import Assets, Pipeline, prepare_split, read_recipe, train_unified
@@ -40,8 +40,8 @@ DEMO_RECIPE = ["train.lr=3e-3"]
     recipe=True,
 )
 def _add_demo(p):
-    p.add_argument("--num-images", type=int, default=6000)
-    p.add_argument("--minutes", type=float, default=9.0, help="model training budget")
+    p.add_argument("--num-images", type=pos_int, default=6000)
+    p.add_argument("--minutes", type=pos_float, default=9.0, help="model training budget")
     p.add_argument("--fast", action="store_true", help="a smoke run of a minute or two")
     p.set_defaults(threads=2)
     return run_demo
@@ -76,8 +76,10 @@ def run_demo(args) -> dict:
         sets = ["train.steps=3", "train.batch_size=4", "train.log_every=1", *sets]
     else:
         sets = [f"train.max_minutes={args.minutes}", *DEMO_RECIPE, *sets]
+    recipe = read_recipe(args.config, sets)
+    prepare_training(out, recipe, out / "model")
     t = time.perf_counter()
-    tr = train_unified(out, read_recipe(args.config, sets), progress=not args.quiet)
+    tr = train_unified(out, recipe, progress=not args.quiet)
     timing["train"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     n = 16 if fast else 128

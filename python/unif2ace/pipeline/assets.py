@@ -1,9 +1,17 @@
 """The assets of a run folder: text tokenizer, image tokenizer and the two encoders, and the
-checks on images given to them."""
+checks on images given to them; their content hashes, and the binding of a trained model to the
+assets it was trained with.
+
+A model folder holds ``assets.json``: the sha256 of each asset (and of the SynthFace records) it
+was trained with, written when its training starts. A resumed training, and a model loaded for
+inference (:func:`check_model_assets`), refuse assets whose bytes differ, naming them: a model
+run against a tokenizer it never saw gives wrong results without any error.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +20,73 @@ from PIL import Image
 
 from unif2ace.data.text_tokenizer import TextTokenizer
 from unif2ace.encoders.cnn import load_encoder, to_tensor
+from unif2ace.io import atomic_write_json, sha256_file
 from unif2ace.vq.model import VQAutoencoder
+
+# the files whose bytes make each asset a model depends on (relative to the run folder)
+MODEL_ASSETS = {
+    "text tokenizer": ("text_tokenizer/tokenizer.json",),
+    "image tokenizer": ("vq/config.json", "vq/model.safetensors"),
+    "semantic encoder": ("encoders/semantic/config.json", "encoders/semantic/model.safetensors"),
+    "identity encoder": ("encoders/identity/config.json", "encoders/identity/model.safetensors"),
+}
+DATASET = "SynthFace data"  # hashed as its meta.json and the record files it lists (not images)
+# what data-all leaves finished in a run folder: (what, the file its step writes last)
+FINISHED = (
+    (DATASET, "synthface/meta.json"),
+    ("text tokenizer", "text_tokenizer/tokenizer.json"),
+    ("attribute judge", "judge/model.safetensors"),
+    ("semantic encoder", "encoders/semantic/model.safetensors"),
+    ("identity encoder", "encoders/identity/model.safetensors"),
+    ("image tokenizer", "vq/model.safetensors"),
+)
+BINDING = "assets.json"
+
+
+class AssetMismatch(ValueError):
+    """A model and the assets it is used with are not the ones it was trained with."""
+
+
+def _dataset_files(root: Path) -> list[str]:
+    meta = root / "synthface" / "meta.json"
+    try:
+        listed = json.loads(meta.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        listed = []
+    return ["synthface/meta.json", *(f"synthface/{n}" for n in sorted(listed))]
+
+
+def asset_hashes(root, *, dataset: bool = True) -> dict[str, str]:
+    """``{asset: sha256}`` of the run folder's model assets (:data:`MODEL_ASSETS`) and, with
+    ``dataset``, of its SynthFace records; an asset with a file missing is left out."""
+    root = Path(root)
+    groups = dict(MODEL_ASSETS)
+    if dataset:
+        groups[DATASET] = tuple(_dataset_files(root))
+    out = {}
+    for name, files in groups.items():
+        if all((root / f).is_file() for f in files):
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f"{f}\0{sha256_file(root / f)}\0".encode())
+            out[name] = h.hexdigest()
+    return out
+
+
+def finished_assets(root) -> list[str]:
+    """The assets of :data:`FINISHED` that the run folder already holds, in data-all's order."""
+    return [what for what, rel in FINISHED if (Path(root) / rel).is_file()]
+
+
+def trained_models(root) -> list[Path]:
+    """Model folders directly in the run folder (``model/``, ``ablations/N/``) that hold weights
+    or training checkpoints."""
+    root = Path(root)
+    found = []
+    for d in [root / "model", *sorted((root / "ablations").glob("*"))]:
+        if (d / "model.safetensors").is_file() or (d / "train" / "checkpoints").is_dir():
+            found.append(d)
+    return found
 
 
 def require(path: Path, what: str) -> Path:
@@ -84,17 +158,13 @@ class Assets:
             "identity_dim": self.identity.config["dim"],
         }
 
+    def hashes(self, dataset: bool = True) -> dict[str, str]:
+        """:func:`asset_hashes` of this run folder (read now: files may change after loading)."""
+        return asset_hashes(self.root, dataset=dataset)
+
     def fingerprint(self) -> str:
-        h = hashlib.sha1()
-        for p in (
-            "text_tokenizer/tokenizer.json",
-            "vq/model.safetensors",
-            "encoders/semantic/model.safetensors",
-            "encoders/identity/model.safetensors",
-        ):
-            st = (self.root / p).stat()
-            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
-        return h.hexdigest()[:16]
+        """One hash of the assets' and the dataset records' bytes (keys the model-data cache)."""
+        return hashlib.sha256(json.dumps(self.hashes(), sort_keys=True).encode()).hexdigest()[:16]
 
     @torch.no_grad()
     def encode_images(self, images, batch: int = 256) -> tuple[torch.Tensor, ...]:
@@ -116,3 +186,37 @@ class Assets:
             r = self.vq.decode(codes[i : i + batch].cpu())
             out.append(((r + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
         return torch.cat(out).numpy()
+
+
+def bind_model(model_dir, assets: Assets) -> None:
+    """Record in ``model_dir/assets.json`` the hashes of the assets the model is trained with."""
+    atomic_write_json(Path(model_dir) / BINDING, {"sha256": assets.hashes()})
+
+
+def check_model_assets(model_dir, assets: Assets, *, training: bool = False) -> None:
+    """Refuse (:class:`AssetMismatch`, naming every asset that differs) a model whose
+    ``assets.json`` records other bytes than ``assets`` holds now. The dataset counts only for
+    ``training`` (resuming on other data); inference needs only the tokenizers and encoders. A
+    model folder without ``assets.json`` (trained before it existed) is not checked."""
+    model_dir = Path(model_dir)
+    try:
+        bound = json.loads((model_dir / BINDING).read_text())["sha256"]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AssetMismatch(f"{model_dir / BINDING} does not read ({e})") from None
+    now = assets.hashes(dataset=training)
+    differ = [
+        n for n in [*MODEL_ASSETS, *([DATASET] if training else [])] if bound.get(n) != now.get(n)
+    ]
+    if differ:
+        redo = (
+            "train into another folder (--model-dir)"
+            if training
+            else f"retrain it (`unif2ace train --out {assets.root} --model-dir NEW`)"
+        )
+        raise AssetMismatch(
+            f"{model_dir} was trained with another {', '.join(differ)} than "
+            f"{assets.root} holds now ({model_dir / BINDING} records their sha256); {redo}, "
+            "or restore the assets it was trained with"
+        )

@@ -1,10 +1,13 @@
 """The model's training data from a run folder: per image its codes, the two encoder embeddings,
 labels, caption and VQA (:class:`SplitData`, computed once per split and cached in
-``RUN/model_data/{split}.pt``), and the training items built from them (:class:`UnifiedDataset`).
+``RUN/model_data/{split}.pt``, keyed by the content hash of the assets and the dataset records),
+and the training items built from them (:class:`UnifiedDataset`). A cache that does not load or
+belongs to other assets is rebuilt.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,7 @@ import numpy as np
 import torch
 
 from unif2ace.data.readers import ReadStats, find_split_file, iter_rows, load_split, read_records
-from unif2ace.io import atomic_torch_save
+from unif2ace.io import atomic_torch_save, error_line
 from unif2ace.models.layout import CAPTION_PROMPT, TASK_MMU, TASK_T2I, Example
 from unif2ace.pipeline.assets import Assets, require
 
@@ -40,8 +43,18 @@ def prepare_split(assets: Assets, split: str, progress: bool = True) -> SplitDat
     cache = assets.root / "model_data" / f"{split}.pt"
     key = assets.fingerprint()
     if cache.is_file():
-        obj = torch.load(cache, weights_only=False)
-        if obj.get("key") == key:
+        try:
+            obj = torch.load(cache, weights_only=False)  # our own file: a full unpickle is fine
+        except Exception as e:  # noqa: BLE001 - a torn or damaged cache is rebuilt, whatever it raises
+            logging.getLogger(__name__).warning(
+                "warning: %s does not load (%s); rebuilding it", cache, error_line(e)
+            )
+            obj = None
+        if (
+            isinstance(obj, dict)
+            and obj.get("key") == key
+            and isinstance(obj.get("data"), SplitData)
+        ):
             return obj["data"]
     t0 = time.perf_counter()
     arr = load_split(data, split, progress=progress)

@@ -13,10 +13,16 @@ three steps are timed before training and the count is written to ``out/train/st
 resumed run keeps the same step count and LR schedule. Unknown sections or keys raise with the
 closest valid names. The fields the run's assets fix (text
 vocabulary, codebook, tokens per image, embedding sizes) are taken from them.
+
+While it trains, a run holds the run folder's lock shared (``data-all``, which rewrites the assets,
+takes it exclusively) and the model folder's exclusively (one training per model folder). The
+model folder records the hashes of the assets it is trained with (``assets.json``); resuming on
+other assets is refused (:func:`~unif2ace.pipeline.assets.check_model_assets`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -27,11 +33,11 @@ from pathlib import Path
 
 import torch
 
-from unif2ace.io import atomic_write_json
+from unif2ace.io import atomic_write_json, lock_folder
 from unif2ace.models import ModelConfig, UniF2ace, collate, get_config
-from unif2ace.pipeline.assets import Assets
+from unif2ace.pipeline.assets import Assets, bind_model, check_model_assets
 from unif2ace.pipeline.model_data import UnifiedDataset, prepare_split
-from unif2ace.train.checkpoint import load_checkpoint
+from unif2ace.train.checkpoint import list_checkpoints, load_checkpoint
 from unif2ace.train.config import (
     TrainConfig,
     _unknown_key,
@@ -107,10 +113,27 @@ def train_unified(
     root, recipe: dict[str, dict], *, out=None, progress: bool = True, stop_after: int | None = None
 ) -> dict:
     """Train on ``root``'s SynthFace train split; the model goes to ``out`` (default
-    ``root/model``), checkpoints and logs to ``out/train``. Resumes from the last checkpoint."""
+    ``root/model``), checkpoints and logs to ``out/train``. Resumes from the last checkpoint that
+    verifies. Raises :class:`~unif2ace.io.FolderLocked` while another process writes ``root``'s
+    assets or trains into ``out``, and :class:`~unif2ace.pipeline.assets.AssetMismatch` when
+    ``out`` was trained with other assets than ``root`` holds now."""
     root = Path(root)
     out = Path(out or root / "model")
-    assets = Assets(root)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 alone writes
+    with contextlib.ExitStack() as held:
+        if rank0 and root.is_dir():  # a missing run folder: Assets says what makes one
+            held.enter_context(lock_folder(root, "train", shared=True))
+        assets = Assets(root)
+        if rank0:
+            held.enter_context(lock_folder(out, "train"))
+        if (out / "model.safetensors").is_file() or list_checkpoints(out / "train"):
+            check_model_assets(out, assets, training=True)
+        if rank0:
+            bind_model(out, assets)
+        return _train_unified(assets, recipe, out, progress, stop_after)
+
+
+def _train_unified(assets: Assets, recipe: dict, out: Path, progress: bool, stop_after) -> dict:
     cfg = model_config(recipe.get("model", {}), assets)
     tsec = {"progress": progress, **recipe.get("train", {})}
     budget = tsec.pop("max_minutes", None)

@@ -196,12 +196,26 @@ def read_yaml(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (expected a YAML recipe)") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return dict(data)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line from PyYAML's error: what is wrong and where (its own text spans lines)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        mark = e.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return f"{e.problem}{where}"
+    return " ".join(str(e).split())
 
 
 def parse_override(item: str) -> tuple[str, object]:
@@ -210,7 +224,11 @@ def parse_override(item: str) -> tuple[str, object]:
     key = key.strip()
     if not sep or not key:
         raise ValueError(f"override {item!r} is not key=value")
-    return key, yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        problem = _yaml_problem(e)
+        raise ValueError(f"override {item!r}: the value is not valid YAML: {problem}") from None
 
 
 def _set_dotted(tree: dict, key: str, value, where: str) -> None:

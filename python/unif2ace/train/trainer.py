@@ -13,6 +13,11 @@ per-batch normalisation).
 
 Logs go to ``<out>/log.jsonl``, one JSON object per logged step. A resumed run first truncates the
 log to the steps up to its checkpoint, so the file never holds two entries for one step.
+
+A run holds ``<out>/.lock`` (:func:`unif2ace.io.lock_folder`) from start to end: a second run into
+the same folder is refused with the first one's pid instead of interleaving its log and deleting
+its checkpoint in progress. It resumes from the newest checkpoint whose checksums verify (see
+:mod:`unif2ace.train.checkpoint`); the ones skipped are logged and returned.
 """
 
 from __future__ import annotations
@@ -41,10 +46,11 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from unif2ace.io import atomic_write_bytes
+from unif2ace.io import FolderLocked, atomic_write_bytes, lock_folder
 from unif2ace.train.checkpoint import (
+    CheckpointError,
     config_difference,
-    latest_checkpoint,
+    list_checkpoints,
     read_checkpoint,
     remove_stale_temps,
     write_checkpoint,
@@ -350,14 +356,40 @@ def train(
     dict with ``step`` (steps done), ``loss`` (last), ``losses`` (global mean loss of every step
     from 1, including steps done before a resume), ``wall_seconds`` (this run),
     ``samples_per_s`` and ``tokens_per_s`` (this run; ``None`` without ``num_tokens``),
-    ``checkpoint`` (the newest, or ``None``), ``resumed_from`` and ``eval`` (the last one).
+    ``checkpoint`` (the newest, or ``None``), ``resumed_from``, ``skipped_checkpoints``
+    (``(folder, why)`` of each newer checkpoint that did not verify) and ``eval`` (the last one).
+
+    Raises :class:`~unif2ace.io.FolderLocked` when another process trains into ``cfg.out``, and
+    :class:`~unif2ace.train.checkpoint.CheckpointError` when it holds checkpoints of which none
+    verifies.
     """
     d = _setup(cfg)
     try:
-        return _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop_after)
+        with contextlib.ExitStack() as held:
+            # rank 0 writes the folder, so rank 0 holds its lock; every rank learns the outcome
+            _on_rank0(d, lambda: held.enter_context(lock_folder(cfg.out, "train")))
+            return _train(
+                model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop_after
+            )
     finally:
         if d.created:
             dist.destroy_process_group()
+
+
+def _on_rank0(d: _Dist, fn):
+    """``fn()`` on rank 0, its result broadcast to every rank; a :class:`FolderLocked` or
+    :class:`CheckpointError` it raises is raised on every rank (no rank waits for a failed one)."""
+    box = [None, None]
+    if d.rank == 0:
+        try:
+            box[0] = fn()
+        except (FolderLocked, CheckpointError) as e:
+            box[1] = (type(e), str(e))
+    if d.world > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1][0](box[1][1])
+    return box[0]
 
 
 def _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop_after) -> dict:
@@ -376,11 +408,18 @@ def _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop
     if d.world > 1:
         dist.barrier()
 
-    # --- resume: every rank reads the same (complete) checkpoint; rank 0 names it
-    ckpt_path = [str(latest_checkpoint(out) or "")]
-    if d.world > 1:
-        dist.broadcast_object_list(ckpt_path, src=0)
-    ck = read_checkpoint(ckpt_path[0]) if ckpt_path[0] else None
+    # --- resume: rank 0 picks the newest checkpoint that verifies; every rank reads that one
+    ck = None
+
+    def pick():
+        nonlocal ck
+        ck = read_checkpoint(out) if list_checkpoints(out) else None
+        return (str(ck["path"]), [(str(p), why) for p, why in ck["skipped"]]) if ck else None
+
+    picked = _on_rank0(d, pick)
+    skipped = picked[1] if picked else []
+    if picked and d.rank != 0:
+        ck = read_checkpoint(picked[0])
     if ck is not None and model_config is not None and ck["model_config"] is not None:
         diff = config_difference(ck["model_config"], model_config)
         if diff:
@@ -394,6 +433,7 @@ def _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop
     wrapped = _wrap(model, d)
     opt = build_optimizer(model, cfg)
     start, losses, elapsed_before, resumed_from = 0, [], 0.0, None
+    last_ckpt = ck["path"] if ck is not None else None
     if ck is not None:
         set_optimizer_state_dict(
             model, opt, ck["optimizer"], options=StateDictOptions(full_state_dict=True)
@@ -424,7 +464,7 @@ def _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop
     )
     t_run = time.perf_counter()
     t_log, samples_since, tokens_since = t_run, 0, 0.0
-    total_tokens, last_ckpt, last_eval = 0.0, (latest_checkpoint(out) if start else None), None
+    total_tokens, last_eval = 0.0, None
     metric_keys: list[str] | None = None
     step = start
     model.train()
@@ -526,6 +566,7 @@ def _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop
         "tokens_per_s": total_tokens / wall if total_tokens and wall > 0 else None,
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "resumed_from": resumed_from,
+        "skipped_checkpoints": skipped,
         "eval": last_eval,
         "world_size": d.world,
         "parallel": d.parallel,

@@ -1,13 +1,18 @@
 """Training and evaluation of the image tokenizer.
 
-Training resumes after a kill: every ``ckpt_every`` steps the model, optimiser, step and RNG state
-go to ``<out>/train_state.pt`` (written atomically); a run started with the same ``out`` picks up
-from there. The finished tokenizer is ``<out>/model.safetensors`` + ``<out>/config.json``.
+Training resumes after a kill: every ``ckpt_every`` steps the model, optimiser, step, RNG state and
+step plan go to ``<out>/train_state.pt`` (written atomically); a run started with the same ``out``
+picks up from there. The finished tokenizer is ``<out>/model.safetensors`` + ``<out>/config.json``,
+and ``<out>/train_info.json`` says how it was trained (steps planned and done, and why fewer).
+Nothing in training reads the clock except the optional time budgets, so a run is reproducible to
+the byte unless a budget caps it, which the result records.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -73,6 +78,71 @@ class SemanticPerceptualLoss(torch.nn.Module):
         return loss
 
 
+# The share of a time budget that the planned steps may fill: the timed steps leave out the
+# checkpoints and the progress bar, and a machine gets busier; the budget itself still stops a run
+# that overruns (reported as ``budget_spent``).
+PLAN_MARGIN = 0.9
+
+
+def _draw(images: np.ndarray, batch: int, g: torch.Generator) -> torch.Tensor:
+    """A training batch: ``batch`` images drawn with ``g``, flipped left-right half the time (faces
+    are symmetric enough), channels-last."""
+    idx = torch.randint(0, len(images), (batch,), generator=g).numpy()
+    x = to_tensor(images[idx])
+    if torch.rand((), generator=g) < 0.5:
+        x = x.flip(-1)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _loss(model, x, edge_weight, perceptual, perceptual_weight) -> torch.Tensor:
+    rec, _, aux = model(x)
+    loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + aux
+    if edge_weight:
+        loss = loss + edge_weight * (
+            F.l1_loss(rec.diff(dim=-1), x.diff(dim=-1))
+            + F.l1_loss(rec.diff(dim=-2), x.diff(dim=-2))
+        )
+    if perceptual is not None and perceptual_weight:
+        loss = loss + perceptual_weight * perceptual(rec, x)
+    return loss
+
+
+def _update(model, opt, loss) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def _plan(steps, max_minutes, max_cpu_minutes, time_step) -> dict:
+    """The step count a run trains for, fixed before its first step: ``steps``, or fewer when a
+    time budget cannot hold them at the pace of ``time_step()`` (-> wall, CPU seconds of one
+    step). Only a budget is timed; a zero budget plans one step."""
+    plan = {
+        "steps": steps,
+        "capped_by": None,
+        "max_minutes": max_minutes,
+        "max_cpu_minutes": max_cpu_minutes,
+        "seconds_per_step": None,
+        "cpu_seconds_per_step": None,
+    }
+    budgets = {"max_minutes": max_minutes, "max_cpu_minutes": max_cpu_minutes}
+    budgets = {k: 60.0 * v for k, v in budgets.items() if v is not None}
+    if not budgets:
+        return plan
+    if min(budgets.values()) > 0:
+        wall, cpu = time_step()
+        plan["seconds_per_step"], plan["cpu_seconds_per_step"] = wall, cpu
+        per_step = {"max_minutes": wall, "max_cpu_minutes": cpu}
+    else:
+        per_step = {k: math.inf for k in budgets}
+    for name, seconds in budgets.items():
+        fits = max(1, int(PLAN_MARGIN * seconds / max(per_step[name], 1e-9)))
+        if fits < plan["steps"]:
+            plan["steps"], plan["capped_by"] = fits, name
+    return plan
+
+
 def train_vq(
     images: np.ndarray,
     config: VQConfig | None = None,
@@ -93,22 +163,32 @@ def train_vq(
     """Train on ``uint8 [N, H, W, 3]`` images. Loss: MSE + L1 on pixels + ``edge_weight`` × L1 on
     the horizontal and vertical pixel differences (sharp hair strands and mouth lines) + the
     quantiser's own loss (LFQ: entropy + commitment). ``ema_decay`` > 0 keeps an exponential moving
-    average of the weights and returns (and saves) that. ``max_minutes`` is a wall-clock budget and
-    ``max_cpu_minutes`` one of process CPU time: the learning-rate schedule follows the tighter of
-    them and ``steps`` and training stops (reported) when one is spent, so the budget holds on a
-    machine slower or busier than planned; the state is saved so a later run resumes. Process CPU
-    time is reported next to wall time. ``perceptual`` (a :class:`SemanticPerceptualLoss`) adds
-    ``perceptual_weight`` × its distance between reconstruction and original."""
+    average of the weights and returns (and saves) that. ``perceptual`` (a
+    :class:`SemanticPerceptualLoss`) adds ``perceptual_weight`` × its distance between
+    reconstruction and original.
+
+    The learning-rate schedule follows the step count alone, so the same arguments and seed give
+    the same weights, byte for byte. ``max_minutes`` (wall clock) and ``max_cpu_minutes`` (process
+    CPU time) are budgets: a fresh run times a few steps on a copy of the model and, when the
+    budget cannot hold ``steps``, plans fewer (:data:`PLAN_MARGIN` of the budget); the schedule then
+    anneals over the planned count. The plan is kept in the state (a resumed run with the same
+    budgets keeps it; other budgets plan again) and reported: ``steps_planned``, ``capped_by``
+    (None or the budget's name), ``seconds_per_step_timed``. A run that still overruns a budget
+    stops (``budget_spent``) with its state saved, so a later run resumes."""
     config = config or VQConfig(size=images.shape[1])
     torch.manual_seed(seed)
     # channels-last convolutions: oneDNN's CPU convolutions run faster in that layout
     model = VQAutoencoder(config).to(memory_format=torch.channels_last)
     if perceptual is not None:
         perceptual.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
+
+    def make_opt(m):
+        return torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
+
+    opt = make_opt(model)
     g = torch.Generator().manual_seed(seed)
     ema_params = [p.detach().clone() for p in model.parameters()] if ema_decay > 0 else None
-    start, elapsed_before, cpu_before = 0, 0.0, 0.0
+    start, elapsed_before, cpu_before, plan = 0, 0.0, 0.0, None
     state_path = Path(out) / "train_state.pt" if out is not None else None
     if state_path is not None and state_path.exists():
         st = torch.load(state_path, weights_only=False)
@@ -120,53 +200,46 @@ def train_vq(
             cpu_before = st.get("cpu_elapsed", 0.0)
             if ema_params is not None and st.get("ema") is not None:
                 ema_params = st["ema"]
+            plan = st.get("plan")
+    if plan is None or (plan["max_minutes"], plan["max_cpu_minutes"]) != (
+        max_minutes,
+        max_cpu_minutes,
+    ):
+
+        def time_step(reps: int = 3) -> tuple[float, float]:
+            """Median wall and CPU seconds of a step on a copy (the run's state is untouched)."""
+            m = copy.deepcopy(model)
+            o, g2, times = make_opt(m), torch.Generator().manual_seed(seed), []
+            with torch.random.fork_rng(devices=[]):
+                for _ in range(reps + 1):  # the first call warms up
+                    t, c = time.perf_counter(), time.process_time()
+                    x = _draw(images, batch, g2)
+                    _update(m, o, _loss(m, x, edge_weight, perceptual, perceptual_weight))
+                    times.append((time.perf_counter() - t, time.process_time() - c))
+            return tuple(statistics.median(v) for v in zip(*times[1:]))
+
+        plan = _plan(steps, max_minutes, max_cpu_minutes, time_step)
+        plan["steps"] = max(plan["steps"], start)  # the steps already done stay done
+    planned = plan["steps"]
     t0, cpu0 = time.perf_counter(), time.process_time()
-    n = len(images)
     model.train()
     budget = None if max_minutes is None else 60.0 * max_minutes
     cpu_budget = None if max_cpu_minutes is None else 60.0 * max_cpu_minutes
 
-    def _spent() -> float:  # the larger fraction used of the wall and CPU budgets (0: none)
-        f = 0.0
-        if budget is not None:
-            f = max(f, (elapsed_before + time.perf_counter() - t0) / budget if budget else 1.0)
-        if cpu_budget is not None:
-            cpu = cpu_before + time.process_time() - cpu0
-            f = max(f, cpu / cpu_budget if cpu_budget else 1.0)
-        return f
+    def _spent() -> bool:  # whether a budget is used up
+        wall = elapsed_before + time.perf_counter() - t0
+        cpu = cpu_before + time.process_time() - cpu0
+        return (budget is not None and wall >= budget) or (
+            cpu_budget is not None and cpu >= cpu_budget
+        )
 
-    def _progress(step):
-        # the schedule follows whichever runs out first, steps or a time budget, so a run cut
-        # by the budget still ends with an annealed learning rate (a zero budget, which stops
-        # after one step, leaves the schedule alone)
-        p = step / steps
-        if budget or cpu_budget:
-            p = max(p, _spent())
-        return min(p, 1.0)
-
-    bar = tqdm(range(start, steps), desc="vq", initial=start, total=steps, disable=not progress)
-    ema, stopped_early, step = None, False, start
+    bar = tqdm(range(start, planned), desc="vq", initial=start, total=planned, disable=not progress)
+    ema, spent, step = None, False, start
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = _lr_at(_progress(step), lr)
-        idx = torch.randint(0, n, (batch,), generator=g).numpy()
-        x = to_tensor(images[idx])
-        if torch.rand((), generator=g) < 0.5:  # faces are left-right symmetric enough
-            x = x.flip(-1)
-        x = x.contiguous(memory_format=torch.channels_last)
-        rec, _, aux = model(x)
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + aux
-        if edge_weight:
-            loss = loss + edge_weight * (
-                F.l1_loss(rec.diff(dim=-1), x.diff(dim=-1))
-                + F.l1_loss(rec.diff(dim=-2), x.diff(dim=-2))
-            )
-        if perceptual is not None and perceptual_weight:
-            loss = loss + perceptual_weight * perceptual(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+            group["lr"] = _lr_at(step / planned, lr)
+        loss = _loss(model, _draw(images, batch, g), edge_weight, perceptual, perceptual_weight)
+        _update(model, opt, loss)
         if ema_params is not None:
             with torch.no_grad():
                 d = min(ema_decay, (1 + step) / (10 + step))
@@ -176,8 +249,8 @@ def train_vq(
         if step % 20 == 0:
             bar.set_postfix(loss=f"{ema:.4f}")
         done = step + 1
-        over = _spent() >= 1.0
-        if state_path is not None and (done % ckpt_every == 0 or done == steps or over):
+        spent = _spent() and done < planned
+        if state_path is not None and (done % ckpt_every == 0 or done == planned or spent):
             atomic_torch_save(
                 {
                     "model": model.state_dict(),
@@ -185,6 +258,7 @@ def train_vq(
                     "rng": g.get_state(),
                     "step": done,
                     "steps": steps,
+                    "plan": plan,
                     "config": config.to_dict(),
                     "elapsed": elapsed_before + time.perf_counter() - t0,
                     "cpu_elapsed": cpu_before + time.process_time() - cpu0,
@@ -192,8 +266,7 @@ def train_vq(
                 },
                 state_path,
             )
-        if over:
-            stopped_early = done < steps
+        if spent:
             break
     bar.close()
     if ema_params is not None:
@@ -201,9 +274,18 @@ def train_vq(
             for e, p in zip(ema_params, model.parameters()):
                 p.copy_(e)
     model = model.to(memory_format=torch.contiguous_format).eval()
+    steps_done = step + 1 if planned > start else start
     info = {
-        "steps_done": step + 1 if steps > start else start,
+        "steps_done": steps_done,
         "steps": steps,
+        "steps_planned": planned,
+        "capped_by": plan["capped_by"],
+        "seconds_per_step_timed": plan["seconds_per_step"],
+        "cpu_seconds_per_step_timed": plan["cpu_seconds_per_step"],
+        "budget_spent": spent,
+        "stopped_early": steps_done < steps,
+        "max_minutes": max_minutes,
+        "max_cpu_minutes": max_cpu_minutes,
         "batch": batch,
         "seconds": elapsed_before + time.perf_counter() - t0,
         "cpu_seconds_this_run": time.process_time() - cpu0,
@@ -213,7 +295,6 @@ def train_vq(
         "perceptual_weight": perceptual_weight if perceptual is not None else 0.0,
         "lr": lr,
         "final_loss": ema,
-        "stopped_early": stopped_early,
         "threads": torch.get_num_threads(),
     }
     if out is not None:

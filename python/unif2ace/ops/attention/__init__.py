@@ -82,6 +82,8 @@ def _check(q, k, v, limit, key_valid, rotary, span):
             f"{OP}: q must be [B, Lq, H, Dh] and k, v [B, Lk, H, Dh] with Lk >= Lq, got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
+    if q.shape[3] < 1:  # the default scale is 1 / sqrt(Dh)
+        raise ValueError(f"{OP}: the head size Dh must be >= 1, got shape {tuple(q.shape)}")
     if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(
             f"{OP}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
