@@ -3,7 +3,8 @@
 
 Per position (b, l) with logits z over K columns, all in fp32:
 
-    y_k  = ((1 + g)·cond_k − g·uncond_k) · (1/T)            (y_k = cond_k · (1/T) without uncond)
+    y_k  = ((1 + g)·cond_k − g·uncond_k) · (1/T)            (y_k = cond_k · (1/T) without uncond;
+                                                             NaN and +inf count as -inf)
     ŷ    = smallest k maximising y_k + G_k                    (Gumbel-max sample)
     conf = y_ŷ − logsumexp_k y_k + τ·G_choice                 (+inf at known positions)
 
@@ -174,7 +175,9 @@ def _scan_columns(
             z = x.to(tl.float32) * c_cond - u.to(tl.float32) * c_uncond
         else:
             z = x.to(tl.float32)
-        y = tl.where(cmask, z * inv_temp, float("-inf"))
+        y = z * inv_temp
+        # the contract's non-finite policy: NaN and +inf count as -inf (never sampled)
+        y = tl.where(cmask & (tl.abs(y) < float("inf")), y, float("-inf"))
         if HAS_NOISE:
             g = tl.load(gumbel_ptr + (noise_rows[:, None] + offs[None, :]), mask=cmask, other=0.0)
         else:
@@ -226,14 +229,16 @@ def _finalize(
         zero = tl.zeros(l32.shape, dtype=tl.uint32)
         w0, _, _, _ = tl.philox(seed, zero, l32, b32, zero + _counter3(offset, _STREAM_CHOICE))
         gc = _gumbel_from_bits(w0)
-    # Known / out-of-range rows (s = 0, y_win = -inf) get finite stand-ins, replaced below: no
-    # log(0) or inf - inf warnings from numpy under the interpreter.
-    inactive = known | (in_range == 0)
-    lse = m + tl.log(tl.where(inactive, 1.0, s))
-    conf = tl.where(inactive, 0.0, y_win) - lse
+    # Known / out-of-range rows and rows with no finite y (s = 0, y_win = -inf) get finite
+    # stand-ins, replaced below: no log(0) or inf - inf warnings from numpy under the interpreter.
+    # (y_win - m) - log(s), not y_win - (m + log s): exact for large m (the C++ kernel's order).
+    dead = s == 0.0
+    inactive = known | (in_range == 0) | dead
+    conf = tl.where(inactive, 0.0, y_win - m) - tl.log(tl.where(inactive, 1.0, s))
     conf = tl.where(tau != 0.0, conf + tau * gc, conf)
-    token = tl.where(k_win == _NO_K, 0, k_win).to(tl.int64)  # all scores -inf: argmax is 0
+    token = tl.where(k_win == _NO_K, 0, k_win).to(tl.int64)  # all scores -inf: token 0
     token = tl.where(known, ids_val, token)
+    conf = tl.where(dead, float("-inf"), conf)  # no token has a probability: confidence -inf
     conf = tl.where(known, float("inf"), conf)
     return token, conf
 

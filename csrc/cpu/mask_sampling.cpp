@@ -5,7 +5,8 @@
 // dynamically: known positions cost nothing). The position's K logits (cond, and uncond with
 // guidance) are read from memory once:
 //   pass A  y_k = ((1+g)·cond_k − g·uncond_k)·(1/T) into a per-thread fp32 row (L1/L2-resident),
-//           m = max_k y_k
+//           a non-finite y_k (NaN, +inf) taken as −inf (the contract's policy), m = max_k y_k;
+//           m = −inf (no finite y_k): token 0, confidence −inf
 //   pass B  e_k = exp(y_k − m), s = Σ e_k, and the sample:
 //             explicit noise: ŷ = argmax (y_k + G_k), exactly as the contract states;
 //             Philox noise:   ŷ = argmax e_k / E_k with E_k = −log u_k ~ Exp(1), the exponential
@@ -41,6 +42,12 @@ namespace {
 using namespace cpu;  // NOLINT: the shared SIMD helpers
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// The contract's policy for a non-finite y (NaN, +inf): it counts as −inf, never sampled. One
+// select, so the loops around it still vectorise.
+U2A_ALWAYS_INLINE float policy_y(float v) {
+  return v > -kInf && v < kInf ? v : -kInf;  // NaN fails both compares
+}
 
 
 // exp(x) in fp32, Cephes expf (cpu_simd.h's polynomial) with its own range handling: here
@@ -241,7 +248,7 @@ U2A_ALWAYS_INLINE void step_position(const StepArgs& a, int64_t n, float* y) {
     const float g1 = a.g1, g0 = a.g0, it = a.inv_temperature;
 #pragma omp simd reduction(max : m)
     for (int64_t k = 0; k < K; ++k) {
-      const float v = (g1 * E::load(c[k]) - g0 * E::load(u[k])) * it;
+      const float v = policy_y((g1 * E::load(c[k]) - g0 * E::load(u[k])) * it);
       y[k] = v;
       m = v > m ? v : m;
     }
@@ -249,17 +256,21 @@ U2A_ALWAYS_INLINE void step_position(const StepArgs& a, int64_t n, float* y) {
     const float it = a.inv_temperature;
 #pragma omp simd reduction(max : m)
     for (int64_t k = 0; k < K; ++k) {
-      const float v = E::load(c[k]) * it;
+      const float v = policy_y(E::load(c[k]) * it);
       y[k] = v;
       m = v > m ? v : m;
     }
   }
-  const float mm = m == -kInf ? 0.f : m;  // all −inf: keep exp(y − m) = 0 instead of NaN
+  if (m == -kInf) {  // no finite y: nothing can be sampled (the contract: token 0, −inf)
+    a.out_ids[n] = 0;
+    a.confidence[n] = -kInf;
+    return;
+  }
   const std::pair<int64_t, float> r =
-      a.gumbel ? gumbel_max_explicit(y, a.gumbel + n * K, K, mm)
-               : race_philox(y, K, mm, static_cast<uint32_t>(l), static_cast<uint32_t>(b),
+      a.gumbel ? gumbel_max_explicit(y, a.gumbel + n * K, K, m)
+               : race_philox(y, K, m, static_cast<uint32_t>(l), static_cast<uint32_t>(b),
                              a.c3_sample, a.seed);
-  float conf = (y[r.first] - mm) - std::log(r.second);
+  float conf = (y[r.first] - m) - std::log(r.second);
   if (a.choice_temperature != 0.f) {
     const float gc = a.choice ? a.choice[n]
                               : gumbel_from_bits(philox4x32_10(0u, static_cast<uint32_t>(l),

@@ -121,6 +121,11 @@ __device__ __forceinline__ float fast_gumbel_from_bits(uint32_t x) {
 
 // ---- scan: running state, its merge, and the block reduction ------------------------------------
 
+// The contract's policy for a non-finite y (NaN, +inf): it counts as −inf, never sampled.
+__device__ __forceinline__ float policy_y(float v) {
+  return fabsf(v) < INFINITY ? v : -INFINITY;  // NaN fails the compare
+}
+
 struct ScanState {
   float m;     // running max of y (starts at −FLT_MAX so a −inf y adds e^{−inf} = 0)
   float s;     // Σ e^{y − m}
@@ -208,7 +213,13 @@ struct ScanParams {
 // Token and confidence of an unknown position from its merged state.
 __device__ __forceinline__ void finalize_position(const ScanParams& p, int64_t pos, uint32_t b32,
                                                   uint32_t l32, const ScanState& st) {
-  float conf = __fsub_rn(st.yb, st.m + logf(st.s));  // y_ŷ − logsumexp y
+  if (!(st.s > 0.f)) {  // no finite y: nothing can be sampled (the contract: token 0, −inf)
+    p.out_ids[pos] = 0;
+    p.confidence[pos] = -INFINITY;
+    return;
+  }
+  // y_ŷ − logsumexp y as (y_ŷ − m) − log s: exact for large m, the C++ kernel's order
+  float conf = __fsub_rn(__fsub_rn(st.yb, st.m), logf(st.s));
   if (p.tau != 0.f) {
     const float gc =
         p.choice != nullptr
@@ -217,7 +228,7 @@ __device__ __forceinline__ void finalize_position(const ScanParams& p, int64_t p
                   philox4x32_10(0u, l32, b32, 4u * p.offset + kStreamChoice, p.seed).w[0]);
     conf = __fadd_rn(conf, __fmul_rn(p.tau, gc));
   }
-  p.out_ids[pos] = st.kb == kNoK ? 0 : st.kb;  // every score −inf: argmax is column 0
+  p.out_ids[pos] = st.kb == kNoK ? 0 : st.kb;  // every score −inf (NaN noise): column 0
   p.confidence[pos] = conf;
 }
 
@@ -268,7 +279,7 @@ __global__ void __launch_bounds__(kScanMaxThreads) maskgit_scan_kernel(const Sca
       if (k + j < k_end) {
         const float z =
             kUncond ? __fsub_rn(__fmul_rn(p.c_cond, x[j]), __fmul_rn(p.c_uncond, u[j])) : x[j];
-        scan_column(st, __fmul_rn(z, p.inv_t), g[j], static_cast<int>(k + j));
+        scan_column(st, policy_y(__fmul_rn(z, p.inv_t)), g[j], static_cast<int>(k + j));
       }
     }
   }

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from unif2ace import _backend
+from unif2ace.ops._validate import checked
 
 SCHEDULES = ("cosine", "linear", "loglinear")
 DEFAULT_ALPHA = 0.01  # the D3Diff score-entropy weight: the UniF²ace paper's best
@@ -47,7 +48,8 @@ def schedule(t: torch.Tensor, name: str = "cosine", eps: float = 1e-3) -> Schedu
 
     Computed in float64 and returned in ``t``'s floating dtype (float32 for integer input). The
     check that ``t`` is finite and in [0, 1] reads it (a host synchronisation on a GPU) and runs
-    only with the value checks on (:func:`unif2ace.set_checks`).
+    only with the value checks on (:func:`unif2ace.set_checks`); under torch.compile it runs
+    inside a custom op (no graph break).
     """
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
@@ -55,9 +57,8 @@ def schedule(t: torch.Tensor, name: str = "cosine", eps: float = 1e-3) -> Schedu
         raise ValueError(f"eps must be in (0, 0.5), got {eps}")
     out_dtype = t.dtype if t.is_floating_point() else torch.float32
     t64 = t.to(torch.float64)
-    if _backend.checks_enabled() and t.numel():
-        if not torch.isfinite(t64).all() or (t64 < 0).any() or (t64 > 1).any():
-            raise ValueError("schedule: t must be finite and in [0, 1]")
+    if _backend.checks_enabled():  # under torch.compile inside a custom op: no graph break
+        t64 = checked(t64, "unit_interval", "schedule", "t")
     # γ(0) = 0 would make a infinite and γ(1) = 1 would make σ infinite: clip t to [eps, 1 − eps].
     t64 = t64.clamp(min=eps, max=1.0 - eps)
     if name == "cosine":

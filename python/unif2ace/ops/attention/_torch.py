@@ -56,7 +56,11 @@ from unif2ace.ops.attention.rotary import apply_rotary
 
 def split_span(limit: torch.Tensor, key_valid: torch.Tensor | None) -> tuple[int, int] | None:
     """``(s, e)`` when every key is valid and every row's limits are ``e`` on ``[s, e)`` and
-    ``i + 1`` elsewhere (``(0, 0)``: causal), else None. Reads the data (host sync)."""
+    ``i + 1`` elsewhere (``(0, 0)``: causal), else None. Reads the data (host sync). While
+    torch.compile traces, None: a read would break the graph, and the one masked call that None
+    asks for computes the same attention (a caller that knows its span passes it instead)."""
+    if torch.compiler.is_compiling():
+        return None
     B, L = limit.shape
     if B == 0 or L == 0 or (key_valid is not None and not bool(key_valid.all())):
         return None

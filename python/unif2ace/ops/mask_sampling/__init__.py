@@ -24,7 +24,7 @@ import torch
 
 from unif2ace import _backend
 from unif2ace.ops import schedules as _schedules
-from unif2ace.ops._validate import check_device, check_dtype, check_rows
+from unif2ace.ops._validate import check_device, check_dtype, check_rows, checked
 from unif2ace.ops.mask_sampling import _custom_ops
 from unif2ace.ops.mask_sampling.reference import (
     MODES,
@@ -226,9 +226,8 @@ def mask_tokens(
     seed = _resolve_seed(op, seed)
     offset = _check_int(op, "offset", offset, 0, OFFSET_LIMIT)
     gamma = _per_row(op, "gamma", gamma, B, ids.device, torch.float32)
-    if _backend.checks_enabled() and B:
-        if not bool(torch.isfinite(gamma).all()) or bool(((gamma < 0) | (gamma > 1)).any()):
-            raise ValueError(f"{op}: gamma must be finite and in [0, 1]")
+    if _backend.checks_enabled():  # under torch.compile inside a custom op: no graph break
+        gamma = checked(gamma, "unit_interval", op, "gamma")
     name = _backend.resolve(backend, ids.device, op, "mask_sampling.mask_tokens")
     n_mask = (gamma.double() * L).round().clamp(1, L).to(torch.int64)  # half to even
     if B == 0:
@@ -273,6 +272,19 @@ def maskgit_step(
 
     Known positions keep their token with confidence +∞. Then in each sequence the ``mask_len[b]``
     positions of lowest confidence (ties: lower position first) become ``mask_id`` again.
+
+    NaN / inf logits. With the value checks on (the default, :func:`unif2ace.set_checks`) a
+    ``ValueError`` names the argument and the position: NaN or +inf in ``logits`` or
+    ``uncond_logits`` at a masked position, guided and temperature-scaled logits ``y`` that are
+    NaN or +inf (−inf in ``uncond_logits`` with g > 0, a float32 overflow), a masked position
+    whose ``y`` are −inf for every token, non-finite supplied noise. −inf logits are allowed (a
+    token of probability 0); known positions are not checked (never read). The check costs one
+    more pass over the logits and one host read per call (every step of :func:`maskgit_decode`);
+    it runs inside the custom op, so it is no graph break under torch.compile. With the checks
+    off, the result is the same on every backend: a ``y_k`` that is NaN or +inf counts as −inf
+    (that token is never sampled; a simple rule every kernel applies in one select, where "+inf
+    wins" would leave several +inf columns to float rounding), and a masked position with no
+    finite ``y_k`` gets token 0 and confidence −∞ (so it is re-masked first).
 
     Parameters
     ----------
@@ -430,7 +442,8 @@ def maskgit_decode(
     * Philox offset s, so each step draws fresh noise from one ``seed``.
 
     Returns the decoded ids [B, L] (and the list of ids after each step if ``return_history``).
-    ``mask_len`` is computed with tensor ops: no host sync per step.
+    ``mask_len`` is computed with tensor ops: no host sync per step with the value checks off
+    (with them on, each step checks its logits: one host read, see :func:`maskgit_step`).
     """
     op = "maskgit_decode"
     B, L = _check_ids(op, ids)

@@ -8,10 +8,12 @@ torch.compile. No autograd: sampling has no gradient.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from unif2ace import _backend
-from unif2ace.ops._validate import check_index_range
+from unif2ace.ops._validate import check_finite, check_index_range
 from unif2ace.ops.mask_sampling import _cpu, _cuda, _torch, _triton  # noqa: F401  (registration)
 
 
@@ -55,10 +57,16 @@ def maskgit_step(
     check_values: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The step on validated inputs; ``check_values`` runs the data-dependent checks here, inside
-    the op, so that torch.compile does not trace their host syncs."""
+    """The step on validated inputs. The data-dependent checks run here, inside the op, so that
+    torch.compile does not trace their host syncs: those of ``ids`` and ``mask_len`` when
+    ``check_values`` (maskgit_decode checks them at its first step only), those of the logits
+    and the supplied noise whenever the value checks are on."""
     if check_values:
         check_step_values("maskgit_step", logits.shape[2], ids, mask_len, mask_id)
+    check_step_logits(
+        "maskgit_step", logits, uncond, ids, mask_id, guidance, inv_temperature,
+        gumbel_noise, choice_noise,
+    )  # fmt: skip
     B, L = ids.shape
     outputs = (  # out_ids, out_mask, confidence
         torch.empty_like(ids),
@@ -95,3 +103,45 @@ def check_step_values(op: str, n_cols: int, ids: torch.Tensor, mask_len: torch.T
             f"{op}: mask_len must be in [0, number of masked positions] per sequence; sequence {b} "
             f"has mask_len = {int(mask_len[b])} with {int(unknown[b])} masked positions"
         )
+
+
+def check_step_logits(op, logits, uncond, ids, mask_id, guidance, inv_t, gumbel, choice) -> None:
+    """Value checks of what a step samples from (off with unif2ace.set_checks(False)): at every
+    masked position, ``logits`` and ``uncond_logits`` hold no NaN or +inf, the guided,
+    temperature-scaled ``y = ((1 + g)·cond − g·uncond)·(1/T)`` (as the reference computes it)
+    holds no NaN or +inf and is not −inf for every token; the supplied noise is finite. Known
+    positions are not checked: their logits are never read. Cost: one pass over the logits (and
+    a [B, L, K] temporary of y), one host read."""
+    if not _backend.checks_enabled() or ids.numel() == 0:
+        return
+    for name, t in (("gumbel_noise", gumbel), ("choice_noise", choice)):
+        if t is not None:
+            check_finite(t, op, name)
+    unknown = ids == mask_id
+    wdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    y = logits.to(wdt)
+    named = [("logits", y)] + ([] if uncond is None else [("uncond_logits", uncond.to(wdt))])
+    flags = [(~(t < math.inf)).any(-1) for _, t in named]  # NaN or +inf in a row
+    if uncond is not None:
+        y = (1.0 + guidance) * y - guidance * named[1][1]
+    y = y * inv_t
+    flags += [(~(y < math.inf)).any(-1), ~(y > -math.inf).any(-1)]
+    flags = torch.stack(flags) & unknown
+    hit = flags.flatten(1).any(1).tolist()  # the one host read
+    if not any(hit):
+        return
+    i = hit.index(True)
+    b, l_ = (int(v) for v in flags[i].nonzero()[0])
+    where = f"at masked position (b={b}, l={l_})"
+    if i < len(named):
+        raise ValueError(
+            f"{op}: {named[i][0]} has NaN or +inf {where}; the distribution to sample is undefined "
+            "(with unif2ace.set_checks(False) such a token counts as -inf: never sampled)"
+        )
+    if i == len(named):
+        raise ValueError(
+            f"{op}: logits give NaN or +inf after guidance and temperature "
+            f"(((1 + g)·logits − g·uncond_logits)/T) {where}: -inf in uncond_logits with g > 0, "
+            "or beyond float32"
+        )
+    raise ValueError(f"{op}: logits are -inf for every token {where}: no token can be sampled")

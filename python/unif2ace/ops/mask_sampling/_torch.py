@@ -69,9 +69,15 @@ maskgit_step_fwd(logits, uncond, ids, mask_len, mask_id, guidance, inv_temperatu
     unknown: z_k = G1·cond_k − G0·uncond_k   (z_k = cond_k when uncond is None), with
                G1 = float32(1 + g), G0 = float32(g) rounded from the Python double g (as torch
                rounds a scalar for fp32 math; the op layer passes g = 0 when uncond is None)
-             y_k = z_k · inv_temperature
+             y_k = z_k · inv_temperature, then the NON-FINITE POLICY: a y_k that is NaN or +inf
+               counts as −inf (never sampled), whatever made it so (NaN or inf logits, −inf
+               uncond logits under guidance, an overflow)
+             if no y_k is finite: token = 0, confidence = −inf (nothing can be sampled; such a
+               position is the first to be re-masked); otherwise
              ŷ   = the smallest k maximising y_k + G_k
-             confidence = (y_ŷ − logsumexp_k y_k) + τ·G_choice     (τ·G_choice skipped when τ == 0)
+             confidence = (y_ŷ − m) − log Σ_k e^{y_k − m}, m = max_k y_k (= y_ŷ − logsumexp_k y_k,
+               computed in that order so that it stays exact for large m), + τ·G_choice
+               (τ·G_choice skipped when τ == 0)
              token = ŷ
     With gumbel_noise given, ŷ must be computed exactly as argmax(y_k + G_k) (fp32 add, ties to the
     smallest k). On the Philox path a kernel may instead use the equivalent exponential race
@@ -80,7 +86,9 @@ maskgit_step_fwd(logits, uncond, ids, mask_len, mask_id, guidance, inv_temperatu
   Then per sequence b: the n positions with the smallest (confidence, l) (lexicographic; +inf known
     positions come last, so they are re-masked only if n > number of unknowns) get
     out_ids = mask_id, out_mask = True; every other position gets out_ids = token, out_mask = False.
-  NaN logits: results unspecified but every read and write stays in bounds.
+  So NaN / inf logits give one documented result on every backend (with the value checks on the
+  op layer refuses them first, see _custom_ops.check_step_logits). Non-finite supplied noise:
+  results unspecified, but every read and write stays in bounds.
   The torch launcher draws whatever noise is not supplied from a torch.Generator seeded from
   (seed, offset), not from the Philox streams (see reference.philox_noise for those).
 

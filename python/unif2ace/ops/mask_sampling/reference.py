@@ -158,6 +158,9 @@ def maskgit_step_ref(
     Math in fp32 (fp64 if ``logits`` is fp64). Without ``gumbel_noise`` the token is drawn with
     ``torch.multinomial`` from the softmax (Show-o); without ``choice_noise`` the confidence noise
     is ``−log(−log u)`` from float64 uniforms (no truncation of the Gumbel tail).
+
+    Non-finite ``y`` (the launcher contract's policy): NaN and +inf count as −inf (never
+    sampled); a masked position with no finite ``y`` takes token 0 with confidence −inf.
     """
     wdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
     z = logits.to(wdt)
@@ -166,6 +169,10 @@ def maskgit_step_ref(
     inv_t = torch.tensor(1.0 / temperature, dtype=torch.float32).to(wdt)  # float32(1/T), as kernels
     z = z * inv_t.item()
     B, L, K = z.shape
+    z = torch.where(torch.isfinite(z), z, -math.inf)
+    dead = ~(z > -math.inf).any(-1)  # [B, L]: no finite y, nothing to sample
+    # such a row samples column 0 with certainty (its confidence is set to -inf below)
+    z = torch.where(dead[..., None] & (torch.arange(K, device=z.device) == 0), 0.0, z)
     log_p = torch.log_softmax(z, dim=-1)  # [B, L, K]
     if gumbel_noise is None:
         probs = log_p.exp().reshape(B * L, K)
@@ -180,6 +187,7 @@ def maskgit_step_ref(
             u = torch.rand(B, L, dtype=torch.float64, device=z.device, generator=generator)
             choice_noise = -torch.log(-torch.log(u.clamp_min(1e-300)))
         selected = selected + choice_temperature * choice_noise.to(wdt)
+    selected = selected.masked_fill(dead, -math.inf)
     confidence = torch.where(unknown, selected, torch.full_like(selected, math.inf))
     # Re-mask the mask_len least confident positions; a stable sort breaks ties by position.
     order = torch.sort(confidence, dim=-1, stable=True).indices

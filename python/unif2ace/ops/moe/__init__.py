@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from unif2ace import _backend
-from unif2ace.ops._validate import check_device, check_dtype, check_finite, check_index_range
+from unif2ace.ops._validate import check_device, check_dtype, checked
 from unif2ace.ops.moe._custom_ops import (
     BLOCK_M,
     combine_op,
@@ -272,10 +272,10 @@ def moe_route(
     check_dtype(
         op, "router_logits", router_logits, _FLOAT_DTYPES if name == "torch" else _KERNEL_DTYPES
     )
-    if _backend.checks_enabled():
+    if _backend.checks_enabled():  # under torch.compile inside a custom op: no graph break
         if group_ids is not None:
-            check_index_range(group_ids, len(sizes), op, "group_ids")
-        check_finite(router_logits.detach(), op, "router_logits")
+            group_ids = checked(group_ids, "index_range", op, "group_ids", upper=len(sizes))
+        router_logits = checked(router_logits, "finite", op, "router_logits")
     offsets = _offsets_tensor(sizes, dev)
     args = (top_k, offsets, group_ids, scoring, renormalize, ng, tg, correction_bias, scaling)
     if _autocast_dtype(dev) is None:
@@ -323,17 +323,55 @@ def moe_plan(
     bm = BLOCK_M[name] if block_m is None else int(block_m)
     if bm < 0:
         raise ValueError(f"{op}: block_m must be >= 0, got {block_m}")
+    ids = topk_ids
     if _backend.checks_enabled():
-        check_index_range(topk_ids, num_experts, op, "topk_ids")
-    out = plan_op(topk_ids.contiguous(), num_experts, bm, name)
-    return MoEPlan(*out, topk_ids.shape[1], bm)
+        ids = checked(topk_ids, "index_range", op, "topk_ids", upper=num_experts)
+    out = plan_op(ids.contiguous(), num_experts, bm, name)
+    return MoEPlan(*out, topk_ids.shape[1], bm, *_fingerprint(topk_ids))
+
+
+def _fingerprint(ids: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """(the ids tensor, its version counter): how a plan knows its ids were not written since it
+    was made. Nothing while tracing (torch.compile): there a plan is always re-checked."""
+    if torch.compiler.is_compiling():
+        return None, -1
+    return ids, ids._version
+
+
+def _check_plan(op: str, plan: MoEPlan, topk_ids: torch.Tensor, E: int, backend: str) -> None:
+    """A plan given to ``moe_mlp`` belongs to ``topk_ids`` (see its ``plan`` parameter)."""
+    T, k = topk_ids.shape
+    N = plan.sorted_slot.numel()
+    if plan.num_experts != E or N != T * k:
+        raise ValueError(
+            f"{op}: plan was made for {plan.num_experts} experts and {N} slots, but the call has "
+            f"E = {E} experts and T·k = {T * k} slots"
+        )
+    if plan.top_k != k:
+        raise ValueError(f"{op}: plan was made for top_k = {plan.top_k}, topk_ids has k = {k}")
+    check_device(op, topk_ids.device, plan=plan.slot_pos)
+    if not _backend.checks_enabled():
+        return
+    if plan.source is topk_ids and plan.source_version == topk_ids._version:
+        return
+    fresh = plan_op(topk_ids.contiguous(), E, plan.block_m, backend)
+    given = plan.tensors()
+    same = all(a.shape == b.shape for a, b in zip(fresh, given)) and bool(
+        torch.stack([(a == b).all() for a, b in zip(fresh, given)]).all()  # one host read
+    )
+    if not same:
+        raise ValueError(
+            f"{op}: plan was made for other topk_ids (same shape, other experts); make it with "
+            f"moe_plan(topk_ids, E) from the ids you pass, or leave plan=None"
+        )
 
 
 def moe_permute(x: torch.Tensor, plan: MoEPlan, *, backend: str | None = None) -> torch.Tensor:
     """Gather token rows into expert-sorted order: ``xs[p] = x[sorted_slot[p] // k]``.
 
     x [T, D] → xs [T·k, D] (rows of expert e at ``offsets[e]:offsets[e+1]``). Backward: each
-    token's gradient is the sum of its k rows' gradients.
+    token's gradient is the sum of its k rows' gradients. The plan's size is checked against x;
+    which ids it came from cannot be (this op takes no ids).
     """
     op = "moe_permute"
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
@@ -395,7 +433,9 @@ def moe_combine(
     return combine_op(expert_out, plan.slot_pos, w, k, name)
 
 
-def _check_mlp(op, x, w_up, w_down, topk_ids, topk_weights, activation):
+def _check_mlp(op, x, w_up, w_down, topk_ids, topk_weights, activation) -> torch.Tensor:
+    """Shapes, dtypes, devices; with the value checks on, the ids' range. Returns the ids to use
+    (:func:`checked`)."""
     for nm, t, nd in (("x", x, 2), ("w_up", w_up, 3), ("w_down", w_down, 3)):
         if not isinstance(t, torch.Tensor) or t.dim() != nd:
             raise ValueError(f"{op}: {nm} must be a {nd}-D tensor, got {_shape(t)}")
@@ -433,7 +473,8 @@ def _check_mlp(op, x, w_up, w_down, topk_ids, topk_weights, activation):
     if topk_ids.numel() >= 2**31:
         raise ValueError(f"{op}: T·k = {topk_ids.numel()} slots must be < 2^31")
     if _backend.checks_enabled():
-        check_index_range(topk_ids, E, op, "topk_ids")
+        return checked(topk_ids, "index_range", op, "topk_ids", upper=E)
+    return topk_ids
 
 
 def moe_mlp(
@@ -461,7 +502,12 @@ def moe_mlp(
     topk_weights : Tensor [T, k], float, or None (every weight 1: shared experts)
     activation : "silu_glu" | "gelu" | "gelu_tanh"
     plan : MoEPlan, optional
-        A plan of these ids already computed (:func:`moe_plan`); made here otherwise.
+        A plan of these ids already computed (:func:`moe_plan`); made here otherwise. Checked
+        against ``topk_ids`` on every backend: its E, T·k and top_k always; with the value checks
+        on (:func:`unif2ace.set_checks`) its contents too: free for a plan made from this very
+        tensor, unwritten since (the plan keeps it and its version), else the plan is made again
+        and compared (one host read; a graph break under torch.compile). With the checks off a
+        plan of other ids of the same shape goes undetected and the output is wrong.
     backend : "torch" | "cpu" | "triton" | "cuda" | "auto" | None
 
     Returns
@@ -487,7 +533,9 @@ def moe_mlp(
     (CPU; elsewhere where F.grouped_mm does not apply: fp16, rows not 16-byte aligned) reads the
     plan's offsets once per forward and once per backward (_composed.py); F.grouped_mm and the
     Triton grouped GEMM (its grid spans the plan's max_tiles, a host size) read nothing. The
-    torch backend's loop over experts (:func:`moe_mlp_ref`) finds each expert's rows on the host.
+    torch backend's loop over experts (:func:`moe_mlp_ref`) finds each expert's rows on the host;
+    under torch.compile, where that would be a graph break, the torch backend runs the composed
+    torch launchers behind the custom op instead (the same math; rounding may differ).
     """
     op = "moe_mlp"
     amp = _autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
@@ -504,17 +552,20 @@ def moe_mlp(
                 plan=plan,
                 backend=backend,
             )
-    _check_mlp(op, x, w_up, w_down, topk_ids, topk_weights, activation)
+    ids_in = topk_ids
+    topk_ids = _check_mlp(op, x, w_up, w_down, topk_ids, topk_weights, activation)
     name = _backend.resolve(backend, x.device, op, kernel="moe.experts_fwd")
-    if name == "torch":
-        check_dtype(op, "x", x, _FLOAT_DTYPES)
+    if plan is not None:  # on "torch" too, which does not use it: one rule on every backend
+        _check_plan(op, plan, ids_in, w_up.shape[0], name)
+    check_dtype(op, "x", x, _FLOAT_DTYPES if name == "torch" else _KERNEL_DTYPES)
+    if name == "torch" and not torch.compiler.is_compiling():
         return moe_mlp_ref(x, w_up, w_down, topk_ids, topk_weights, activation)
-    check_dtype(op, "x", x, _KERNEL_DTYPES)
+    # (traced on "torch": the loop over experts sizes each expert's rows from the data, which no
+    # graph can hold; the torch launchers behind the custom op compute the same, plan → permute
+    # → torch GEMMs → combine, and compile with fullgraph=True)
     E = w_up.shape[0]
     if plan is None:
         plan = moe_plan(topk_ids, E, backend=name)
-    elif plan.num_experts != E or plan.sorted_slot.numel() != topk_ids.numel():
-        raise ValueError(f"{op}: the plan was made for other ids (E, T·k differ)")
     w = None if topk_weights is None else topk_weights.to(torch.float32).contiguous()
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_up, w_down, topk_weights)
@@ -569,7 +620,7 @@ def moe_shared_experts(
     else:
         _check_index_tensor(op, "group_ids", group_ids, x.device, (T,))
         if _backend.checks_enabled():
-            check_index_range(group_ids, n // S, op, "group_ids")
+            group_ids = checked(group_ids, "index_range", op, "group_ids", upper=n // S)
         ids = group_ids.to(torch.int64)[:, None] * S + base
     return moe_mlp(x, w_up, w_down, ids, None, activation=activation, backend=backend)
 

@@ -26,6 +26,10 @@ class MoEPlan(NamedTuple):
 
     counts [E], offsets [E+1], sorted_slot [N] (position → slot t·k + j), slot_pos [N] (slot →
     position), tile_expert / tile_row [N // block_m + E] (empty when block_m = 0), top_k, block_m.
+
+    ``source`` / ``source_version``: the ids tensor the plan was made from and its version counter
+    at that time (None / -1 when unknown, e.g. a plan made while tracing). ``moe_mlp`` uses them to
+    accept a plan of the very ids it is given without re-checking it.
     """
 
     counts: torch.Tensor
@@ -36,6 +40,8 @@ class MoEPlan(NamedTuple):
     tile_row: torch.Tensor
     top_k: int
     block_m: int
+    source: torch.Tensor | None = None
+    source_version: int = -1
 
     @property
     def num_experts(self) -> int:

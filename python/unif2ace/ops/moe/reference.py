@@ -14,14 +14,19 @@ from unif2ace.ops.moe._types import MoERouting
 
 
 def _consistent(fn, x: torch.Tensor) -> torch.Tensor:
-    """fn(x) elementwise with equal inputs mapped to bit-equal outputs: on the CPU torch's
-    vectorised and scalar loops may round transcendental functions differently (ties must stay
-    ties), so fn runs once per distinct value; elsewhere every element takes the same code path
-    and fn runs directly (torch.unique's output size would be a host read)."""
-    if x.device.type != "cpu":
+    """fn(x) elementwise with equal inputs mapped to bit-equal outputs: on the CPU torch's (and
+    Inductor's) vectorised and scalar loops may round transcendental functions differently (ties
+    must stay ties), so every run of equal values in sorted order takes the output of its first
+    element; elsewhere every element takes the same code path and fn runs directly. Sizes are
+    fixed (no torch.unique, whose output size is data): torch.compile traces it whole."""
+    if x.device.type != "cpu" or x.numel() == 0:
         return fn(x)
-    vals, inv = torch.unique(x, return_inverse=True)
-    return fn(vals)[inv]
+    srt, order = torch.sort(x.reshape(-1))
+    idx = torch.arange(srt.numel(), device=x.device)
+    starts = torch.cat([srt.new_ones(1, dtype=torch.bool), srt[1:] != srt[:-1]])
+    first = torch.where(starts, idx, 0).cummax(0).values  # the start of each element's run
+    out = fn(srt)[first]
+    return torch.empty_like(out).scatter_(0, order, out).view(x.shape)
 
 
 def group_cols(
