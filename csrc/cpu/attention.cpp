@@ -1,21 +1,32 @@
 // Omni-attention, C++ CPU kernels (fp32). Contract: attention.h and the omni-attention op.
 //
-// One (sequence, head) pair per OpenMP task. Queries go in blocks of R rows; a block reads the keys
-// [0, hi) only, hi = the largest limit in the block (rounded up to 16), so keys no query of the
-// block may see are skipped, not masked: on the tiny model's training batch (text prompt, then
-// an image, then padding) the kernel reads only part of the dense L × L scores.
+// One (sequence, head) pair per OpenMP task. A block of queries reads the keys [0, hi) only,
+// hi = the largest limit in the block (rounded up to 16), so keys no query of the block may see
+// are skipped, not masked: on the model's training batch (text prompt, then an image, then
+// padding) the kernels read about three quarters of the dense L × L scores.
 //
-// Forward, per block: S = (scale·Q_blk) Kᵀ over 16 keys at a time from a transposed copy of K
-// (R accumulators, one broadcast-FMA per row and head element), the mask, the row max and
-// exp/sum in place (exp_simd: our vectorisable exp, cpu_simd.h), then O = P V with R × Dh/16
-// accumulators while each V row is loaded once. No online softmax: one row of scores is at most L
-// floats, so the block's scores stay in L1/L2 and every row is normalised once.
-// Backward (FlashAttention-2's algebra, D_i = dO_i · O_i): the block's S and dP = dO Vᵀ in one
-// pass over 16 keys, P = exp(S − lse), dS = P ∘ (dP − D), then dQ_blk = scale · dS K (each key row
-// loaded once for the block) and, 16 keys at a time with the block's dS and P columns in
-// registers, dKᵀ += (scale·Q_blk)ᵀ dS and dVᵀ += dO_blkᵀ P into the pair's transposed fp32
-// accumulators (per thread, [Dh, L]; one load and store per accumulator vector and row block, a
-// quarter of the loads of row-wise accumulation); nothing is atomic.
+// Each pair first writes its operands once into per-thread scratch: the rotated, scaled Q rows and
+// the rotated K rows (one out-of-line routine, so the forward and the backward see the same
+// rounding of the rotation and the backward's recomputed scores are the forward's), and the
+// transposed Kᵀ (and Vᵀ) [Dh][Lp], so that 16 keys are one vector. Every product then runs in a
+// register-blocked micro-kernel (16 vector accumulators; the AVX-512 clone holds them in zmm
+// registers) over contiguous rows:
+//   S = Q Kᵀ, dP = dO Vᵀ   4 query rows × 64 keys, one broadcast-FMA per row, element and vector;
+//   O = P V, dQ = dS K     R query rows × Dh, each key row loaded once for the R rows;
+//   dV = Pᵀ dO, dK = dSᵀ Q 256 / Dh key rows × Dh, each query row loaded once for those keys.
+// Masking and exp are one explicit-vector pass over 16 keys at a time (exp_v16: the Cephes expf
+// of cpu_simd.h's exp_simd, in vector form).
+//
+// Forward, per block of R = rows_for(Dh) queries: S over [0, hi), the mask, the row max, exp and
+// sum in place, then O = P V and the normalisation. No online softmax: one row of scores is at
+// most L floats, so the block's scores stay in L1/L2 and every row is normalised once.
+// Backward (FlashAttention-2's algebra, D_i = dO_i · O_i, P = exp(S − lse), dS = P ∘ (dP − D)),
+// tiled: a strip of kStrip queries against chunks of kChunk keys. Per chunk, each group of R
+// queries whose keys reach into the chunk computes its S and dP tile, P and dS, and adds dS K to
+// the strip's dQ (in L1); then the chunk's dV and dK rows take Pᵀ dO and dSᵀ Q summed over the
+// strip's active queries, loaded and stored once per strip and chunk. Groups whose keys end
+// before a chunk skip it. Everything is per pair and per thread: no atomics, and the result does
+// not depend on the thread count.
 //
 // benchmarks/bench_attention.py times it against torch's SDPA with the boolean mask (its flash CPU
 // kernel); docs/results.md has the figures.
@@ -34,39 +45,48 @@
 namespace unif2ace {
 namespace {
 
-using cpu::exp_range;
-using cpu::exp_simd;
-using cpu::ExpRange;
-
-// 16 floats; GCC lowers the arithmetic to one zmm (AVX-512 clone), two ymm or four xmm.
+// 16 lanes; GCC lowers the arithmetic to one zmm (AVX-512 clone), two ymm or four xmm.
 typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));  // unaligned loads/stores
+typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));    // unaligned loads/stores
+typedef int32_t vi16u __attribute__((vector_size(64), aligned(4)));  // unaligned loads
 #define U2A_LOAD(p) (*reinterpret_cast<const v16u*>(p))
 #define U2A_STORE(p, x) (*reinterpret_cast<v16u*>(p) = (x))
+#define U2A_LOADI(p) (*reinterpret_cast<const vi16u*>(p))
 
 constexpr int64_t kLanes = 16;
+constexpr int kStrip = 32;  // backward: queries per strip (a multiple of every rows_for)
+constexpr int kChunk = 64;  // backward: keys per tile (a multiple of every keys_for)
 
-inline int64_t round_up(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+inline int64_t round_up(int64_t n, int64_t m = kLanes) { return (n + m - 1) / m * m; }
 
-// Rows per query block: R × Dh/16 accumulators stay within the 32 AVX-512 registers.
+// Query rows per block: R × Dh/16 accumulators in O = P V and dQ = dS K.
 constexpr int rows_for(int64_t Dh) { return Dh <= 32 ? 8 : (Dh == 64 ? 4 : 2); }
+// Key rows per block of dV = Pᵀ dO and dK = dSᵀ Q: 256 / Dh × Dh/16 = 16 accumulators.
+constexpr int keys_for(int64_t Dh) { return static_cast<int>(256 / Dh); }
 
 // Per-thread scratch, sized for one (sequence, head) pair and reused for every pair a thread runs.
+// Row buffers have Lr = L rounded up to kStrip rows ([L, Lr) zero); transposed ones are [Dh][Lp].
 struct Scratch {
-  std::vector<float> kt, vt, dka, dva, s, ds;  // dka, dva: dKᵀ, dVᵀ accumulators [Dh][Lp]
-  std::vector<float> kr;                       // backward: the rotated K rows [L][Dh]
-  std::vector<uint8_t> kv;  // key_valid row, zero-padded to Lp (the simd loops read whole vectors)
+  int64_t Lp, Lr;
+  std::vector<float> qs, kr, kt, s;      // rotated, scaled Q rows; rotated K rows; Kᵀ; fwd scores
+  std::vector<float> dos, vt, dka, dva;  // backward: dO rows, Vᵀ, dK and dV accumulators (rows)
+  std::vector<float> dd, pt, dst, dqa;   // backward: D; the P and dS tiles; the strip's dQ
+  std::vector<int32_t> kvm;              // key_valid row as -1 / 0 lanes, zero-padded to Lr
   Scratch(int64_t L, int64_t Dh, bool backward)
-      : kt(Dh * round_up(L)), vt(backward ? Dh * round_up(L) : 0),
-        dka(backward ? Dh * round_up(L) : 0), dva(backward ? Dh * round_up(L) : 0),
-        s(rows_for(Dh) * round_up(L)), ds(backward ? rows_for(Dh) * round_up(L) : 0),
-        kr(backward ? L * Dh : 0), kv(round_up(L), 0) {}
+      : Lp(round_up(L)), Lr(round_up(L, kStrip)), qs(Lr * Dh), kr(Lr * Dh), kt(Dh * Lp),
+        s(backward ? 0 : rows_for(Dh) * Lp), dos(backward ? Lr * Dh : 0),
+        vt(backward ? Dh * Lp : 0), dka(backward ? Lr * Dh : 0), dva(backward ? Lr * Dh : 0),
+        dd(backward ? Lr : 0), pt(backward ? kStrip * kChunk : 0),
+        dst(backward ? kStrip * kChunk : 0), dqa(backward ? kStrip * Dh : 0), kvm(Lr, 0) {}
 };
 
-// Keys of the block [i0, i0 + nr): [0, hi), hi = max over rows of max(limit, i + 1), within [1, L].
-inline int64_t block_keys(const int32_t* lim, int64_t i0, int nr, int64_t L) {
+// Keys of the rows [i0, i0 + nr): [0, hi), hi = max over rows of max(limit, i + 1), within [1, L].
+inline int64_t block_keys(const int32_t* lim, int64_t i0, int64_t nr, int64_t L) {
   int64_t hi = 0;
-  for (int r = 0; r < nr; ++r) hi = std::max<int64_t>(hi, std::max<int64_t>(lim[i0 + r], i0 + r + 1));
+  for (int64_t r = 0; r < nr; ++r)
+    hi = std::max<int64_t>(hi, std::max<int64_t>(lim[i0 + r], i0 + r + 1));
   return std::min(hi, L);
 }
 
@@ -103,68 +123,175 @@ U2A_ALWAYS_INLINE void unrotate_row(float* g, int64_t i, const Rope& rp) {
   }
 }
 
-// Transposed copy of one head's [L, Dh] rows (rotated by rp) into t[Dh][Lp], zero columns
-// beyond L; rows: a [L, Dh] copy of the rotated rows as well, or nullptr. Inlined into each SIMD
-// clone of the caller (the rotation then contracts to FMAs there); see also rotated_keys below.
-U2A_ALWAYS_INLINE void transpose_head(const float* x, int64_t sl, int64_t L, int64_t Dh,
-                                      const Rope& rp, float* t, float* rows) {
-  const int64_t Lp = round_up(L);
-  float tmp[128];
-  for (int64_t j = 0; j < L; ++j) {
-    float* r = rows ? rows + j * Dh : tmp;
-    load_row(x + j * sl, j, rp, Dh, 1.f, r);
-    for (int64_t d = 0; d < Dh; ++d) t[d * Lp + j] = r[d];
-  }
-  for (int64_t d = 0; d < Dh; ++d)
-    for (int64_t j = L; j < Lp; ++j) t[d * Lp + j] = 0.f;
+// dst[j] = mul · rope(x row j) for j < L (row stride sl), Dh floats each, contiguous; rows
+// [L, rows) zero. Out of line and compiled once for the baseline target: the rotation's rounding
+// (no FMA contraction) is the same in the forward and the backward, whichever SIMD clone calls it.
+__attribute__((noinline)) void prep_rows(const float* x, int64_t sl, int64_t L, int64_t rows,
+                                         int64_t Dh, const Rope& rp, float mul, float* dst) {
+  for (int64_t j = 0; j < L; ++j) load_row(x + j * sl, j, rp, Dh, mul, dst + j * Dh);
+  std::memset(dst + L * Dh, 0, sizeof(float) * (rows - L) * Dh);
 }
 
-// The backward's transposed copy of the rotated K rows (and the rows themselves, for dQ), kept out
-// of line: compiled once for the baseline target, so the rotation's rounding (no FMA contraction)
-// does not depend on the SIMD clone that calls it or on the inliner's budget. The backward's
-// gradients have always been computed this way; the forward rotates K inline.
-__attribute__((noinline)) void rotated_keys(const float* k, int64_t sl, int64_t L, int64_t Dh,
-                                            const Rope& rp, float* t, float* rows) {
-  transpose_head(k, sl, L, Dh, rp, t, rows);
-}
-
-// Bitwise, not && / || (no control flow in the simd loops); kv is padded to Lp, so reading kv[j]
-// unconditionally is in bounds.
-inline bool allowed(int64_t i, int64_t j, int64_t li, const uint8_t* kv) {
-  return ((j < li) & (kv[j] != 0)) | (j == i);
-}
-
+// t[d][j] = rows[j][d] for j < Lp (rows holds at least Lp rows of DH floats).
 template <int DH>
-__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void fwd_pair(
+U2A_ALWAYS_INLINE void transpose_rows(const float* rows, int64_t Lp, float* t) {
+  for (int64_t j0 = 0; j0 < Lp; j0 += kLanes)
+    for (int d = 0; d < DH; ++d) {
+      v16 x;
+      for (int u = 0; u < kLanes; ++u) x[u] = rows[(j0 + u) * DH + d];
+      U2A_STORE(t + d * Lp + j0, x);
+    }
+}
+
+// exp of 16 lanes: exp_simd (cpu_simd.h: Cephes expf, the clamp to [-88, 89] its only special
+// case; -inf gives 0, NaN stays NaN) with vector selects instead of scalar ones.
+U2A_ALWAYS_INLINE void exp_v16(v16& x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;
+  constexpr float kLn2Lo = -2.12194440e-4f;
+  constexpr float kBias = 12582912.f + 127.f;
+  const v16 lo = v16{} - 88.f, hi = v16{} + 89.f;
+  v16 xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const v16 t = xc * kLog2e + kBias;
+  const v16 n = t - kBias;
+  const v16 r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  v16 p = v16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  x = p * reinterpret_cast<v16>(reinterpret_cast<vu16>(t) << 23);
+}
+
+// Which of the keys [j, j + 16) query i (limit li) may see: ((j < li) and key_valid) or j == i,
+// as -1 / 0 lanes; kvm is key_valid as -1 / 0, padded to a whole vector.
+U2A_ALWAYS_INLINE void allowed_v(int64_t j, int32_t i, int32_t li, const int32_t* kvm, vi16& ok) {
+  const vi16 jv = vi16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} +
+                  static_cast<int32_t>(j);
+  ok = ((jv < li) & U2A_LOADI(kvm + j)) | (jv == i);
+}
+
+U2A_ALWAYS_INLINE float hmax(const v16& x) {
+  float m = x[0];
+  for (int u = 1; u < kLanes; ++u) m = x[u] > m ? x[u] : m;
+  return m;
+}
+
+U2A_ALWAYS_INLINE float hsum(const v16& x) {
+  float s = 0.f;
+  for (int u = 0; u < kLanes; ++u) s += x[u];
+  return s;
+}
+
+// c[r][0, 16·NC) = Σ_d a[r][d] · bt[d][0, 16·NC) for r < NR: rows a (DH floats each,
+// contiguous) against 16·NC transposed columns (row stride ldb); c has row stride ldc.
+template <int DH, int NR, int NC>
+U2A_ALWAYS_INLINE void tile_abt(const float* a, const float* bt, int64_t ldb, float* c,
+                                int64_t ldc) {
+  v16 acc[NR][NC];
+  for (int r = 0; r < NR; ++r)
+    for (int k = 0; k < NC; ++k) acc[r][k] = v16{};
+  for (int d = 0; d < DH; ++d) {
+    v16 b[NC];
+    for (int k = 0; k < NC; ++k) b[k] = U2A_LOAD(bt + d * ldb + kLanes * k);
+    for (int r = 0; r < NR; ++r) {
+      const float x = a[r * DH + d];
+      for (int k = 0; k < NC; ++k) acc[r][k] += x * b[k];
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int k = 0; k < NC; ++k) U2A_STORE(c + r * ldc + kLanes * k, acc[r][k]);
+}
+
+// tile_abt over n columns (a multiple of 16): 64 at a time, then the rest.
+template <int DH, int NR>
+U2A_ALWAYS_INLINE void rows_abt(const float* a, const float* bt, int64_t ldb, int64_t n, float* c,
+                                int64_t ldc) {
+  int64_t j = 0;
+  for (; j + 4 * kLanes <= n; j += 4 * kLanes) tile_abt<DH, NR, 4>(a, bt + j, ldb, c + j, ldc);
+  switch ((n - j) / kLanes) {
+    case 3: tile_abt<DH, NR, 3>(a, bt + j, ldb, c + j, ldc); break;
+    case 2: tile_abt<DH, NR, 2>(a, bt + j, ldb, c + j, ldc); break;
+    case 1: tile_abt<DH, NR, 1>(a, bt + j, ldb, c + j, ldc); break;
+    default: break;
+  }
+}
+
+// R rows of a (stride DH) against the columns [0, n) of bt: rows_abt in groups of 4 rows.
+template <int DH, int R>
+U2A_ALWAYS_INLINE void block_abt(const float* a, const float* bt, int64_t ldb, int64_t n,
+                                 float* c, int64_t ldc) {
+  constexpr int NR = R < 4 ? R : 4;
+  for (int r = 0; r < R; r += NR) rows_abt<DH, NR>(a + r * DH, bt, ldb, n, c + r * ldc, ldc);
+}
+
+// c[r][:] += Σ_{j<n} a[r][j] · b[j][:] for r < NR: c [NR][DH] contiguous, a row stride lda, b
+// row stride ldb. Each row of b is loaded once for the NR rows.
+template <int DH, int NR>
+U2A_ALWAYS_INLINE void acc_ab(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n,
+                              float* c) {
+  constexpr int C = DH / kLanes;
+  v16 acc[NR][C];
+  for (int r = 0; r < NR; ++r)
+    for (int k = 0; k < C; ++k) acc[r][k] = U2A_LOAD(c + r * DH + kLanes * k);
+  for (int64_t j = 0; j < n; ++j) {
+    v16 bv[C];
+    for (int k = 0; k < C; ++k) bv[k] = U2A_LOAD(b + j * ldb + kLanes * k);
+    for (int r = 0; r < NR; ++r) {
+      const float x = a[r * lda + j];
+      for (int k = 0; k < C; ++k) acc[r][k] += x * bv[k];
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int k = 0; k < C; ++k) U2A_STORE(c + r * DH + kLanes * k, acc[r][k]);
+}
+
+// c[j][:] += Σ_t a[rows[t]][j] · b[rows[t]][:] for j < NJ: c [NJ][DH] contiguous, a row stride
+// lda, b contiguous rows. Each row of b is loaded once for the NJ rows of c.
+template <int DH, int NJ>
+U2A_ALWAYS_INLINE void acc_atb(const float* a, int64_t lda, const float* b, const int* rows,
+                               int n, float* c) {
+  constexpr int C = DH / kLanes;
+  v16 acc[NJ][C];
+  for (int j = 0; j < NJ; ++j)
+    for (int k = 0; k < C; ++k) acc[j][k] = U2A_LOAD(c + j * DH + kLanes * k);
+  for (int t = 0; t < n; ++t) {
+    const int r = rows[t];
+    v16 bv[C];
+    for (int k = 0; k < C; ++k) bv[k] = U2A_LOAD(b + r * DH + kLanes * k);
+    const float* ar = a + r * lda;
+    for (int j = 0; j < NJ; ++j) {
+      const float x = ar[j];
+      for (int k = 0; k < C; ++k) acc[j][k] += x * bv[k];
+    }
+  }
+  for (int j = 0; j < NJ; ++j)
+    for (int k = 0; k < C; ++k) U2A_STORE(c + j * DH + kLanes * k, acc[j][k]);
+}
+
+// One copy per instruction set, the best this CPU runs chosen at load time: AVX-512, x86-64-v3
+// (AVX2 with FMA: one clone, where "avx2,fma" would make an AVX2 clone without FMA and a separate
+// FMA one) and the baseline.
+template <int DH>
+__attribute__((target_clones("avx512f", "arch=x86-64-v3", "default"))) void fwd_pair(
     const float* q, const float* k, const float* v, int64_t sl_q, int64_t sl_k, int64_t sl_v,
     int64_t L, const int32_t* lim, const Rope& rp, float scale, float* out, int64_t sl_o,
     float* lse, Scratch& w) {
-  constexpr int R = rows_for(DH);
-  const int64_t Lp = round_up(L);
-  const ExpRange er = exp_range();
-  float* kt = w.kt.data();
-  float* s = w.s.data();
-  const uint8_t* kv = w.kv.data();
-  transpose_head(k, sl_k, L, DH, rp, kt, nullptr);
+  constexpr int R = rows_for(DH), C = DH / kLanes;
+  const int64_t Lp = w.Lp, Lr = w.Lr;
+  float *qs = w.qs.data(), *kr = w.kr.data(), *kt = w.kt.data(), *s = w.s.data();
+  const int32_t* kvm = w.kvm.data();
+  prep_rows(q, sl_q, L, Lr, DH, rp, scale, qs);
+  prep_rows(k, sl_k, L, Lr, DH, rp, 1.f, kr);
+  transpose_rows<DH>(kr, Lp, kt);
+  const v16 ninf = v16{} - INFINITY;
   for (int64_t i0 = 0; i0 < L; i0 += R) {
     const int nr = static_cast<int>(std::min<int64_t>(R, L - i0));
     const int64_t hi = block_keys(lim, i0, nr, L), hp = round_up(hi);
-    float qs[R][DH];
-    for (int r = 0; r < R; ++r) {
-      if (r < nr)
-        load_row(q + (i0 + r) * sl_q, i0 + r, rp, DH, scale, qs[r]);
-      else
-        std::memset(qs[r], 0, sizeof(qs[r]));
-    }
-    for (int64_t j = 0; j < hp; j += kLanes) {
-      v16 acc[R];
-      for (int r = 0; r < R; ++r) acc[r] = v16{};
-      for (int d = 0; d < DH; ++d) {
-        const v16 kk = U2A_LOAD(kt + d * Lp + j);
-        for (int r = 0; r < R; ++r) acc[r] += qs[r][d] * kk;
-      }
-      for (int r = 0; r < R; ++r) U2A_STORE(s + r * Lp + j, acc[r]);
-    }
+    block_abt<DH, R>(qs + i0 * DH, kt, Lp, hp, s, Lp);
     float inv[R];
     for (int r = 0; r < R; ++r) {
       float* sr = s + r * Lp;
@@ -173,153 +300,126 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void fwd_pair(
         inv[r] = 0.f;
         continue;
       }
-      const int64_t i = i0 + r, li = std::min<int64_t>(std::max(lim[i], 0), L);
-      float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-      for (int64_t j = 0; j < hp; ++j) {
-        const float x = allowed(i, j, li, kv) ? sr[j] : -INFINITY;
-        sr[j] = x;
-        m = x > m ? x : m;
+      const int32_t i = static_cast<int32_t>(i0 + r);
+      const int32_t li = static_cast<int32_t>(std::min<int64_t>(std::max(lim[i], 0), L));
+      v16 mv = ninf;
+      for (int64_t j = 0; j < hp; j += kLanes) {
+        vi16 ok;
+        allowed_v(j, i, li, kvm, ok);
+        const v16 x = ok ? v16(U2A_LOAD(sr + j)) : ninf;
+        U2A_STORE(sr + j, x);
+        mv = x > mv ? x : mv;
       }
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < hp; ++j) {
-        const float e = exp_simd(sr[j] - m, er);
-        sr[j] = e;
-        sum += e;
+      const float m = hmax(mv);
+      v16 sv = v16{};
+      for (int64_t j = 0; j < hp; j += kLanes) {
+        v16 e = U2A_LOAD(sr + j) - m;
+        exp_v16(e);
+        U2A_STORE(sr + j, e);
+        sv += e;
       }
+      const float sum = hsum(sv);
       inv[r] = 1.f / sum;
       lse[i] = m + std::log(sum);
     }
-    v16 acc[R][DH / kLanes];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < DH / kLanes; ++c) acc[r][c] = v16{};
-    for (int64_t j = 0; j < hi; ++j) {
-      v16 vv[DH / kLanes];
-      for (int c = 0; c < DH / kLanes; ++c) vv[c] = U2A_LOAD(v + j * sl_v + kLanes * c);
-      for (int r = 0; r < R; ++r) {
-        const float p = s[r * Lp + j];
-        for (int c = 0; c < DH / kLanes; ++c) acc[r][c] += p * vv[c];
-      }
-    }
+    float o[R * DH];
+    std::memset(o, 0, sizeof(o));
+    acc_ab<DH, R>(s, Lp, v, sl_v, hi, o);
     for (int r = 0; r < nr; ++r)
-      for (int c = 0; c < DH / kLanes; ++c)
-        U2A_STORE(out + (i0 + r) * sl_o + kLanes * c, acc[r][c] * inv[r]);
+      for (int c = 0; c < C; ++c)
+        U2A_STORE(out + (i0 + r) * sl_o + kLanes * c, U2A_LOAD(o + r * DH + kLanes * c) * inv[r]);
   }
 }
 
 template <int DH>
-__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void bwd_pair(
+__attribute__((target_clones("avx512f", "arch=x86-64-v3", "default"))) void bwd_pair(
     const float* q, const float* k, const float* v, const float* o, const float* go, int64_t sl_q,
     int64_t sl_k, int64_t sl_v, int64_t sl_o, int64_t sl_go, int64_t L, const int32_t* lim,
     const Rope& rp, float scale, const float* lse, float* dq, float* dk, float* dv, int64_t sl_d,
     Scratch& w) {
-  constexpr int R = rows_for(DH);
-  const int64_t Lp = round_up(L);
-  const ExpRange er = exp_range();
-  float *kt = w.kt.data(), *vt = w.vt.data(), *dka = w.dka.data(), *dva = w.dva.data();
-  float *p = w.s.data(), *ds = w.ds.data(), *kr = w.kr.data();
-  const uint8_t* kv = w.kv.data();
-  rotated_keys(k, sl_k, L, DH, rp, kt, kr);  // kr: the rotated K rows, for dQ
-  transpose_head(v, sl_v, L, DH, Rope{}, vt, nullptr);
-  std::memset(dka, 0, sizeof(float) * DH * Lp);
-  std::memset(dva, 0, sizeof(float) * DH * Lp);
-  for (int64_t i0 = 0; i0 < L; i0 += R) {
-    const int nr = static_cast<int>(std::min<int64_t>(R, L - i0));
-    const int64_t hi = block_keys(lim, i0, nr, L), hp = round_up(hi);
-    float qs[R][DH], dos[R][DH], dr[R];
-    for (int r = 0; r < R; ++r) {
-      if (r >= nr) {
-        std::memset(qs[r], 0, sizeof(qs[r]));
-        std::memset(dos[r], 0, sizeof(dos[r]));
-        dr[r] = 0.f;
-        continue;
-      }
-      load_row(q + (i0 + r) * sl_q, i0 + r, rp, DH, scale, qs[r]);
-      float acc = 0.f;
-      for (int d = 0; d < DH; ++d) {
-        dos[r][d] = go[(i0 + r) * sl_go + d];
-        acc += dos[r][d] * o[(i0 + r) * sl_o + d];
-      }
-      dr[r] = acc;
+  constexpr int R = rows_for(DH), NJ = keys_for(DH);
+  const int64_t Lp = w.Lp, Lr = w.Lr;
+  float *qs = w.qs.data(), *kr = w.kr.data(), *kt = w.kt.data(), *vt = w.vt.data();
+  float *dos = w.dos.data(), *dka = w.dka.data(), *dva = w.dva.data(), *dd = w.dd.data();
+  float *pt = w.pt.data(), *dst = w.dst.data(), *dqa = w.dqa.data();
+  const int32_t* kvm = w.kvm.data();
+  prep_rows(q, sl_q, L, Lr, DH, rp, scale, qs);
+  prep_rows(k, sl_k, L, Lr, DH, rp, 1.f, kr);
+  transpose_rows<DH>(kr, Lp, kt);
+  prep_rows(v, sl_v, L, Lr, DH, Rope{}, 1.f, dva);  // V rows, borrowing dV's accumulator
+  transpose_rows<DH>(dva, Lp, vt);
+  prep_rows(go, sl_go, L, Lr, DH, Rope{}, 1.f, dos);
+  for (int64_t i = 0; i < Lr; ++i) {  // D_i = dO_i · O_i
+    v16 acc = v16{};
+    if (i < L)
+      for (int c = 0; c < DH / kLanes; ++c)
+        acc += U2A_LOAD(dos + i * DH + kLanes * c) * U2A_LOAD(o + i * sl_o + kLanes * c);
+    dd[i] = hsum(acc);
+  }
+  std::memset(dka, 0, sizeof(float) * Lr * DH);
+  std::memset(dva, 0, sizeof(float) * Lr * DH);
+  const v16 ninf = v16{} - INFINITY;
+  constexpr int G = kStrip / R;  // row groups per strip
+  for (int64_t i0 = 0; i0 < L; i0 += kStrip) {
+    const int nr = static_cast<int>(std::min<int64_t>(kStrip, L - i0));
+    int64_t gp[G];  // each group's keys: [0, gp), gp a multiple of 16 (0: no row there)
+    int64_t hp = 0;
+    for (int g = 0; g < G; ++g) {
+      const int64_t r0 = static_cast<int64_t>(g) * R;
+      gp[g] = r0 < nr ? round_up(block_keys(lim, i0 + r0, std::min<int64_t>(R, nr - r0), L)) : 0;
+      hp = std::max(hp, gp[g]);
     }
-    // S (into p) and dP (into ds), 16 keys at a time
-    for (int64_t j = 0; j < hp; j += kLanes) {
-      v16 as[R], ap[R];
-      for (int r = 0; r < R; ++r) as[r] = ap[r] = v16{};
-      for (int d = 0; d < DH; ++d) {
-        const v16 kk = U2A_LOAD(kt + d * Lp + j), vv = U2A_LOAD(vt + d * Lp + j);
+    std::memset(dqa, 0, sizeof(float) * kStrip * DH);
+    for (int64_t j0 = 0; j0 < hp; j0 += kChunk) {
+      const int64_t jn = std::min<int64_t>(kChunk, hp - j0);
+      int rows[kStrip], na = 0;  // the strip's rows whose group reaches into this chunk
+      for (int g = 0; g < G; ++g) {
+        const int64_t kn = std::min(jn, gp[g] - j0);
+        if (kn <= 0) continue;
+        const int r0 = g * R;
+        float *pg = pt + r0 * kChunk, *dg = dst + r0 * kChunk;
+        block_abt<DH, R>(qs + (i0 + r0) * DH, kt + j0, Lp, kn, pg, kChunk);
+        block_abt<DH, R>(dos + (i0 + r0) * DH, vt + j0, Lp, kn, dg, kChunk);
         for (int r = 0; r < R; ++r) {
-          as[r] += qs[r][d] * kk;
-          ap[r] += dos[r][d] * vv;
+          const int64_t ii = i0 + r0 + r;
+          const bool real = ii < L;  // rows past L: zero operands, every key masked, P = dS = 0
+          const int32_t i = real ? static_cast<int32_t>(ii) : -1;
+          const int32_t li =
+              real ? static_cast<int32_t>(std::min<int64_t>(std::max(lim[ii], 0), L)) : 0;
+          const float l = real ? lse[ii] : 0.f, di = dd[i0 + r0 + r];
+          float *pr = pg + r * kChunk, *dr = dg + r * kChunk;
+          for (int64_t j = 0; j < kn; j += kLanes) {
+            vi16 ok;
+            allowed_v(j0 + j, i, li, kvm, ok);
+            v16 p = ok ? v16(U2A_LOAD(pr + j) - l) : ninf;
+            exp_v16(p);
+            U2A_STORE(pr + j, p);
+            U2A_STORE(dr + j, p * (U2A_LOAD(dr + j) - di));
+          }
+          for (int64_t j = kn; j < jn; j += kLanes) {
+            U2A_STORE(pr + j, v16{});
+            U2A_STORE(dr + j, v16{});
+          }
+          if (r0 + r < nr) rows[na++] = r0 + r;
         }
+        acc_ab<DH, R>(dg, kChunk, kr + j0 * DH, DH, kn, dqa + r0 * DH);
       }
-      for (int r = 0; r < R; ++r) {
-        U2A_STORE(p + r * Lp + j, as[r]);
-        U2A_STORE(ds + r * Lp + j, ap[r]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      float *pr = p + r * Lp, *dsr = ds + r * Lp;
-      if (r >= nr) {
-        std::memset(pr, 0, sizeof(float) * hp);
-        std::memset(dsr, 0, sizeof(float) * hp);
-        continue;
-      }
-      const int64_t i = i0 + r, li = std::min<int64_t>(std::max(lim[i], 0), L);
-      const float l = lse[i], d_i = dr[r];
-      // two passes, each of the forward's vectorisable shape: mask to -inf, then exp (0 there)
-#pragma omp simd
-      for (int64_t j = 0; j < hp; ++j) pr[j] = allowed(i, j, li, kv) ? pr[j] - l : -INFINITY;
-#pragma omp simd
-      for (int64_t j = 0; j < hp; ++j) {
-        const float pj = exp_simd(pr[j], er);
-        pr[j] = pj;
-        dsr[j] = pj * (dsr[j] - d_i);
-      }
-    }
-    // dQ_blk = scale · dS K: each key row loaded once for the block's R rows
-    v16 qa[R][DH / kLanes];
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < DH / kLanes; ++c) qa[r][c] = v16{};
-    for (int64_t j = 0; j < hi; ++j) {
-      v16 kk[DH / kLanes];
-      for (int c = 0; c < DH / kLanes; ++c) kk[c] = U2A_LOAD(kr + j * DH + kLanes * c);
-      for (int r = 0; r < R; ++r) {
-        const float g = ds[r * Lp + j];
-        for (int c = 0; c < DH / kLanes; ++c) qa[r][c] += g * kk[c];
-      }
-    }
-    // dKᵀ += (scale·Q_blk)ᵀ dS and dVᵀ += dO_blkᵀ P, 16 keys at a time: the block's dS and P
-    // columns stay in registers, each accumulator vector is loaded and stored once per row block
-    for (int64_t j = 0; j < hp; j += kLanes) {
-      v16 dsv[R], pv[R];
-      for (int r = 0; r < R; ++r) {
-        dsv[r] = U2A_LOAD(ds + r * Lp + j);
-        pv[r] = U2A_LOAD(p + r * Lp + j);
-      }
-      for (int d = 0; d < DH; ++d) {
-        v16 a = U2A_LOAD(dka + d * Lp + j), b = U2A_LOAD(dva + d * Lp + j);
-        for (int r = 0; r < R; ++r) {
-          a += qs[r][d] * dsv[r];
-          b += dos[r][d] * pv[r];
-        }
-        U2A_STORE(dka + d * Lp + j, a);
-        U2A_STORE(dva + d * Lp + j, b);
+      for (int64_t j = 0; j < jn; j += NJ) {
+        acc_atb<DH, NJ>(pt + j, kChunk, dos + i0 * DH, rows, na, dva + (j0 + j) * DH);
+        acc_atb<DH, NJ>(dst + j, kChunk, qs + i0 * DH, rows, na, dka + (j0 + j) * DH);
       }
     }
     for (int r = 0; r < nr; ++r) {
       float* row = dq + (i0 + r) * sl_d;
-      for (int c = 0; c < DH / kLanes; ++c) U2A_STORE(row + kLanes * c, qa[r][c] * scale);
+      for (int c = 0; c < DH / kLanes; ++c)
+        U2A_STORE(row + kLanes * c, U2A_LOAD(dqa + r * DH + kLanes * c) * scale);
       unrotate_row(row, i0 + r, rp);
     }
   }
   for (int64_t j = 0; j < L; ++j) {
     float *dkr = dk + j * sl_d, *dvr = dv + j * sl_d;
-    for (int d = 0; d < DH; ++d) {
-      dkr[d] = dka[d * Lp + j];
-      dvr[d] = dva[d * Lp + j];
-    }
+    std::memcpy(dkr, dka + j * DH, sizeof(float) * DH);
+    std::memcpy(dvr, dva + j * DH, sizeof(float) * DH);
     unrotate_row(dkr, j, rp);
   }
 }
@@ -345,14 +445,15 @@ template <class F>
 void for_each_pair(int64_t B, int64_t L, int64_t H, int64_t Dh, const uint8_t* key_valid,
                    bool backward, F&& f) {
   const int64_t pairs = B * H;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), pairs)));
+  const int nt =
+      static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), pairs)));
 #pragma omp parallel num_threads(nt)
   {
     Scratch w(L, Dh, backward);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t bh = 0; bh < pairs; ++bh) {
       const int64_t b = bh / H;
-      for (int64_t j = 0; j < L; ++j) w.kv[j] = key_valid[b * L + j] != 0;
+      for (int64_t j = 0; j < L; ++j) w.kvm[j] = key_valid[b * L + j] != 0 ? -1 : 0;
       f(b, bh % H, w);
     }
   }
