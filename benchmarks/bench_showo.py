@@ -13,8 +13,10 @@ providers generate from the same prompt, seed and noise:
   sequence, SDPA with a boolean mask, the full 58,498-column head, then the slice.
 
 Both call the same sampling step, so the codes must be identical. Reported: the time of each
-generation, the ratio, the MAGVIT-v2 decode time, and the peak resident memory during each
-generation (sampled from ``/proc/self/status`` every 20 ms) against the weights' size.
+whole generation (run once each) and the peak resident memory during it (sampled from
+``/proc/self/status`` every 20 ms) against the weights' size; then one decoding step's logits
+(the part the two providers do differently) timed interleaved, engine / plain, ``--reps`` times,
+medians and their ratio; and the MAGVIT-v2 decode time.
 
 Run::
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import threading
 import time
@@ -38,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from unif2ace.models import UniF2ace  # noqa: E402
 from unif2ace.showo import ShowoVocab, t2i_generate  # noqa: E402
 from unif2ace.showo.checkpoint import showo_config  # noqa: E402
+from unif2ace.showo.generate import t2i_logits_fn  # noqa: E402
 from unif2ace.vq.magvitv2 import MagvitV2, MagvitV2Config  # noqa: E402
 
 SHOWO = dict(vocab_size=58498, llm_vocab_size=50295, codebook_size=8192)
@@ -97,6 +101,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=18)
     ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--reps", type=int, default=3, help="interleaved step timings per provider")
     ap.add_argument("--quick", action="store_true", help="2 layers of width 256, 4 steps")
     ap.add_argument("--out", type=Path, default=Path("build/bench"))
     args = ap.parse_args(argv)
@@ -131,6 +136,29 @@ def main(argv=None) -> dict:
         print(f"{name}: {res[f'{name}_s']:.1f} s, peak RSS {mem.peak / 2**30:.2f} GiB", flush=True)
     res["speedup"] = res["plain_s"] / res["engine_s"]
     res["identical_codes"] = bool(torch.equal(codes["engine"], codes["plain"]))
+    # one step's logits, interleaved (the prefix of the engine's is computed once, outside)
+    vocab = model.showo
+    rows = torch.cat([vocab.t2i_prompt(prompt), vocab.t2i_prompt([[]])])
+    half = codes["engine"].clone()
+    half[:, ::2] = vocab.codebook_size  # half the image still masked
+    with torch.no_grad():
+        fns = {
+            n: t2i_logits_fn(model, rows, cfg=True, cached=c)
+            for n, c in (("engine", True), ("plain", False))
+        }
+        times = {n: [] for n in fns}
+        for _ in range(args.reps):
+            for n, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(half)
+                times[n].append(time.perf_counter() - t0)
+    for n, ts in times.items():
+        res[f"{n}_step_median_s"] = statistics.median(ts)
+    res["step_speedup"] = res["plain_step_median_s"] / res["engine_step_median_s"]
+    print(
+        f"one step: engine {res['engine_step_median_s']:.2f} s, plain {res['plain_step_median_s']:.2f} s",
+        flush=True,
+    )
     res["engine_peak_minus_weights_gib"] = res["engine_peak_rss_gib"] - res["weights_gib"]
     del model
     magvit = MagvitV2(vq).eval()

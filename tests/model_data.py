@@ -51,3 +51,18 @@ def examples(cfg, n=6, seed=0):
                 )
             )
     return out
+
+
+def small_recipe(steps: int = 2) -> list[str]:
+    """``--set`` overrides for a seconds-long CLI training on a run folder (1 tiny layer)."""
+    return [
+        "model.d_model=32",
+        "model.n_layers=1",
+        "model.n_heads=2",
+        "model.expert_ffn=32",
+        "model.max_text_len=48",
+        f"train.steps={steps}",
+        "train.batch_size=4",
+        "train.ckpt_every=1",
+        "train.log_every=1",
+    ]

@@ -13,13 +13,28 @@ V, LLM_V, K = 58498, 50295, 8192
 D, LAYERS, HEADS, FF = 64, 2, 4, 128
 
 
-def phi_reference(seed: int = 0):
-    """A random Show-o-sized-vocabulary Phi with QK-LayerNorm (eager attention, so a 4-D additive
-    mask is used as given), biases and norms perturbed so that they matter."""
+def random_phi(seed: int = 0, zero_mlp_bias: bool = False, **config):
+    """A random transformers ``PhiForCausalLM`` of ``config`` (eager attention, so a 4-D additive
+    mask is used as given), its biases and norms perturbed so that they matter."""
     import transformers
 
     torch.manual_seed(seed)
-    conf = transformers.PhiConfig(
+    conf = transformers.PhiConfig(**config)
+    conf._attn_implementation = "eager"
+    model = transformers.PhiForCausalLM(conf).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "layernorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            if zero_mlp_bias and ".mlp." in name and name.endswith("bias"):
+                p.zero_()
+    return model
+
+
+def phi_reference(seed: int = 0):
+    """Show-o's Phi at miniature size: the real vocabulary, QK-LayerNorm."""
+    return random_phi(
+        seed,
         vocab_size=V,
         hidden_size=D,
         num_hidden_layers=LAYERS,
@@ -28,13 +43,6 @@ def phi_reference(seed: int = 0):
         partial_rotary_factor=0.5,
         qk_layernorm=True,
     )
-    conf._attn_implementation = "eager"
-    model = transformers.PhiForCausalLM(conf).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "layernorm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 def write_showo(folder, phi, *, num_vq_tokens: int = 16, clip_dim: int = 0, **config):

@@ -13,6 +13,8 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+from showo_mini import random_phi  # noqa: E402
+
 from unif2ace.models import UniF2ace  # noqa: E402
 from unif2ace.models.phi import (  # noqa: E402
     config_from_phi,
@@ -33,8 +35,9 @@ def _seed():
 
 
 def _phi(zero_mlp_bias=False, qk_layernorm=False):
-    torch.manual_seed(1)
-    conf = transformers.PhiConfig(
+    return random_phi(
+        1,
+        zero_mlp_bias,
         qk_layernorm=qk_layernorm,
         vocab_size=V,
         hidden_size=D,
@@ -43,14 +46,6 @@ def _phi(zero_mlp_bias=False, qk_layernorm=False):
         partial_rotary_factor=0.5,
         intermediate_size=FF,
     )
-    model = transformers.PhiForCausalLM(conf).eval()
-    with torch.no_grad():  # a random init has zero biases and unit norms: make them count
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "layernorm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-            if zero_mlp_bias and ".mlp." in name and name.endswith("bias"):
-                p.zero_()
-    return model
 
 
 @pytest.fixture(scope="module")

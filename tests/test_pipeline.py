@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from model_data import small_recipe
 from unif2ace.cli import main
 from unif2ace.cli.data import check_redraw
 from unif2ace.models.layout import TASK_MMU, TASK_T2I
@@ -24,17 +25,7 @@ def _cli(command: str, out, options: str = "", *args) -> int:
     return main([command, "--out", str(out), *options.split(), *map(str, args)])
 
 
-SMALL = [
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "model.expert_ffn=32",
-    "model.max_text_len=48",
-    "train.steps=2",
-    "train.batch_size=4",
-    "train.ckpt_every=1",
-    "train.log_every=1",
-]
+SMALL = small_recipe(steps=2)
 
 
 @pytest.fixture(scope="module")

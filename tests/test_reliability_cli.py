@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from model_data import small_recipe
 from unif2ace import _backend
 from unif2ace.cli import main
 from unif2ace.data.synthface import draw_arrays
@@ -28,17 +29,7 @@ from unif2ace.vq.model import VQConfig
 from unif2ace.vq.train import train_vq
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = [
-    "model.d_model=32",
-    "model.n_layers=1",
-    "model.n_heads=2",
-    "model.expert_ffn=32",
-    "model.max_text_len=48",
-    "train.steps=3",
-    "train.batch_size=4",
-    "train.ckpt_every=1",
-    "train.log_every=1",
-]
+SMALL = small_recipe(steps=3)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

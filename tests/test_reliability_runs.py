@@ -28,24 +28,15 @@ import torch
 
 import train_worker as tw
 from unif2ace.cli import main
-from unif2ace.train import list_checkpoints, load_checkpoint, train
+from unif2ace.train import list_checkpoints, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(out, stop_after=None, **kw):
-    cfg = tw.base_config(out, **kw)
-    return train(
-        tw.make_model(),
-        tw.make_dataset(),
-        tw.collate,
-        tw.loss_fn,
-        cfg,
-        model_config={"d": tw.D},
-        stop_after=stop_after,
-    )
+def _run(out, model_config=None, stop_after=None, **kw):
+    return tw.run(out, model_config, stop_after, **kw)
 
 
 # ---------------------------------------------------------------------------------------------

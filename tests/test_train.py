@@ -27,16 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(out, model_config=None, stop_after=None, **kw):
-    cfg = tw.base_config(out, **kw)
-    return train(
-        tw.make_model(),
-        tw.make_dataset(),
-        tw.collate,
-        tw.loss_fn,
-        cfg,
-        model_config=model_config if model_config is not None else {"d": tw.D},
-        stop_after=stop_after,
-    )
+    return tw.run(out, model_config, stop_after, **kw)
 
 
 def _log_losses(out):

@@ -88,6 +88,19 @@ def base_config(out, **kw):
     return TrainConfig(**kw)
 
 
+def run(out, model_config=None, stop_after=None, **kw):
+    """One in-process training into ``out`` (``base_config`` with ``kw``)."""
+    return train(
+        make_model(),
+        make_dataset(),
+        collate,
+        loss_fn,
+        base_config(out, **kw),
+        model_config=model_config if model_config is not None else {"d": D},
+        stop_after=stop_after,
+    )
+
+
 def main(argv):
     out, parallel, steps, batch, accum, result = argv
     torch.set_num_threads(1)
