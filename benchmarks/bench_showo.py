@@ -104,18 +104,23 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3, help="interleaved step timings per provider")
     ap.add_argument("--quick", action="store_true", help="2 layers of width 256, 4 steps")
     ap.add_argument("--out", type=Path, default=Path("build/bench"))
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (memory: RSS or CUDA allocator)")
+    ap.add_argument("--budget-s", type=float, help="accepted for the GPU suite; not used")
     args = ap.parse_args(argv)
+    dev = torch.device(args.device)
     torch.set_num_threads(args.threads)
     if args.quick:
         layers, d, d_ff, steps, vq = 2, 256, 1024, 4, MagvitV2Config(ch=32, z_channels=13)
     else:
         layers, d, d_ff, steps, vq = 24, 2048, 8192, args.steps, MagvitV2Config()
     t0 = time.perf_counter()
-    model = random_showo(layers, d, d_ff, 256)
+    model = random_showo(layers, d, d_ff, 256).to(dev)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     build_s = time.perf_counter() - t0
     prompt = [[(i * 7919) % 50000 for i in range(24)]]  # a 24-token prompt
     res: dict = {
+        "benchmark": "showo",
+        "device": str(dev),
         "model": f"{layers} layers, width {d}, MLP {d_ff}, vocab 58498, fp32, random weights",
         "params": sum(p.numel() for p in model.parameters()),
         "weights_gib": weights / 2**30,
@@ -126,13 +131,19 @@ def main(argv=None) -> dict:
     }
     codes = {}
     for name, cached in (("engine", True), ("plain", False)):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             codes[name] = t2i_generate(
                 model, prompt, steps=steps, guidance=args.guidance, seed=0, cached=cached
             )
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             res[f"{name}_s"] = time.perf_counter() - t0
-        res[f"{name}_peak_rss_gib"] = mem.peak / 2**30
+        peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else mem.peak
+        res[f"{name}_peak_rss_gib"] = peak / 2**30
         print(f"{name}: {res[f'{name}_s']:.1f} s, peak RSS {mem.peak / 2**30:.2f} GiB", flush=True)
     res["speedup"] = res["plain_s"] / res["engine_s"]
     res["identical_codes"] = bool(torch.equal(codes["engine"], codes["plain"]))
@@ -150,7 +161,9 @@ def main(argv=None) -> dict:
         for _ in range(args.reps):
             for n, fn in fns.items():
                 t0 = time.perf_counter()
-                fn(half)
+                fn(half.to(dev))
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
                 times[n].append(time.perf_counter() - t0)
     for n, ts in times.items():
         res[f"{n}_step_median_s"] = statistics.median(ts)
@@ -161,15 +174,28 @@ def main(argv=None) -> dict:
     )
     res["engine_peak_minus_weights_gib"] = res["engine_peak_rss_gib"] - res["weights_gib"]
     del model
-    magvit = MagvitV2(vq).eval()
+    magvit = MagvitV2(vq).eval().to(dev)
     with torch.no_grad():
         t0 = time.perf_counter()
         img = magvit.decode_code(codes["engine"])
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         res["magvit_decode_s"] = time.perf_counter() - t0
     res["image_shape"] = list(img.shape)
     print(json.dumps(res, indent=2))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "showo.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / "showo.md").write_text(
+        f"## Show-o t2i ({res['model']}, {steps} steps, {res['device']})\n\n"
+        "| | engine | Show-o's loop | ratio |\n|---|---|---|---|\n"
+        f"| generation | {res['engine_s']:.2f} s | {res['plain_s']:.2f} s | "
+        f"{res['speedup']:.2f}x |\n"
+        f"| one step (median) | {res['engine_step_median_s']:.3f} s | "
+        f"{res['plain_step_median_s']:.3f} s | {res['step_speedup']:.2f}x |\n"
+        f"| peak memory | {res['engine_peak_rss_gib']:.2f} GiB | "
+        f"{res['plain_peak_rss_gib']:.2f} GiB | |\n\n"
+        f"identical codes: {res['identical_codes']}; weights {res['weights_gib']:.2f} GiB\n"
+    )
     return res
 
 

@@ -449,7 +449,7 @@ U2A_HD float exp_poly(float x) {
 // build itself has no -march); several times faster than torch's separate elementwise ops
 // (benchmarks/bench_moe.py).
 template <class ET, class S = typename ET::T>
-__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void silu_glu_fwd_rows(
+__attribute__((target_clones("avx512f", "arch=x86-64-v3", "default"))) void silu_glu_fwd_rows(
     const S* h, int64_t n_rows, int64_t F, int64_t ld_h, S* a) {
 #pragma omp parallel for num_threads(threads_for(n_rows * F)) schedule(static)
   for (int64_t i = 0; i < n_rows; ++i) {
@@ -465,7 +465,7 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void silu_glu_f
 }
 
 template <class ET, class S = typename ET::T>
-__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void silu_glu_bwd_rows(
+__attribute__((target_clones("avx512f", "arch=x86-64-v3", "default"))) void silu_glu_bwd_rows(
     const S* h, const S* da, int64_t n_rows, int64_t F, int64_t ld_h, S* dh, S* a) {
 #pragma omp parallel for num_threads(threads_for(n_rows * F)) schedule(static)
   for (int64_t i = 0; i < n_rows; ++i) {
@@ -536,7 +536,7 @@ U2A_HD float gelu_and_grad(float x, float* dy) {
 }
 
 template <class ET, bool kTanh, class S = typename ET::T>
-__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void gelu_fwd_rows(
+__attribute__((target_clones("avx512f", "arch=x86-64-v3", "default"))) void gelu_fwd_rows(
     const S* h, int64_t n_rows, int64_t F, int64_t ld_h, S* a) {
 #pragma omp parallel for num_threads(threads_for(n_rows * F)) schedule(static)
   for (int64_t i = 0; i < n_rows; ++i) {
@@ -550,7 +550,7 @@ __attribute__((target_clones("avx512f", "avx2,fma", "default"))) void gelu_fwd_r
 }
 
 template <class ET, bool kTanh, class S = typename ET::T>
-__attribute__((target_clones("avx512f", "avx2,fma", "default"))) void gelu_bwd_rows(
+__attribute__((target_clones("avx512f", "arch=x86-64-v3", "default"))) void gelu_bwd_rows(
     const S* h, const S* da, int64_t n_rows, int64_t F, int64_t ld_h, S* dh, S* a) {
 #pragma omp parallel for num_threads(threads_for(n_rows * F)) schedule(static)
   for (int64_t i = 0; i < n_rows; ++i) {

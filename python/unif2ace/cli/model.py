@@ -254,6 +254,7 @@ def evaluate_run(
 
 
 def run_evaluate(args) -> dict:
+    _decode_defaults(args, showo=False)
     m, _ = evaluate_run(
         args.out,
         args.model_dir,
