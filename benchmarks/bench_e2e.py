@@ -25,6 +25,14 @@ loss and every parameter gradient against the torch provider's (same weights).
 
 ``--profile`` adds one torch.profiler step per provider and the top ops by self CPU time.
 
+``--compile`` adds ``torch+compile`` and ``engine+compile``: the same step with
+``torch.compile(model.loss, fullgraph=True)`` (Inductor; the step's noise drawn outside it by
+``model.draw_noise``, host work timed as in eager) and ``torch.compile(opt.step)``, backward
+through the compiled graph. Their first warm-up call compiles (``compile_s``: its wall time, one
+step included; it depends on Inductor's on-disk cache, so state whether it was cold). Inductor
+draws random numbers as eager does (``fallback_random``), so the noise expert's draws and hence
+``rel_err`` stay comparable.
+
 Measure with ``OMP_WAIT_POLICY=PASSIVE`` or ``--threads 1``: with OpenMP's default spin-wait on a
 shared machine the 2-thread step time and the ratio swing widely from run to run, and the ratio
 also depends on how the threads wait (``GOMP_SPINCOUNT``, recorded with the results). The
@@ -35,6 +43,7 @@ Run (the same cases under pytest-benchmark: ``pytest benchmarks/ --benchmark-onl
     python benchmarks/bench_e2e.py --threads 2                  # tiny and small, batch 8
     python benchmarks/bench_e2e.py --quick --out /tmp/b         # CI: tiny, batch 2, < 60 s idle
     python benchmarks/bench_e2e.py --configs tiny --profile     # where the time goes
+    python benchmarks/bench_e2e.py --configs tiny --compile     # eager and compiled, 4 providers
 """
 
 from __future__ import annotations
@@ -97,7 +106,7 @@ def synthetic_batch(cfg, B: int, device, seed: int = 0) -> dict:
 class Trainer:
     """One model copy + its AdamW; ``step`` runs one training step under ``backend``."""
 
-    def __init__(self, name: str, model, batch, backend: str):
+    def __init__(self, name: str, model, batch, backend: str, compiled: bool = False):
         self.name, self.model, self.batch, self.backend = name, model, batch, backend
         self.params = [p for p in model.parameters() if p.requires_grad]
         # foreach=False: the default multi-tensor AdamW keeps fused temporaries that would blur
@@ -105,27 +114,48 @@ class Trainer:
         # code for both and costs little at these sizes.
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, foreach=False)
         self.cpu_s: list[float] = []  # process CPU seconds of every call (see cpu_ms below)
+        self.wall_s: list[float] = []  # wall seconds of every call (the first: compile_s)
+        self.compiled = compiled
+        if compiled:
+            self.loss_fn = torch.compile(model.loss, fullgraph=True)
+            self.opt_step = torch.compile(self.opt.step)
 
     def reset(self) -> None:
         self.opt.zero_grad(set_to_none=True)
         torch.manual_seed(0)
 
     def step(self):
-        c0 = time.process_time()
+        c0, w0 = time.process_time(), time.perf_counter()
         with unif2ace.use_backend(self.backend):
-            loss, _ = self.model.loss(self.batch, step=0, seed=0)
-            loss.backward()
-            self.opt.step()
+            if self.compiled:
+                noise = self.model.draw_noise(self.batch, step=0, seed=0)
+                # the eager RNG stream in the graph (the noise expert's draws stay comparable)
+                with torch._inductor.config.patch(fallback_random=True):
+                    loss, _ = self.loss_fn(self.batch, noise=noise)
+                    loss.backward()
+                    self.opt_step()
+            else:
+                loss, _ = self.model.loss(self.batch, step=0, seed=0)
+                loss.backward()
+                self.opt.step()
         self.cpu_s.append(time.process_time() - c0)
+        self.wall_s.append(time.perf_counter() - w0)
         # the loss and every gradient: compared with the baseline on the first call only
         return [loss.detach(), *[p.grad for p in self.params]]
 
 
 def build_case(
-    name: str, B: int, layers: int | None, device, extra: dict, profile: bool = False
+    name: str,
+    B: int,
+    layers: int | None,
+    device,
+    extra: dict,
+    profile: bool = False,
+    compiled: bool = False,
 ) -> Case:
     """One training step of config ``name`` (``extra``: model config overrides) on both
-    providers; ``profile`` adds a torch.profiler step per provider to the report."""
+    providers; ``profile`` adds a torch.profiler step per provider to the report; ``compiled``
+    adds the two compiled providers."""
     overrides = {"n_layers": layers} if layers else {}
     overrides.update(extra)
     cfg = get_config(name, **overrides)
@@ -136,6 +166,9 @@ def build_case(
         "torch": Trainer("torch", model, batch, "torch"),
         "engine": Trainer("engine", copy.deepcopy(model), batch, "auto"),
     }
+    if compiled:
+        for prov, backend in (("torch+compile", "torch"), ("engine+compile", "auto")):
+            trainers[prov] = Trainer(prov, copy.deepcopy(model), batch, backend, compiled=True)
     params = {
         "config": name,
         "layers": cfg.n_layers,
@@ -153,8 +186,28 @@ def build_case(
         for r in rows:
             if r.get("status") == "ok":
                 r["tokens_per_s"] = batch["num_tokens"] / (r["median_ms"] * 1e-3)
-                cpu = trainers[r["provider"]].cpu_s
-                r["cpu_ms"] = 1e3 * statistics.median(cpu) if cpu else None
+                t = trainers[r["provider"]]
+                r["cpu_ms"] = 1e3 * statistics.median(t.cpu_s) if t.cpu_s else None
+                if t.compiled and t.wall_s:
+                    r["compile_s"] = t.wall_s[0]
+        # issue 22's ratios: compiled against eager of the same backend, engine against torch
+        ms = {r["provider"]: r["median_ms"] for r in rows if r.get("status") == "ok"}
+        for r in rows:
+            p = r["provider"]
+            if p.endswith("+compile") and p in ms and p[: -len("+compile")] in ms:
+                r["x_eager"] = ms[p[: -len("+compile")]] / ms[p]
+            if p == "engine+compile" and "torch+compile" in ms:
+                r["x_torch_compile"] = ms["torch+compile"] / ms[p]
+        ratios = [
+            f"{r['provider']} {r['x_eager']:.2f}× its eager"
+            + (f", {r['x_torch_compile']:.2f}× torch+compile" if "x_torch_compile" in r else "")
+            + f", compile {r['compile_s']:.1f} s"
+            for r in rows
+            if "x_eager" in r
+        ]
+        if ratios:
+            report.notes.append(f"{case_name}: " + "; ".join(ratios))
+            print("  " + "; ".join(ratios))
         base = next((r for r in rows if r["provider"] == "torch" and r.get("cpu_ms")), None)
         for r in rows:
             if base and r.get("cpu_ms"):
@@ -162,6 +215,8 @@ def build_case(
         if not profile:
             return
         for t in trainers.values():
+            if t.compiled:
+                continue
             prof = profile_step(t)
             report.profiles[f"{case_name} {t.backend}"] = prof
             top = ", ".join(f"{p['op']} {p['self_pct']:.0f}%" for p in prof["top"][:8])
@@ -248,18 +303,20 @@ class E2EReport(Report):
         lines = [
             "",
             "| case | provider | tokens | median ms | tokens/s | × torch | CPU ms | "
-            "CPU × torch | peak MiB |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "CPU × torch | peak MiB | compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
             if r.get("status") != "ok":
                 continue
             mem = r.get("peak_mem_bytes")
+            comp = f"{r['compile_s']:.1f}" if r.get("compile_s") else "–"
             lines.append(
                 f"| {r['case']} | {r['provider']} | {r['tokens']} | {r['median_ms']:.1f} | "
                 f"{r['tokens_per_s']:.0f} | {r.get('speedup', 1.0):.2f}× | "
                 f"{r.get('cpu_ms') or float('nan'):.0f} | {r.get('cpu_speedup') or float('nan'):.2f}× | "
-                f"{'–' if mem is None else f'{mem / 2**20:.1f}'} |"
+                f"{'–' if mem is None else f'{mem / 2**20:.1f}'} | "
+                f"{comp} |"
             )
         out = super().markdown() + "\nThroughput:\n" + "\n".join(lines) + "\n"
         for key, prof in self.profiles.items():
@@ -283,9 +340,19 @@ def case_specs(args) -> list[CaseSpec]:
     for name in (c.strip() for c in args.sizes["configs"].split(",") if c.strip()):
         layers = args.small_layers if name == "small" else None
         build = functools.partial(
-            build_case, name, args.sizes["batch"], layers, args.device, extra, args.profile
+            build_case,
+            name,
+            args.sizes["batch"],
+            layers,
+            args.device,
+            extra,
+            args.profile,
+            args.compile,
         )
-        specs.append(CaseSpec(f"train_step[{name}]", ("torch", "engine"), build))
+        providers = ("torch", "engine")
+        if args.compile:
+            providers += ("torch+compile", "engine+compile")
+        specs.append(CaseSpec(f"train_step[{name}]", providers, build))
     return specs
 
 
@@ -309,6 +376,11 @@ def add_args(p) -> None:
     )
     p.add_argument("--small-layers", type=int, help="the small config's n_layers (default 8)")
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops per provider")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add torch+compile and engine+compile (torch.compile of the loss and AdamW step)",
+    )
 
 
 BENCH = Bench(

@@ -353,13 +353,21 @@ class UniF2ace(nn.Module):
             x = layer.decode(x, positions[:, None], c, key_valid, group)
         return self.final_layernorm(x)[:, 0]
 
-    def forward(self, batch: dict, *, loss: bool = False, step: int = 0, seed: int = 0):
+    def forward(
+        self,
+        batch: dict,
+        *,
+        loss: bool = False,
+        step: int = 0,
+        seed: int = 0,
+        noise: StepNoise | None = None,
+    ):
         """Full-vocabulary logits ``[B, L, V]`` (tests, small inputs), or with ``loss=True`` the
         training loss and its parts (:meth:`loss`). Training goes through ``forward`` so that
         DDP / FSDP2 wrappers see the call; sampling uses :meth:`image_logits`, and neither builds
         the [B, L, V] logits."""
         if loss:
-            return self.loss(batch, step, seed)
+            return self.loss(batch, step, seed, noise)
         h, _ = self.hidden_states(batch["input_ids"], batch)
         return self.lm_head(h)
 
@@ -370,16 +378,34 @@ class UniF2ace(nn.Module):
         return self.lm_head.weight[lo:hi], self.lm_head.bias[lo:hi]
 
     # --- training ----------------------------------------------------------------------------
-    def loss(self, batch: dict, step: int = 0, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    def draw_noise(self, batch: dict, step: int = 0, seed: int = 0) -> StepNoise:
+        """The noise :meth:`loss` uses for ``batch`` at ``(step, seed)``: :func:`draw_noise` of
+        the batch's t2i rows (host work only). Call it outside ``torch.compile`` and pass the
+        result to the compiled :meth:`loss`: the seeded CPU generators it creates cannot be
+        traced, and their 64-bit seed mixing must stay out of the graph."""
+        meta = BatchMeta.of(batch)
+        return draw_noise(self.config, [meta.index[b] for b in meta.t2i_rows], step, seed)
+
+    def loss(
+        self, batch: dict, step: int = 0, seed: int = 0, noise: StepNoise | None = None
+    ) -> tuple[torch.Tensor, dict]:
         """The training loss of a collated batch (see the module docstring) and its parts
         (detached 0-dim tensors ``loss``, ``balance``, ``loss_t2i``, ``loss_mmu``; read them when
         logging).
 
         Every tensor of the step lives on the batch's device. The per-sample noise is drawn on
-        the host (:func:`draw_noise`) and moved once; which rows are which task, and how many
-        tokens are valid, masked or learned, come from ``batch["meta"]`` (:class:`BatchMeta`), so
-        with ``unif2ace.set_checks(False)`` the step reads nothing back from the device (the MoE
-        ops' expert sizes aside)."""
+        the host (:meth:`draw_noise`; ``step`` and ``seed`` are used only for it) and moved once;
+        which rows are which task, and how many tokens are valid, masked or learned, come from
+        ``batch["meta"]`` (:class:`BatchMeta`), so with ``unif2ace.set_checks(False)`` the step
+        reads nothing back from the device (the MoE ops' expert sizes aside).
+
+        ``noise``: the step's noise drawn beforehand by :meth:`draw_noise` (the same loss,
+        bit for bit). This is how to compile the loss: ``torch.compile(model.loss)(batch,
+        noise=model.draw_noise(batch, step, seed))`` traces without a graph break, checks on or
+        off (with checks on, the masked-count check runs inside ``ops.value_check``). The graph
+        is specialised on the batch's layout (``batch["meta"]``) and on which prompts the noise
+        drops: each new pattern is a recompile; the mask seeds and masked counts become dynamic
+        after the first recompile."""
         cfg = self.config
         meta = BatchMeta.of(batch)
         ids = batch["input_ids"].clone()
@@ -387,7 +413,12 @@ class UniF2ace(nn.Module):
         dev, B, N = ids.device, ids.shape[0], cfg.image_tokens
         rows = meta.t2i_rows
         R = len(rows)
-        noise = draw_noise(cfg, [meta.index[b] for b in rows], step, seed)
+        if noise is None:
+            noise = draw_noise(cfg, [meta.index[b] for b in rows], step, seed)
+        elif len(noise.mask_seeds) != R:
+            raise ValueError(
+                f"UniF2ace.loss: noise for {len(noise.mask_seeds)} t2i rows, batch has {R}"
+            )
         per_row = noise.values.to(dev, non_blocking=True)  # [3, R]: gamma, ratio, dsigma
         masks = []
         for r, b in enumerate(rows):
@@ -419,8 +450,8 @@ class UniF2ace(nn.Module):
             # each sequence's mean over its masked tokens, averaged over the batch's B sequences
             per_tok = 1.0 / (mask.sum(1).float() * B)  # [R]
             M = sum(noise.num_masked)
-            if _backend.checks_enabled() and int(mask.sum()) != M:  # a value check: reads
-                raise RuntimeError(f"UniF2ace.loss: {int(mask.sum())} masked tokens, counted {M}")
+            if _backend.checks_enabled():  # reads the mask (inside a custom op when traced)
+                mask = ops.value_check(mask, "count", "UniF2ace.loss", "mask", upper=M)
             at = torch.nonzero_static(mask, size=M)  # [M, 2]
             row_of, col = at[:, 0], at[:, 1]
             ratio, dsigma = per_row[1], per_row[2]

@@ -14,11 +14,15 @@ Omni-attention (:mod:`unif2ace.ops.attention`): :func:`omni_attention` with per-
 
 Mask sampling: :func:`mask_tokens` (training-time masking), :func:`sample_times`,
 :func:`maskgit_step` (the fused decode step) and :func:`maskgit_decode` (the decode loop).
+
+:func:`value_check`: the ops' data-reading checks for a caller's own tensors (a count, a range,
+finiteness), trace-friendly: under torch.compile the check runs inside a custom op, no graph break.
 """
 
 import importlib
 
 from unif2ace.ops import schedules
+from unif2ace.ops._validate import checked as value_check
 from unif2ace.ops.attention import *  # noqa: F403  (each family's __all__ is its public API)
 from unif2ace.ops.d3diff_loss import *  # noqa: F403
 from unif2ace.ops.mask_sampling import *  # noqa: F403
@@ -27,7 +31,7 @@ from unif2ace.ops.schedules import DEFAULT_ALPHA, d3diff_weights, schedule
 
 # The families' modules by name: `unif2ace.ops.d3diff_loss` the attribute is the function.
 FAMILIES = ("attention", "d3diff_loss", "mask_sampling", "moe")
-__all__ = ["DEFAULT_ALPHA", "d3diff_weights", "schedule", "schedules"] + [
+__all__ = ["DEFAULT_ALPHA", "d3diff_weights", "schedule", "schedules", "value_check"] + [
     name
     for family in FAMILIES
     for name in importlib.import_module(f"unif2ace.ops.{family}").__all__
