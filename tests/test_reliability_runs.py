@@ -231,6 +231,17 @@ def test_data_all_refuses_a_locked_folder(tmp_path, capsys):
     assert not (tmp_path / "synthface").exists()
 
 
+@pytest.mark.parametrize("command", ["train-judge", "train-vq", "train-encoders"])
+def test_asset_commands_refuse_a_locked_folder(tmp_path, capsys, command):
+    fd = _hold_lock(tmp_path, 4344)
+    try:
+        assert main([command, "--out", str(tmp_path), "--quiet"]) == 2
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert "pid 4344" in err and len(err.strip().splitlines()) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # item 1: data-all on a folder with finished assets
 

@@ -4,6 +4,7 @@ its folder under ``--out`` and a ``metrics.json`` in it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -28,9 +29,25 @@ from unif2ace.encoders.train import (
     verification_auc,
 )
 from unif2ace.eval.judge import JUDGE_SEED_OFFSET, judge_accuracy, load_judge, train_judge
-from unif2ace.io import atomic_write_json, save_pretrained
+from unif2ace.io import atomic_write_json, lock_folder, save_pretrained
 from unif2ace.vq.model import VQAutoencoder, VQConfig
 from unif2ace.vq.train import SemanticPerceptualLoss, evaluate_vq, train_vq
+
+
+def _locked(what: str):
+    """Run the command holding ``--out``'s lock exclusively (:func:`unif2ace.io.lock_folder`;
+    inside ``data-all`` / ``demo``, which already hold it, a no-op)."""
+
+    def deco(run):
+        @functools.wraps(run)
+        def locked(args):
+            with lock_folder(args.out, what):
+                return run(args)
+
+        return locked
+
+    return deco
+
 
 COMMANDS = Commands()
 
@@ -62,6 +79,7 @@ def _add_judge(p):
     return run_judge
 
 
+@_locked("train-judge")
 def run_judge(args) -> dict:
     data = data_dir(args)
     meta = json.loads((data / "meta.json").read_text())
@@ -163,6 +181,7 @@ def _add_vq(p):
     return run_vq
 
 
+@_locked("train-vq")
 def run_vq(args) -> dict:
     out = Path(args.out) / "vq"
     fast = args.preset == "fast"
@@ -304,6 +323,7 @@ def _add_enc(p):
     return run_encoders
 
 
+@_locked("train-encoders")
 def run_encoders(args) -> dict:
     data = data_dir(args)
     out = Path(args.out) / "encoders"
