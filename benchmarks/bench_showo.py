@@ -13,8 +13,8 @@ providers generate from the same prompt, seed and noise:
   sequence, SDPA with a boolean mask, the full 58,498-column head, then the slice.
 
 Both call the same sampling step, so the codes must be identical. Reported: the time of each
-whole generation (run once each) and the peak resident memory during it (sampled from
-``/proc/self/status`` every 20 ms) against the weights' size; then one decoding step's logits
+whole generation (run once each) and the peak resident memory during it (the process's
+``VmHWM``, reset before it) against the weights' size; then one decoding step's logits
 (the part the two providers do differently) timed interleaved, engine / plain, ``--reps`` times,
 medians and their ratio; and the MAGVIT-v2 decode time.
 
@@ -27,10 +27,10 @@ Run::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.measure import _proc_status_kib, _reset_peak_rss  # noqa: E402
 from unif2ace.models import UniF2ace  # noqa: E402
 from unif2ace.showo import ShowoVocab, t2i_generate  # noqa: E402
 from unif2ace.showo.checkpoint import showo_config  # noqa: E402
@@ -47,32 +48,13 @@ from unif2ace.vq.magvitv2 import MagvitV2, MagvitV2Config  # noqa: E402
 SHOWO = dict(vocab_size=58498, llm_vocab_size=50295, codebook_size=8192)
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class PeakRSS:
-    """The largest resident set size seen while the block runs."""
-
-    def __enter__(self):
-        self.peak, self._stop = rss_bytes(), threading.Event()
-
-        def watch():
-            while not self._stop.wait(0.02):
-                self.peak = max(self.peak, rss_bytes())
-
-        self._t = threading.Thread(target=watch, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, rss_bytes())
+def peak_rss_bytes(fn):
+    """``fn()`` and the process's peak resident set size while it ran (``VmHWM`` reset first,
+    as :mod:`benchmarks.measure` does): (result, bytes, or None where Linux cannot say)."""
+    ok = _reset_peak_rss()
+    out = fn()
+    hwm = _proc_status_kib("VmHWM")
+    return out, (hwm * 1024 if ok and hwm is not None else None)
 
 
 @torch.no_grad()
@@ -134,17 +116,24 @@ def main(argv=None) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            codes[name] = t2i_generate(
-                model, prompt, steps=steps, guidance=args.guidance, seed=0, cached=cached
+        t0 = time.perf_counter()
+        codes[name], rss = peak_rss_bytes(
+            functools.partial(
+                t2i_generate,
+                model,
+                prompt,
+                steps=steps,
+                guidance=args.guidance,
+                seed=0,
+                cached=cached,
             )
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            res[f"{name}_s"] = time.perf_counter() - t0
-        peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else mem.peak
+        )
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        res[f"{name}_s"] = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else (rss or 0)
         res[f"{name}_peak_rss_gib"] = peak / 2**30
-        print(f"{name}: {res[f'{name}_s']:.1f} s, peak RSS {mem.peak / 2**30:.2f} GiB", flush=True)
+        print(f"{name}: {res[f'{name}_s']:.1f} s, peak {peak / 2**30:.2f} GiB", flush=True)
     res["speedup"] = res["plain_s"] / res["engine_s"]
     res["identical_codes"] = bool(torch.equal(codes["engine"], codes["plain"]))
     # one step's logits, interleaved (the prefix of the engine's is computed once, outside)

@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 
 from showo_mini import LLM_V, V, phi_reference, write_showo, write_tokenizer  # noqa: E402
 
+from unif2ace.ops.attention.reference import limit_mask  # noqa: E402
 from unif2ace.showo import (  # noqa: E402
     PhiTokenizer,
     ShowoVocab,
@@ -26,7 +27,6 @@ from unif2ace.showo import (  # noqa: E402
     t2i_generate,
 )
 from unif2ace.showo.generate import t2i_logits_fn  # noqa: E402
-from unif2ace.showo.rules import dense_mask  # noqa: E402
 from unif2ace.showo.vocab import MAX_TEXT_LEN  # noqa: E402
 
 N = 16  # 4 × 4 codes (64 px)
@@ -110,7 +110,7 @@ def test_t2i_rule_equals_explicit_mask(mini):
     nonpad = ids != vocab.pad
     for b in range(3):  # the rule's mask is the explicit one on every non-pad row
         rows = nonpad[b]
-        assert torch.equal(dense_mask(limit, key_valid)[b][rows], masks[b][rows])
+        assert torch.equal(limit_mask(limit, key_valid)[b][rows], masks[b][rows])
     with torch.no_grad():
         out = showo_logits(model, ids)
     ref = _phi_logits(phi, ids, masks)

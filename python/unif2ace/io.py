@@ -1,6 +1,7 @@
 """Atomic file writing, content hashes, the lock that gives a folder one writer, and the
 safetensors + config.json checkpoint format used by the model, the image tokenizer, the encoders
-and the judge (a base module: every layer may import it).
+and the judge, and :class:`TensorFolder`, which reads other projects' checkpoint folders (Phi,
+Show-o) a tensor at a time (a base module: every layer may import it).
 
 Every file is written to ``<name>.tmp.<pid>`` in the same folder and moved into place with
 ``os.replace`` (atomic on POSIX), so a killed run leaves either the old file or the new one, never
@@ -23,6 +24,7 @@ except ImportError:  # not POSIX: folders are not locked
     fcntl = None
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 
@@ -188,3 +190,56 @@ def lock_folder(folder, what: str, *, shared: bool = False):
             _write_holders(fd, shared, None)  # still held: take our line out
     finally:
         os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)
+
+
+class TensorFolder:
+    """The tensors of a checkpoint folder by name, read one at a time (safetensors files are
+    memory-mapped, so the whole state is never held twice)."""
+
+    def __init__(self, folder, files: tuple[str, ...]):
+        """Read the first of ``files`` (in order) that ``folder`` holds: a ``.safetensors`` file,
+        a ``*.safetensors.index.json`` with its shards, or a ``.bin``; FileNotFoundError when
+        there is none or a listed shard is missing."""
+        folder = Path(folder)
+        self.folder = folder
+        self._where: dict[str, Path] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
+        self._bin: dict[str, torch.Tensor] | None = None
+        for name in files:
+            path = folder / name
+            if not path.is_file():
+                continue
+            if name.endswith(".index.json"):
+                shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+                for shard in shards:
+                    if not (folder / shard).is_file():
+                        raise FileNotFoundError(f"{folder / shard} (listed in {name}) not found")
+                    self._index(folder / shard)
+            elif name.endswith(".safetensors"):
+                self._index(path)
+            else:
+                self._bin = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            self.file = name
+            break
+        else:
+            raise FileNotFoundError(f"{folder}: no weights found (looked for {', '.join(files)})")
+
+    def _index(self, path: Path) -> None:
+        with safe_open(str(path), "pt") as f:
+            for k in f.keys():
+                self._where[k] = path
+                self._shape[k] = tuple(f.get_slice(k).get_shape())
+
+    def keys(self) -> list[str]:
+        return list(self._bin) if self._bin is not None else list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._bin is not None:
+            return tuple(self._bin[name].shape)
+        return self._shape[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._bin is not None:
+            return self._bin[name]
+        with safe_open(str(self._where[name]), "pt") as f:
+            return f.get_tensor(name)

@@ -163,6 +163,13 @@ def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
+def save_png(image: Image.Image, path) -> None:
+    """``image`` as a PNG at ``path``, written atomically (:func:`unif2ace.io.atomic_write_bytes`)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def save_grid(images, path, cols: int = 8, labels: list[str] | None = None, scale: int = 2) -> None:
     """A PNG grid of ``uint8 [N, H, W, 3]`` images (with short labels under each when given)."""
     n = len(images)
@@ -177,9 +184,7 @@ def save_grid(images, path, cols: int = 8, labels: list[str] | None = None, scal
         grid.paste(Image.fromarray(im).resize((w, h), Image.NEAREST), (c * w, r * (h + lab)))
         if labels:
             draw.text((c * w + 2, r * (h + lab) + h), labels[i][: w // 6], fill="black")
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(grid, path)
 
 
 def save_pairs_grid(orig, recs, path, cols: int = 8) -> None:

@@ -9,14 +9,9 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-
-def save_png(img: torch.Tensor, path: Path) -> None:
-    """``uint8 [H, W, 3]`` → a PNG (the folder is made)."""
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img.numpy()).save(path)
+from unif2ace.cli._common import save_png
 
 
 def add_options(p, *, generate: bool) -> None:
@@ -86,7 +81,7 @@ def generate(args) -> dict:
                 annealing=args.annealing,
             )[0]
             path = out / f"{i:02d}_{_slug(prompt)}_{k}.png"
-            save_png(img, path)
+            save_png(Image.fromarray(img.numpy()), path)
             files.append(str(path))
     return {
         "images": files,

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
+from unif2ace.io import TensorFolder
 from unif2ace.models.config import ModelConfig
 from unif2ace.models.layout import IGNORE, TASK_MMU
 from unif2ace.models.moe import DenseMLP, TokenMoE
@@ -145,20 +145,8 @@ def load_phi_state(folder) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"Phi checkpoint folder {folder} does not exist")
-    if (folder / "model.safetensors").is_file():
-        return load_file(str(folder / "model.safetensors"))
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            if not (folder / shard).is_file():
-                raise FileNotFoundError(f"{folder / shard} (listed in {index.name}) not found")
-            state.update(load_file(str(folder / shard)))
-        return state
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{folder}: no weights found (looked for {', '.join(_WEIGHT_FILES)})")
+    tensors = TensorFolder(folder, _WEIGHT_FILES)
+    return {k: tensors.get(k) for k in tensors.keys()}
 
 
 def _check_fits(cfg: ModelConfig, conf: dict) -> None:

@@ -32,8 +32,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from unif2ace.io import TensorFolder
 from unif2ace.models import ModelConfig, UniF2ace
 from unif2ace.showo.vocab import NUM_SPECIAL, ShowoVocab
 
@@ -47,54 +47,6 @@ WEIGHT_FILES = (
 # buffers older checkpoints may carry; they are recomputed, never read
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _LAYER = "showo.model.layers.{i}."
-
-
-class TensorFolder:
-    """The tensors of a checkpoint folder by name, read one at a time (safetensors files are
-    memory-mapped, so the whole state is never held twice)."""
-
-    def __init__(self, folder: Path, files: tuple[str, ...] = WEIGHT_FILES):
-        self.folder = folder
-        self._where: dict[str, Path] = {}
-        self._bin: dict[str, torch.Tensor] | None = None
-        for name in files:
-            path = folder / name
-            if not path.is_file():
-                continue
-            if name.endswith(".index.json"):
-                shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-                for shard in shards:
-                    if not (folder / shard).is_file():
-                        raise FileNotFoundError(f"{folder / shard} (listed in {name}) not found")
-                    self._index(folder / shard)
-            elif name.endswith(".safetensors"):
-                self._index(path)
-            else:
-                self._bin = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            self.file = name
-            break
-        else:
-            raise FileNotFoundError(f"{folder}: no weights found (looked for {', '.join(files)})")
-
-    def _index(self, path: Path) -> None:
-        with safe_open(str(path), "pt") as f:
-            for k in f.keys():
-                self._where[k] = path
-
-    def keys(self) -> list[str]:
-        return list(self._bin) if self._bin is not None else list(self._where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        if self._bin is not None:
-            return tuple(self._bin[name].shape)
-        with safe_open(str(self._where[name]), "pt") as f:
-            return tuple(f.get_slice(name).get_shape())
-
-    def get(self, name: str) -> torch.Tensor:
-        if self._bin is not None:
-            return self._bin[name]
-        with safe_open(str(self._where[name]), "pt") as f:
-            return f.get_tensor(name)
 
 
 def read_showo_config(folder) -> dict:
@@ -234,7 +186,7 @@ def load_showo(folder, dtype: torch.dtype | None = None, device="cpu") -> UniF2a
     a checkpoint, before any weight is loaded."""
     folder = Path(folder)
     conf = read_showo_config(folder)
-    tensors = TensorFolder(folder)
+    tensors = TensorFolder(folder, WEIGHT_FILES)
     where = str(folder / tensors.file)
     sizes = _sizes(conf, tensors, where)
     want = expected_shapes(conf, **sizes)
@@ -256,7 +208,8 @@ def load_showo(folder, dtype: torch.dtype | None = None, device="cpu") -> UniF2a
                 f"{where}: tensor {name} has shape {list(got)}, expected {list(shape)}"
             )
     cfg = showo_config(conf, sizes)
-    first = tensors.get("showo.model.embed_tokens.weight")
+    embed = "showo.model.embed_tokens.weight"
+    first = tensors.get(embed)  # read once: its dtype is the default, then it is copied
     dtype = dtype or first.dtype
     with torch.device("meta"):
         model = UniF2ace(cfg)
@@ -264,7 +217,7 @@ def load_showo(folder, dtype: torch.dtype | None = None, device="cpu") -> UniF2a
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name in want:
-            params[our_name(name)].copy_(tensors.get(name))
+            params[our_name(name)].copy_(first if name == embed else tensors.get(name))
         model.reset_buffers()
     model.showo = ShowoVocab.from_config(conf)
     model.showo_config = conf

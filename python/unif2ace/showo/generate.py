@@ -156,6 +156,8 @@ def _greedy(model, x: torch.Tensor, limit: torch.Tensor, eos: int, max_new_token
     h, _ = model.run_layers(x, model.rule_context(positions, limit, None), cache=cache)
     last = h[:, -1]
     out: list[int] = []
+    at = torch.arange(L, L + max_new_tokens, device=dev)  # the new tokens' positions
+    valid = torch.ones(1, L + max_new_tokens, dtype=torch.bool, device=dev)  # every key
     for t in range(max_new_tokens):
         tok = model.lm_head(last).argmax(-1)  # [1]
         if int(tok) == eos:
@@ -163,9 +165,7 @@ def _greedy(model, x: torch.Tensor, limit: torch.Tensor, eos: int, max_new_token
         out.append(int(tok))
         if t == max_new_tokens - 1:
             break
-        pos = torch.full((1,), L + t, dtype=torch.long, device=dev)
-        valid = torch.ones(1, L + t + 1, dtype=torch.bool, device=dev)
-        last = model.decode_step(tok, pos, cache, valid)
+        last = model.decode_step(tok, at[t : t + 1], cache, valid[:, : L + t + 1])
     return out
 
 

@@ -48,13 +48,3 @@ def attention_rule(
     limit = torch.where(is_t2i, t2i_limit, torch.where(is_mmu, mmu_limit, causal))
     key_valid = ~(is_t2i & (input_ids == vocab.pad))
     return idx.contiguous(), limit.to(torch.int32), key_valid
-
-
-def dense_mask(limit: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-    """The boolean mask ``[B, Lq, Lk]`` a (limit, key_valid) pair means (queries aligned to the
-    end of the keys, the diagonal always seen): for SDPA and for tests."""
-    B, Lq = limit.shape
-    Lk = key_valid.shape[1]
-    j = torch.arange(Lk, device=limit.device)
-    diag = (Lk - Lq + torch.arange(Lq, device=limit.device))[:, None] == j
-    return ((j < limit[..., None]) & key_valid[:, None, :]) | diag
