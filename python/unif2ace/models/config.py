@@ -16,6 +16,10 @@ import dataclasses
 import difflib
 from dataclasses import asdict, dataclass, field
 
+# Show-o's special ids (llm_vocab_size 50295, then [PAD] <|soi|> <|eoi|> <|sov|> <|eov|> <|t2i|>
+# <|mmu|> …; BOS = EOS = Phi-1.5's <|endoftext|>), as ShowoVocab.layout_ids gives them
+SHOWO_IDS = dict(pad=50295, soi=50296, eoi=50297, t2i=50300, mmu=50301, bos=50256, eos=50256)
+
 
 @dataclass
 class ModelConfig:
@@ -25,6 +29,12 @@ class ModelConfig:
     codebook_size: int = 1000  # image tokenizer entries
     image_tokens: int = 256  # tokens per image (16×16)
     max_text_len: int = 96  # prompt / answer tokens (longer ones are cut)
+    # how sequences are laid out (models/layout.py): "synthface" (this project's special tokens,
+    # rotary positions over valid tokens) or "showo" (Show-o's ids, BOS/EOS framing, masks and
+    # positions 0 … L−1, pads counted; the ids in ``special_ids``)
+    layout: str = "synthface"
+    # layout "showo": the ids of pad, soi, eoi, t2i, mmu, bos, eos (``ShowoVocab.layout_ids``)
+    special_ids: dict = field(default_factory=dict)
     # Phi-1.5-style decoder
     d_model: int = 128
     n_layers: int = 4
@@ -48,6 +58,10 @@ class ModelConfig:
     code_vector_dim: int = 4  # 0: off; training sets it to the tokenizer's code dimension
     # token-level grouped MoE: group 0 understanding, group 1 generation
     token_moe: bool = True
+    # > 0: the token MoE also holds a dense MLP of this width (with biases) that every token of
+    # both groups goes through, and the experts add to it (the model upcycled from Show-o keeps
+    # Show-o's MLP here; showo/upcycle.py)
+    dense_ffn: int = 0
     routed_experts: int = 4  # per group
     shared_experts: int = 1  # per group
     top_k: int = 2
@@ -67,6 +81,8 @@ class ModelConfig:
     w_ce: float = 1.0  # D3Diff mask-CE weight (0 with alpha=1: score-only, SEDD)
     schedule: str = "cosine"
     cond_drop: float = 0.1  # prompt dropped for classifier-free guidance
+    w_t2i: float = 1.0  # weight of the image loss (D3Diff) in the total
+    w_mmu: float = 1.0  # weight of the answer / caption loss in the total
     extra: dict = field(default_factory=dict)  # free-form notes kept in config.json
 
     @property
@@ -114,6 +130,22 @@ class ModelConfig:
                 raise ValueError(f"{name} must be gelu, gelu_tanh or silu_glu, got {v!r}")
         if self.mm_projector_dim < 0:
             raise ValueError(f"mm_projector_dim must be >= 0, got {self.mm_projector_dim}")
+        if self.layout not in ("synthface", "showo"):
+            raise ValueError(f"layout must be synthface or showo, got {self.layout!r}")
+        if self.layout == "showo":
+            need = ("pad", "soi", "eoi", "t2i", "mmu", "bos", "eos")
+            missing = [k for k in need if not isinstance(self.special_ids.get(k), int)]
+            if missing:
+                raise ValueError(
+                    f"layout 'showo' needs special_ids {list(need)}; missing {missing}"
+                )
+            bad = {k: v for k, v in self.special_ids.items() if not 0 <= v < self.text_vocab}
+            if bad:
+                raise ValueError(
+                    f"special_ids {bad} lie outside the text vocabulary [0, {self.text_vocab})"
+                )
+        if self.dense_ffn < 0:
+            raise ValueError(f"dense_ffn must be >= 0, got {self.dense_ffn}")
         if self.schedule not in ("cosine", "linear", "loglinear"):
             raise ValueError(f"schedule must be cosine, linear or loglinear, got {self.schedule!r}")
         return self
@@ -147,6 +179,29 @@ CONFIGS: dict[str, dict] = {
         d_model=2048, n_layers=24, n_heads=32, d_ff=8192, routed_experts=4, shared_experts=1,
         top_k=2, expert_ffn=1024, semantic_dim=768, identity_dim=512,
     ),
+    # UniF²ace as the paper builds it from Show-o (arXiv 2503.08120; sources per line, "ours"
+    # where the paper is silent). showo/upcycle.py initialises it from a Show-o checkpoint.
+    "paper": dict(
+        name="paper",
+        # Show-o (Phi-1.5 + MAGVIT-v2, 256 px → 16×16 codes of 8192): its sizes, vocabulary,
+        # QK-norm and layout, read from showlab/Show-o's config and code
+        layout="showo", special_ids=SHOWO_IDS, text_vocab=50305, codebook_size=8192,
+        image_tokens=256, max_text_len=128, d_model=2048, n_layers=24, n_heads=32, d_ff=8192,
+        qk_norm=True, image_pos_embed=False, code_vector_dim=0, activation="gelu_tanh",
+        # token-level MoE in every block, a T2I and an MMU group with shared and routed experts,
+        # the FFN split into small experts (§3, Fig. 3). Counts, widths and top-k are ours (the
+        # paper gives none): Show-o's MLP stays as the dense part (exactly Show-o at step 0),
+        # each group adds 1 shared + 4 routed experts of 256 (1/32 of the MLP), top-2
+        token_moe=True, dense_ffn=8192, shared_experts=1, routed_experts=4, expert_ffn=256,
+        top_k=2, balance_coef=0.01,
+        # sequence-level MoE after the token MoE, MMU: copy/CLIP/face, T2I: copy/zero/noise,
+        # top-2 (§3 and its ablation); CLIP ViT-L/14 projections (768) and AntelopeV2 face
+        # embeddings (512, InsightFace glintr100) are ours, the encoders Show-o / the paper name
+        seq_moe=True, seq_top_k=2, semantic_dim=768, identity_dim=512, seq_balance_coef=0.01,
+        # D3Diff α = 0.01 (Table 3); L = L_MMU + L_D3Diff (+ balance), weights 1 (§3); Show-o's
+        # cosine mask schedule and 10 % prompt drop for guidance
+        alpha=0.01, w_ce=1.0, w_t2i=1.0, w_mmu=1.0, schedule="cosine", cond_drop=0.1,
+    ),
 }  # fmt: skip
 
 
@@ -170,8 +225,10 @@ def parameter_count(cfg: ModelConfig) -> dict:
         routed = G * cfg.routed_experts * per_expert
         shared = G * cfg.shared_experts * per_expert
         router = D * G * cfg.routed_experts
-        mlp = routed + shared + router
-        mlp_active = (cfg.top_k + cfg.shared_experts) * per_expert + router
+        fd = 2 if cfg.activation == "silu_glu" else 1
+        dense = cfg.dense_ffn and (fd + 1) * cfg.dense_ffn * D + fd * cfg.dense_ffn + D
+        mlp = routed + shared + router + dense
+        mlp_active = (cfg.top_k + cfg.shared_experts) * per_expert + router + dense
     else:
         fu = 2 if cfg.activation == "silu_glu" else 1
         mlp = mlp_active = (fu + 1) * cfg.d_ff * D + (fu * cfg.d_ff + D)

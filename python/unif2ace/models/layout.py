@@ -22,6 +22,19 @@ Image codes ``c ∈ [0, K)`` become token ids ``text_vocab + c``; ``c = K`` is t
 :class:`BatchMeta` of plain Python values: which rows are which task, the spans, the counts), from
 which a training step takes its decisions without reading device data. Move a batch with
 ``{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}``.
+
+**Layout "showo"** (``ModelConfig.layout``; the model fine-tuned from the released Show-o), with
+Show-o's ids from ``ModelConfig.special_ids``:
+
+* text → image: ``[PAD]… <|t2i|> BOS prompt EOS <|soi|> image <|eoi|>``, the text part left-padded
+  to ``max_text_len + 1`` tokens (a longer prompt is cut and still ends in EOS); the unconditional
+  row is ``[PAD]… <|t2i|> BOS EOS``.
+* image → text: ``<|mmu|> <|soi|> image <|eoi|> BOS question answer EOS``; the question arrives
+  already in Show-o's words (``"USER: \\n" + question + " ASSISTANT:"``, tokenised by the data
+  layer), more turns follow as ``question answer EOS``.
+* attention (Show-o's rules, :func:`attention_blocks`): a t2i row's ``<|soi|> … <|eoi|>`` see the
+  whole row; in an MMU row every query sees ``<|mmu|> … <|eoi|>``; the rest is causal; pads are
+  never keys. Rotary positions are ``0 … L−1`` with the pads counted (:func:`positions`).
 """
 
 from __future__ import annotations
@@ -38,6 +51,33 @@ CAPTION_PROMPT = "Describe this face in detail."
 CAPTION_NO_REPEAT_NGRAM = 3
 TASK_MMU, TASK_T2I = 0, 1
 IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The special ids a layout writes (``user`` / ``assistant`` None: the question carries its
+    own words; ``bos`` None: no BOS)."""
+
+    pad: int
+    soi: int
+    eoi: int
+    t2i: int
+    mmu: int
+    eos: int
+    bos: int | None = None
+    user: int | None = None
+    assistant: int | None = None
+
+
+def tokens_of(cfg) -> Tokens:
+    """The special ids of ``cfg.layout``."""
+    if cfg.layout == "showo":
+        i = cfg.special_ids
+        return Tokens(i["pad"], i["soi"], i["eoi"], i["t2i"], i["mmu"], i["eos"], i["bos"])
+    return Tokens(
+        st.PAD_ID, st.SOI_ID, st.EOI_ID, st.T2I_ID, st.MMU_ID, st.EOT_ID, None,
+        st.USER_ID, st.ASSISTANT_ID,
+    )  # fmt: skip
 
 
 @dataclass
@@ -139,6 +179,20 @@ class BatchMeta:
         )
 
 
+def showo_text(cfg, prompt: list[int]) -> list[int]:
+    """Layout "showo": the t2i text part ``[PAD]… <|t2i|> BOS prompt EOS`` of ``max_text_len + 1``
+    tokens (a longer prompt is cut and still ends in EOS)."""
+    t = tokens_of(cfg)
+    text = list(prompt)
+    if text and text[0] == t.bos:
+        text = text[1:]
+    ids = [t.t2i, t.bos] + text + [t.eos]
+    P = cfg.max_text_len + 1
+    if len(ids) > P:
+        ids = ids[: P - 1] + [t.eos]
+    return [t.pad] * (P - len(ids)) + ids
+
+
 def _row(cfg, ex: Example):
     """(ids, is_image, valid, pool, prompt, targets) lists of one sequence."""
     N, off = cfg.image_tokens, cfg.image_offset
@@ -146,6 +200,10 @@ def _row(cfg, ex: Example):
     if codes.numel() != N:
         raise ValueError(f"example {ex.index}: {codes.numel()} image tokens, the model takes {N}")
     img = (codes.long() + off).tolist()
+    if ex.task not in (TASK_T2I, TASK_MMU):
+        raise ValueError(f"example {ex.index}: task must be 0 (mmu) or 1 (t2i), got {ex.task}")
+    if cfg.layout == "showo":
+        return _showo_row(cfg, ex, img)
     text = list(ex.prompt)[: cfg.max_text_len]
     if ex.task == TASK_T2I:
         pad = cfg.max_text_len - len(text)
@@ -155,8 +213,6 @@ def _row(cfg, ex: Example):
         prompt = [False] * (pad + 1) + [True] * len(text) + [False] * (N + 2)
         pool = [v and not m for v, m in zip(valid, is_img)]  # the routing sees the prompt only
         return ids, is_img, valid, pool, prompt, [IGNORE] * len(ids)
-    if ex.task != TASK_MMU:
-        raise ValueError(f"example {ex.index}: task must be 0 (mmu) or 1 (t2i), got {ex.task}")
     head = [st.MMU_ID, st.SOI_ID] + img + [st.EOI_ID, st.USER_ID] + text + [st.ASSISTANT_ID]
     answer = [] if ex.answer is None else list(ex.answer)[: cfg.max_text_len] + [st.EOT_ID]
     if ex.turns and ex.answer is None:
@@ -175,6 +231,37 @@ def _row(cfg, ex: Example):
     return ids, is_img, [True] * len(ids), pool, [False] * len(ids), targets
 
 
+def _showo_row(cfg, ex: Example, img: list[int]):
+    """:func:`_row` of layout "showo" (see the module docstring)."""
+    t, N = tokens_of(cfg), cfg.image_tokens
+    if ex.task == TASK_T2I:
+        text = showo_text(cfg, ex.prompt)
+        pad = text.index(t.t2i)  # the leading pads
+        ids = text + [t.soi] + img + [t.eoi]
+        P = len(text)
+        is_img = [False] * (P + 1) + [True] * N + [False]
+        valid = [False] * pad + [True] * (len(ids) - pad)
+        prompt = [False] * len(ids)
+        for i in range(pad + 2, P - 1):  # between BOS and EOS
+            prompt[i] = True
+        pool = [v and not m for v, m in zip(valid, is_img)]
+        return ids, is_img, valid, pool, prompt, [IGNORE] * len(ids)
+    head = [t.mmu, t.soi] + img + [t.eoi, t.bos] + list(ex.prompt)[: cfg.max_text_len]
+    answer = [] if ex.answer is None else list(ex.answer)[: cfg.max_text_len] + [t.eos]
+    if ex.turns and ex.answer is None:
+        raise ValueError(f"example {ex.index}: more turns need the first turn's answer")
+    ids, lab = head + answer, [IGNORE] * len(head) + answer
+    for q, a in ex.turns:
+        q, a = list(q)[: cfg.max_text_len], list(a)[: cfg.max_text_len] + [t.eos]
+        if len(ids) + len(q) + len(a) > cfg.max_seq_len:
+            break
+        ids += q + a
+        lab += [IGNORE] * len(q) + a
+    is_img = [False, False] + [True] * N + [False] * (len(ids) - N - 2)
+    pool = [True] * len(head) + [False] * (len(ids) - len(head))
+    return ids, is_img, [True] * len(ids), pool, [False] * len(ids), lab[1:] + [IGNORE]
+
+
 def collate(cfg, examples: list[Example]) -> dict:
     """Pad examples (right padding; t2i rows are left-padded to a fixed prompt length by
     construction) into the model's batch: a dict of CPU tensors, ``num_tokens`` (int) and
@@ -183,7 +270,7 @@ def collate(cfg, examples: list[Example]) -> dict:
     L = max(len(r[0]) for r in rows)
     B = len(rows)
     out = {
-        "input_ids": torch.full((B, L), st.PAD_ID, dtype=torch.long),
+        "input_ids": torch.full((B, L), tokens_of(cfg).pad, dtype=torch.long),
         "is_image": torch.zeros(B, L, dtype=torch.bool),
         "valid": torch.zeros(B, L, dtype=torch.bool),
         "pool": torch.zeros(B, L, dtype=torch.bool),
@@ -233,3 +320,51 @@ def _stack(vs, B: int, dim: int) -> torch.Tensor:
 def positions_of(valid: torch.Tensor) -> torch.Tensor:
     """Rotary positions: 0, 1, … over the valid tokens of each row (padding repeats its neighbour)."""
     return (valid.long().cumsum(1) - 1).clamp(min=0)
+
+
+def positions(cfg, valid: torch.Tensor) -> torch.Tensor:
+    """The rotary positions of a batch ``[B, L]``: layout "showo" counts every token (Show-o's
+    ``0 … L−1``), "synthface" only the valid ones (:func:`positions_of`)."""
+    if cfg.layout == "showo":
+        return torch.arange(valid.shape[1], device=valid.device).expand_as(valid)
+    return positions_of(valid)
+
+
+def attention_blocks(cfg, meta: BatchMeta) -> list[tuple[int, int, int]]:
+    """Per row ``(s, e, lim)``: queries ``i`` in ``[s, e)`` see the keys before ``lim``, the others
+    are causal (``limit = i + 1``); host values from ``meta``.
+
+    "synthface": the image ``[s, e)`` sees itself (``lim = e``). "showo" (Show-o's rules): a t2i
+    row's ``<|soi|> … <|eoi|>`` see the whole row (``lim = L``); an MMU row's queries up to its
+    ``<|eoi|>`` see ``<|mmu|> … <|eoi|>`` (``[0, eoi + 1)``)."""
+    out = []
+    for task, (s, e) in zip(meta.task, meta.image):
+        if s == e:
+            out.append((0, 0, 0))
+        elif cfg.layout != "showo":
+            out.append((s, e, e))
+        elif task == TASK_T2I:
+            out.append((s - 1, e + 1, meta.seq_len))
+        else:
+            out.append((0, e + 1, e + 1))
+    return out
+
+
+def drop_prompts(cfg, ids: torch.Tensor, valid: torch.Tensor, meta: BatchMeta, rows) -> None:
+    """Make the prompts of the t2i ``rows`` empty in place (classifier-free guidance's
+    unconditional rows): "synthface" turns the prompt tokens into padding; "showo" rewrites the
+    text part into :func:`showo_text` of the empty prompt, as Show-o's unconditional row is."""
+    if not rows:
+        return
+    if cfg.layout != "showo":
+        for b in rows:
+            s, e = meta.prompt[b]
+            ids[b, s:e] = st.PAD_ID
+            valid[b, s:e] = False
+        return
+    empty = torch.tensor(showo_text(cfg, []), device=ids.device)
+    keep = empty != tokens_of(cfg).pad
+    P = empty.numel()
+    for b in rows:
+        ids[b, :P] = empty
+        valid[b, :P] = keep

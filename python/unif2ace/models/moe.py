@@ -39,11 +39,12 @@ CLIP_SLOT, FACE_SLOT, ZERO_SLOT, NOISE_SLOT = 2, 3, 6, 7
 
 
 class DenseMLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, width: int | None = None):
         super().__init__()
         fu = 2 if cfg.activation == "silu_glu" else 1
-        self.fc1 = nn.Linear(cfg.d_model, fu * cfg.d_ff)
-        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
+        width = width or cfg.d_ff
+        self.fc1 = nn.Linear(cfg.d_model, fu * width)
+        self.fc2 = nn.Linear(width, cfg.d_model)
         self.activation = cfg.activation
 
     def forward(
@@ -53,7 +54,10 @@ class DenseMLP(nn.Module):
 
 
 class TokenMoE(nn.Module):
-    """x ``[T, D]``, group_ids ``[T]`` → (y ``[T, D]``, balance loss)."""
+    """x ``[T, D]``, group_ids ``[T]`` → (y ``[T, D]``, balance loss).
+
+    With ``cfg.dense_ffn > 0`` a dense MLP (:class:`DenseMLP`, with biases) that every token goes
+    through is added to the experts' output: ``y = dense(x) + shared_g(x) + Σ_topk w·E(x)``."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -65,6 +69,7 @@ class TokenMoE(nn.Module):
         self.w_down = nn.Parameter(torch.empty(N_GROUPS * N, D, F_))
         self.shared_up = nn.Parameter(torch.empty(N_GROUPS * S, fu * F_, D)) if S else None
         self.shared_down = nn.Parameter(torch.empty(N_GROUPS * S, D, F_)) if S else None
+        self.dense = DenseMLP(cfg, cfg.dense_ffn) if cfg.dense_ffn else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -91,6 +96,8 @@ class TokenMoE(nn.Module):
             r.topk_weights.to(x.dtype),
             activation=cfg.moe_activation,
         )
+        if self.dense is not None:
+            y = y + self.dense(x, group_ids)[0]
         if self.shared_up is not None:
             y = y + ops.moe_shared_experts(
                 x,

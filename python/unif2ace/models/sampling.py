@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from unif2ace import ops
-from unif2ace.models import special_tokens as st
-from unif2ace.models.layout import TASK_MMU, TASK_T2I, Example, collate
+from unif2ace.models.layout import TASK_MMU, TASK_T2I, Example, collate, tokens_of
 
 
 @torch.no_grad()
@@ -103,6 +102,7 @@ def generate_text(
     dev = next(model.parameters()).device
     batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
     w, bias = model.head_rows("text")
+    eos = tokens_of(cfg).eos
     was_training = model.training
     model.eval()
     out: list[list[int]] = [[] for _ in range(B)]
@@ -118,7 +118,7 @@ def generate_text(
             if no_repeat_ngram:
                 _block_repeats(logits, out, no_repeat_ngram)
             nxt = logits.argmax(-1)
-            done |= nxt == st.EOT_ID
+            done |= nxt == eos
             toks, fin = torch.stack([nxt, done.long()]).tolist()  # one device -> host read a step
             for b in range(B):
                 if not fin[b]:

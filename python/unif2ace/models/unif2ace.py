@@ -4,7 +4,7 @@ Block (Phi-1.5, parallel): ``x + Attn(LN x) + SeqMoE(TokenMoE(LN x))`` — one L
 branches; omni-attention (:mod:`unif2ace.models.attention`); the MLP branch is the token MoE of the
 token's task group followed by the sequence MoE (:mod:`unif2ace.models.moe`).
 
-Losses (:meth:`UniF2ace.loss`): ``L = L_mmu + L_D3Diff + balance``
+Losses (:meth:`UniF2ace.loss`): ``L = w_mmu·L_mmu + w_t2i·L_D3Diff + balance`` (weights 1 by default)
 
 * ``L_D3Diff`` on the t2i rows: per row a time ``t ~ U(0, 1)``, mask ratio ``γ = schedule(t)``,
   image tokens masked by :func:`~unif2ace.ops.mask_tokens`, and the fused
@@ -33,10 +33,16 @@ import torch.nn as nn
 
 from unif2ace import _backend, ops
 from unif2ace.io import load_pretrained_state, save_pretrained
-from unif2ace.models import special_tokens as st
 from unif2ace.models.attention import Attention
 from unif2ace.models.config import ModelConfig
-from unif2ace.models.layout import IGNORE, TASK_T2I, BatchMeta, positions_of
+from unif2ace.models.layout import (
+    IGNORE,
+    TASK_T2I,
+    BatchMeta,
+    attention_blocks,
+    drop_prompts,
+    positions,
+)
 from unif2ace.models.moe import DenseMLP, SequenceMoE, TokenMoE
 
 
@@ -259,17 +265,22 @@ class UniF2ace(nn.Module):
         task, valid, is_image = batch["task"], batch["valid"], batch["is_image"]
         valid_flat = torch.nonzero_static(valid.reshape(-1), size=meta.num_valid).flatten()
         group = (task == TASK_T2I).long()[:, None].expand_as(valid).reshape(-1)[valid_flat]
-        # Show-o's limit (ops.omni_limit) without its contiguity check, which reads the data:
-        # the image spans are contiguous by construction (collate, BatchMeta.of)
+        # the layout's rule as per-query limits, from host values (the image spans are
+        # contiguous by construction: collate, BatchMeta.of)
         L = is_image.shape[1]
         idx = torch.arange(L, device=is_image.device)
-        end = torch.where(is_image, idx, -1).amax(1) + 1 if L else idx.new_zeros(len(meta.task))
+        blocks = attention_blocks(self.config, meta)
+        sel = torch.tensor(blocks, dtype=torch.long).reshape(-1, 3).to(idx.device)
+        s, e, lim = sel[:, :1], sel[:, 1:2], sel[:, 2:]
+        in_block = (idx >= s) & (idx < e)
+        b0 = blocks[0] if blocks else None
+        # omni_attention's span: every row's block at the same place, seeing itself, no padding
+        same = not meta.padded and b0 is not None and b0[1] == b0[2] and len(set(blocks)) == 1
         return {
-            "positions": positions_of(valid),
-            "limit": torch.where(is_image, end[:, None], idx + 1).to(torch.int32),
+            "positions": positions(self.config, valid),
+            "limit": torch.where(in_block, lim, idx + 1).to(torch.int32),
             "key_valid": valid if meta.padded else None,
-            # omni_attention's span: every row's image at the same place and no padding
-            "span": meta.image[0] if not meta.padded and len(set(meta.image)) == 1 else None,
+            "span": (b0[0], b0[1]) if same and b0[1] > b0[0] else None,
             "valid_flat": valid_flat,
             "group_flat": group,  # token MoE group: 0 understanding, 1 generation
             "pool": batch["pool"] & valid,
@@ -429,12 +440,9 @@ class UniF2ace(nn.Module):
                 codes[None], gamma, cfg.codebook_size, seed=noise.mask_seeds[r]
             )
             ids[b, s:e] = masked[0] + cfg.image_offset
-            if noise.drop[r]:  # unconditional for CFG
-                s, e = meta.prompt[b]
-                ids[b, s:e] = st.PAD_ID
-                valid[b, s:e] = False
             masks.append(mask[0])
-        dropped = [b for r, b in enumerate(rows) if noise.drop[r]]
+        dropped = [b for r, b in enumerate(rows) if noise.drop[r]]  # unconditional for CFG
+        drop_prompts(cfg, ids, valid, meta, dropped)
         step_batch = {**batch, "valid": valid, "meta": meta.drop_prompts(dropped)}
         h, aux = self.hidden_states(ids, step_batch)
         D = h.shape[-1]
@@ -482,7 +490,7 @@ class UniF2ace(nn.Module):
             )
             n_rows = sum(n > 0 for n in meta.answer)
             parts["loss_mmu"] = loss_mmu.detach().double() * B / n_rows
-        loss = loss_t2i + loss_mmu + aux
+        loss = cfg.w_t2i * loss_t2i + cfg.w_mmu * loss_mmu + aux
         parts["loss"] = loss.detach()
         return loss, parts
 

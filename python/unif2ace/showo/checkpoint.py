@@ -172,18 +172,15 @@ def showo_config(conf: dict, sizes: dict) -> ModelConfig:
         token_moe=False,
         seq_moe=False,
         alpha=0.0,
+        layout="showo",
+        special_ids=ShowoVocab.from_config(conf).layout_ids(),
         extra={"source": "showo", "w_clip_vit": bool(sizes["clip"])},
     ).validate()
 
 
-def load_showo(folder, dtype: torch.dtype | None = None, device="cpu") -> UniF2ace:
-    """A released Show-o checkpoint as a :class:`UniF2ace` in eval mode (QK-norm on, Show-o's
-    vocabulary, MoE levels off), on ``device`` in ``dtype`` (default: the checkpoint's).
-
-    The model carries ``model.showo`` (a :class:`ShowoVocab` of the checkpoint) and
-    ``model.showo_config`` (its config.json). Raises ``ValueError`` naming the tensor for a
-    missing, unknown or wrongly shaped tensor, and ``FileNotFoundError`` for a folder that is not
-    a checkpoint, before any weight is loaded."""
+def open_showo(folder) -> tuple[dict, TensorFolder, ModelConfig, dict]:
+    """``(config.json, its tensors, the ModelConfig, Show-o name → shape)`` of a checkpoint
+    folder, every tensor's name and shape checked (nothing is loaded yet)."""
     folder = Path(folder)
     conf = read_showo_config(folder)
     tensors = TensorFolder(folder, WEIGHT_FILES)
@@ -207,7 +204,19 @@ def load_showo(folder, dtype: torch.dtype | None = None, device="cpu") -> UniF2a
             raise ValueError(
                 f"{where}: tensor {name} has shape {list(got)}, expected {list(shape)}"
             )
-    cfg = showo_config(conf, sizes)
+    return conf, tensors, showo_config(conf, sizes), want
+
+
+def load_showo(folder, dtype: torch.dtype | None = None, device="cpu") -> UniF2ace:
+    """A released Show-o checkpoint as a :class:`UniF2ace` in eval mode (QK-norm on, Show-o's
+    vocabulary and layout, MoE levels off), on ``device`` in ``dtype`` (default: the
+    checkpoint's).
+
+    The model carries ``model.showo`` (a :class:`ShowoVocab` of the checkpoint) and
+    ``model.showo_config`` (its config.json). Raises ``ValueError`` naming the tensor for a
+    missing, unknown or wrongly shaped tensor, and ``FileNotFoundError`` for a folder that is not
+    a checkpoint, before any weight is loaded."""
+    conf, tensors, cfg, want = open_showo(folder)
     embed = "showo.model.embed_tokens.weight"
     first = tensors.get(embed)  # read once: its dtype is the default, then it is copied
     dtype = dtype or first.dtype

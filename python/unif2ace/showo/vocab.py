@@ -73,6 +73,13 @@ class ShowoVocab:
     t2i = property(lambda self: self.special("<|t2i|>"))
     mmu = property(lambda self: self.special("<|mmu|>"))
 
+    def layout_ids(self) -> dict:
+        """The ids ``ModelConfig.special_ids`` takes for layout "showo"."""
+        return dict(
+            pad=self.pad, soi=self.soi, eoi=self.eoi, t2i=self.t2i, mmu=self.mmu,
+            bos=self.bos, eos=self.eos,
+        )  # fmt: skip
+
     @property
     def image_offset(self) -> int:
         return self.llm_vocab_size + NUM_SPECIAL
