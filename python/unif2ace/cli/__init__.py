@@ -13,7 +13,9 @@ sub-folders::
 
 The subcommands live in :mod:`unif2ace.cli.data` (the dataset, ``data-all``),
 :mod:`unif2ace.cli.assets` (judge, image tokenizer, encoders), :mod:`unif2ace.cli.model` (train,
-inference, evaluation, ablations) and :mod:`unif2ace.cli.demo`; each module holds a
+inference, evaluation, ablations), :mod:`unif2ace.cli.demo`, and for UniF²ace from the released
+Show-o :mod:`unif2ace.cli.paper` (``init``) and :mod:`unif2ace.cli.features`
+(``tokenize-images``); each module holds a
 ``COMMANDS`` registry (name -> (add_arguments, help)) that :func:`build_parser` reads.
 """
 
@@ -32,10 +34,13 @@ import torch
 
 import unif2ace
 from unif2ace import _backend
-from unif2ace.cli import assets, data, demo, model
+from unif2ace.cli import assets, data, demo, features, model, paper
 from unif2ace.cli._common import print_json, writable_folder
 
-COMMANDS = {**data.COMMANDS, **assets.COMMANDS, **model.COMMANDS, **demo.COMMANDS}
+COMMANDS = {
+    **data.COMMANDS, **assets.COMMANDS, **paper.COMMANDS, **features.COMMANDS,
+    **model.COMMANDS, **demo.COMMANDS,
+}  # fmt: skip
 
 # exit statuses: 2 for every error the user can fix (argparse's own too), 128 + SIGINT for Ctrl-C
 # (what shells and make read as "interrupted")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unif2ace.cli import showo
+from unif2ace.cli import paper, showo
 from unif2ace.cli._common import (
     Commands,
     int_options,
@@ -35,6 +35,7 @@ from unif2ace.pipeline import (
     train_unified,
 )
 from unif2ace.pipeline.assets import check_model_assets
+from unif2ace.pipeline.paper import is_paper_run
 from unif2ace.pipeline.recipe import model_config
 
 COMMANDS = Commands()
@@ -67,6 +68,8 @@ def prepare_training(root, recipe: dict, model_dir) -> None:
 
 
 def run_train(args) -> dict:
+    if is_paper_run(args.out):  # a run started from Show-o (unif2ace init --from-showo)
+        return paper.train(args)
     recipe = read_recipe(args.config, args.set)
     prepare_training(args.out, recipe, args.model_dir or Path(args.out) / "model")
     res = train_unified(args.out, recipe, out=args.model_dir, progress=not args.quiet)
@@ -112,9 +115,11 @@ def _add_generate(p):
 
 
 def run_generate(args) -> dict:
-    _decode_defaults(args, showo=args.showo is not None)
+    _decode_defaults(args, showo=args.showo is not None or is_paper_run(args.out))
     if args.showo is not None:  # the released Show-o: one PNG per sample under --out
         return showo.generate(args)
+    if is_paper_run(args.out):
+        return paper.generate(args)
     pipe = Pipeline.load(args.out, args.model_dir)  # first: a missing run folder is named as such
     path = writable_file(args.grid or Path(args.out) / "samples" / "generate.png", "--grid")
     prompts = [p for p in args.prompt for _ in range(args.per_prompt)]
@@ -162,6 +167,8 @@ def run_answer(args) -> dict:
         return showo.answer(args)
     if args.out is None:
         raise ValueError("--out RUN (a run folder) or --showo DIR (a released Show-o) is required")
+    if is_paper_run(args.out):
+        return paper.answer(args, _load_images)
     pipe = Pipeline.load(args.out, args.model_dir)
     images = _load_images(args.image, pipe.assets.image_size)
     qs = args.question * len(images) if len(args.question) == 1 else args.question
@@ -182,6 +189,8 @@ def _add_caption(p):
 
 
 def run_caption(args) -> dict:
+    if is_paper_run(args.out):
+        return paper.caption(args, _load_images)
     pipe = Pipeline.load(args.out, args.model_dir)
     caps = pipe.caption(_load_images(args.image, pipe.assets.image_size))
     return {"captions": [{"image": str(i), "caption": c} for i, c in zip(args.image, caps)]}
@@ -254,6 +263,8 @@ def evaluate_run(
 
 
 def run_evaluate(args) -> dict:
+    if is_paper_run(args.out):  # the held-out loss of a run started from Show-o
+        return paper.evaluate(args)
     _decode_defaults(args, showo=False)
     m, _ = evaluate_run(
         args.out,

@@ -49,6 +49,12 @@ class TrainConfig:
     parallel: str = "auto"  # "auto" (ddp when WORLD_SIZE>1 else none) | "none" | "ddp" | "fsdp2"
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when CUDA is available, else cpu
     progress: bool = True
+    # a model folder (safetensors, as save_pretrained writes it; sharded with an index.json or
+    # not) the run starts from; ignored when the run resumes from its own checkpoint. A model
+    # built on the meta device is sharded before it gets storage and each rank reads only its
+    # shard (see unif2ace.train.sharded)
+    init_from: str | None = None
+    activation_checkpointing: bool = False  # each shard unit recomputes its forward in backward
 
     def __post_init__(self):
         _choice("amp", self.amp, AMP_CHOICES)
@@ -62,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.init_from is not None and not str(self.init_from).strip():
+            raise ValueError("init_from must be a model folder or null, got an empty string")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,6 +1,7 @@
 """A model-agnostic training loop: AdamW, warm-up + cosine schedule, gradient clipping, bf16
 autocast, gradient accumulation, DDP / FSDP2 under ``torchrun``, atomic checkpoints and exact
-resume.
+resume, a start from a model folder without a full copy of the model on any rank (a meta-device
+model, :mod:`unif2ace.train.sharded`) and activation checkpointing.
 
 Data order does not depend on the world size: epoch ``e`` visits the dataset in the order
 ``torch.randperm(N, generator seeded with seed·1_000_003 + e)``; optimizer step ``s`` takes the
@@ -47,6 +48,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from unif2ace.io import FolderLocked, atomic_write_bytes, lock_folder
+from unif2ace.train import sharded
 from unif2ace.train.checkpoint import (
     CheckpointError,
     config_difference,
@@ -156,22 +158,69 @@ def _shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [c for c in model.children() if any(True for _ in c.parameters())]
 
 
-def _wrap(model: torch.nn.Module, d: _Dist) -> torch.nn.Module:
+def _wrap(model: torch.nn.Module, d: _Dist, broadcast: bool) -> torch.nn.Module:
     """The module the loss function calls: DDP around ``model``, or ``model`` itself after
-    ``fully_shard`` (FSDP2 changes the module in place), or ``model`` untouched."""
+    ``fully_shard`` (FSDP2 changes the module in place), or ``model`` untouched. ``broadcast``:
+    under FSDP2, first make every rank's copy rank 0's (not for a model on the meta device, nor
+    for weights every rank read from the same source)."""
     if d.parallel == "ddp":
         ids = [d.device.index] if d.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
     if d.parallel == "fsdp2":
-        # fully_shard shards each rank's own copy: make them rank 0's first
-        with torch.no_grad():
-            for t in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(t.data, src=0)
+        if broadcast:  # fully_shard shards each rank's own copy: make them rank 0's first
+            with torch.no_grad():
+                for t in [*model.parameters(), *model.buffers()]:
+                    dist.broadcast(t.data, src=0)
         mesh = init_device_mesh(d.device.type, (d.world,))
         for unit in _shard_units(model):
             fully_shard(unit, mesh=mesh)
         fully_shard(model, mesh=mesh)
     return model
+
+
+def _place(model, d: _Dist, cfg: TrainConfig, ck: dict | None):
+    """Put the weights the run starts from on the training device and wrap the model for
+    ``d.parallel``; returns ``(wrapped, what the loader did)``.
+
+    The weights come from the checkpoint resumed (``ck``), else from ``cfg.init_from``, else
+    from the model as built. A model on the meta device is given storage only once sharded
+    (FSDP2: each rank reads its own shard of each tensor) or, without FSDP2, just before it is
+    wrapped; a built model is loaded whole, tensor by tensor. Every name and shape is checked
+    before anything is allocated."""
+    meta = sharded.on_meta(model)
+    if ck is not None and not meta:
+        model.load_state_dict(ck["model"])
+
+    def pick():
+        source = None
+        if ck is not None and meta:
+            source = sharded.state_source(ck["model"], f"{ck['path']}/model.safetensors")
+        elif ck is None and cfg.init_from is not None:
+            source = sharded.folder_source(cfg.init_from)
+        if meta and source is None:
+            raise ValueError(
+                "the model is on the meta device (no storage, no values): set init_from to the "
+                "model folder to start from, or build the model on a real device"
+            )
+        if source is not None:
+            sharded.check_weights(model, source)  # before anything is allocated
+        return source
+
+    source = _on_every_rank(d, pick)
+    if not meta:
+        model.to(d.device)
+    if cfg.activation_checkpointing:  # before fully_shard: its hooks go around the recompute
+        sharded.checkpoint_activations(_shard_units(model))
+    loaded = None
+    if source is not None and not (meta and d.parallel == "fsdp2"):
+        if meta:
+            loaded = sharded.materialize(model, d.device, source)
+        else:
+            loaded = sharded.load_weights(model, source)
+    wrapped = _wrap(model, d, broadcast=source is None)
+    if meta and d.parallel == "fsdp2":
+        loaded = sharded.materialize(model, d.device, source)
+    return wrapped, loaded
 
 
 @contextlib.contextmanager
@@ -324,6 +373,7 @@ def train(
     model_config: dict | None = None,
     eval_fn=None,
     stop_after: int | None = None,
+    on_start=None,
 ) -> dict:
     """Train ``model`` for ``cfg.steps`` optimizer steps, resuming from ``cfg.out`` when it holds
     a checkpoint.
@@ -333,7 +383,12 @@ def train(
     model : nn.Module
         Built (and initialised) by the caller on any device; moved to the training device. Under
         FSDP2 it is sharded in place (per ``model.shard_units()`` if defined, else per direct
-        child with parameters, then the root).
+        child with parameters, then the root). With ``cfg.init_from`` its weights are loaded
+        from that folder (unless the run resumes); it may then be built on the meta device
+        (``with torch.device("meta")``): it gets storage only once sharded, and each rank reads
+        only its shards (:mod:`unif2ace.train.sharded`; ``model.reset_buffers()``, when
+        defined, recomputes the buffers checkpoints do not hold). With
+        ``cfg.activation_checkpointing`` each shard unit recomputes its forward in backward.
     dataset : indexable with ``len()``
     collate : ``list[item] -> batch`` (tensors anywhere inside dicts/lists/tuples are moved to
         the device; a mapping batch with ``num_tokens`` enables tokens/s).
@@ -350,6 +405,10 @@ def train(
     stop_after : int, optional
         Return right after optimizer step ``stop_after``, before any checkpoint of that step (a
         simulated kill, for tests).
+    on_start : ``(model) -> None``, optional
+        Called under ``torch.no_grad`` on every rank once the starting weights are in place
+        (not when resuming, whose checkpoint holds everything): e.g. buffers fitted from the
+        data, such as the embedding statistics of a model started from ``init_from``.
 
     Returns
     -------
@@ -357,7 +416,9 @@ def train(
     from 1, including steps done before a resume), ``wall_seconds`` (this run),
     ``samples_per_s`` and ``tokens_per_s`` (this run; ``None`` without ``num_tokens``),
     ``checkpoint`` (the newest, or ``None``), ``resumed_from``, ``skipped_checkpoints``
-    (``(folder, why)`` of each newer checkpoint that did not verify) and ``eval`` (the last one).
+    (``(folder, why)`` of each newer checkpoint that did not verify), ``eval`` (the last one)
+    and ``loaded`` (this rank's :class:`~unif2ace.train.sharded.LoadStats` as a dict when the
+    weights were loaded by ``init_from`` or into a meta model, else ``None``).
 
     Raises :class:`~unif2ace.io.FolderLocked` when another process trains into ``cfg.out``, and
     :class:`~unif2ace.train.checkpoint.CheckpointError` when it holds checkpoints of which none
@@ -369,7 +430,16 @@ def train(
             # rank 0 writes the folder, so rank 0 holds its lock; every rank learns the outcome
             _on_rank0(d, lambda: held.enter_context(lock_folder(cfg.out, "train")))
             return _train(
-                model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop_after
+                model,
+                dataset,
+                collate,
+                loss_fn,
+                cfg,
+                d,
+                model_config,
+                eval_fn,
+                stop_after,
+                on_start,
             )
     finally:
         if d.created:
@@ -392,7 +462,28 @@ def _on_rank0(d: _Dist, fn):
     return box[0]
 
 
-def _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop_after) -> dict:
+def _on_every_rank(d: _Dist, fn):
+    """``fn()`` on every rank; when it raises on any rank, every rank raises (a folder one rank
+    cannot read must not leave the others waiting in the next collective)."""
+    try:
+        result, err = fn(), None
+    except (ValueError, OSError) as e:
+        result, err = None, e
+    if d.world > 1:
+        errs = [None] * d.world
+        dist.all_gather_object(errs, None if err is None else f"{type(err).__name__}: {err}")
+        failed = [(r, e) for r, e in enumerate(errs) if e is not None]
+        if failed and err is None:
+            r, why = failed[0]
+            raise RuntimeError(f"rank {r} could not start: {why}")
+    if err is not None:
+        raise err
+    return result
+
+
+def _train(
+    model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop_after, on_start
+) -> dict:
     B, accum = cfg.batch_size, cfg.grad_accum
     if B % (d.world * accum):
         raise ValueError(
@@ -427,10 +518,10 @@ def _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop
                 f"{ck['path']}: checkpoint was written for another config: {diff}; "
                 "use another output folder or the same model config"
             )
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-    model.to(d.device)
-    wrapped = _wrap(model, d)
+    wrapped, loaded = _place(model, d, cfg, ck)
+    if ck is None and on_start is not None:
+        with torch.no_grad():
+            on_start(model)
     opt = build_optimizer(model, cfg)
     start, losses, elapsed_before, resumed_from = 0, [], 0.0, None
     last_ckpt = ck["path"] if ck is not None else None
@@ -570,6 +661,7 @@ def _train(model, dataset, collate, loss_fn, cfg, d, model_config, eval_fn, stop
         "eval": last_eval,
         "world_size": d.world,
         "parallel": d.parallel,
+        "loaded": loaded.to_dict() if loaded is not None else None,
     }
 
 
