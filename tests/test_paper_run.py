@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from conftest import GLOO, torchrun_two_cpu_processes  # noqa: E402
 from showo_mini import phi_reference, write_showo, write_tokenizer  # noqa: E402
 from test_features import tiny_face_onnx  # noqa: E402
 from test_magvitv2 import random_state, write_checkpoint  # noqa: E402
@@ -111,26 +112,50 @@ def _eval(run, model_dir, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def _copy_run(run, out):
+    """A fresh run folder with ``run``'s initial model, features and recipe (no training)."""
+    shutil.copytree(run / "init", out / "init")
+    shutil.copytree(run / "features", out / "features")
+    for name in ("run.json", "recipe.yaml"):
+        shutil.copy(run / name, out / name)
+    return out
+
+
 def test_killed_run_resumes_on_the_same_curve(run, parts, tmp_path):
     """train_paper stopped after step 6 (its checkpoint: step 4) and run again gives the uninterrupted run's losses."""
     from unif2ace.pipeline.recipe import read_recipe
 
     recipe = read_recipe(run / "recipe.yaml")
 
-    def fresh(name):
-        out = tmp_path / name
-        shutil.copytree(run / "init", out / "init")
-        shutil.copytree(run / "features", out / "features")
-        shutil.copy(run / "run.json", out / "run.json")
-        shutil.copy(run / "recipe.yaml", out / "recipe.yaml")
-        return out
-
-    a, b = fresh("a"), fresh("b")
+    a, b = _copy_run(run, tmp_path / "a"), _copy_run(run, tmp_path / "b")
     whole = train_paper(a, recipe, progress=False)["losses"]
     train_paper(b, recipe, progress=False, stop_after=6)  # checkpoint at step 4
     resumed = train_paper(b, recipe, progress=False)
     assert resumed["resumed_from"] is not None
     torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(whole))
+
+
+@pytest.mark.skipif(not GLOO, reason="torch.distributed with gloo is not available")
+def test_two_process_fsdp2_equals_one_process(run, tmp_path):
+    """The fine-tune from Show-o under FSDP2 on 2 processes (gloo; each rank materialises only
+    its shards of ``init/``) gives the 1-process loss curve at the same global batch."""
+    from unif2ace.pipeline.recipe import read_recipe
+
+    one, two = _copy_run(run, tmp_path / "one"), _copy_run(run, tmp_path / "two")
+    # the balance losses are statistics of each rank's batch (as in every MoE trainer) and the
+    # noise expert draws per rank: without them, 2 ranks compute what 1 does
+    for r in (one, two):
+        conf = json.loads((r / "init" / "config.json").read_text())
+        conf.update(balance_coef=0.0, seq_balance_coef=0.0, noise_std=0.0)
+        (r / "init" / "config.json").write_text(json.dumps(conf))
+    single = train_paper(one, read_recipe(run / "recipe.yaml"), progress=False)["losses"]
+    res = torchrun_two_cpu_processes("paper_worker.py", tmp_path / "r.json", two)
+    assert len(res["losses"]) == len(single) == 8
+    torch.testing.assert_close(
+        torch.tensor(res["losses"]), torch.tensor(single), rtol=1e-4, atol=1e-5
+    )
+    loaded = res["loaded"]
+    assert loaded["local_numel"] < 0.55 * loaded["numel"]  # rank 0 holds about half
 
 
 def test_bad_inputs_are_named(parts, tmp_path, capsys):

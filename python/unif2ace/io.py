@@ -243,3 +243,11 @@ class TensorFolder:
             return self._bin[name]
         with safe_open(str(self._where[name]), "pt") as f:
             return f.get_tensor(name)
+
+    def get_slice(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+        """``get(name)[box]`` reading only the box's bytes from a safetensors file (a rank's
+        rows of a sharded parameter); ``box = ()`` reads the whole (0-dim) tensor."""
+        if self._bin is not None:
+            return self._bin[name][box]
+        with safe_open(str(self._where[name]), "pt") as f:
+            return f.get_slice(name)[box] if box else f.get_tensor(name)

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
@@ -55,14 +54,7 @@ def folder_source(folder) -> WeightSource:
     tensors = TensorFolder(folder, FOLDER_FILES)
     shapes = {k: tensors.shape(k) for k in tensors.keys()}
 
-    def read(name: str, box: Box) -> torch.Tensor:
-        # TensorFolder keeps the file of each tensor; it has no reader of a slice (yet)
-        with safe_open(str(tensors._where[name]), "pt") as f:
-            if not box:  # a 0-dim tensor
-                return f.get_tensor(name)
-            return f.get_slice(name)[box]
-
-    return WeightSource(str(folder), shapes, read)
+    return WeightSource(str(folder), shapes, tensors.get_slice)
 
 
 def state_source(state: dict, where: str) -> WeightSource:

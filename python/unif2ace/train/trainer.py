@@ -393,8 +393,9 @@ def train(
     collate : ``list[item] -> batch`` (tensors anywhere inside dicts/lists/tuples are moved to
         the device; a mapping batch with ``num_tokens`` enables tokens/s).
     loss_fn : ``(model, batch, step) -> (loss, metrics)``: ``loss`` a scalar tensor, the MEAN
-        over the micro-batch; ``metrics`` a ``dict[str, float | 0-dim tensor]`` (same keys on
-        every rank; tensors are read only on the steps that log);
+        over the micro-batch; ``metrics`` a ``dict[str, float | 0-dim tensor]`` (the keys any
+        rank returns at the first step are logged, a key a rank lacks counting 0 there;
+        tensors are read only on the steps that log);
         ``step`` the number of optimizer steps already taken (0 on the first).
     cfg : TrainConfig
     model_config : dict, optional
@@ -587,8 +588,12 @@ def _train(
         opt.zero_grad(set_to_none=True)
 
         # one all-reduce per step: loss, tokens and metrics averaged (tokens summed) over ranks
-        if metric_keys is None:
-            metric_keys = sorted(metric_acc)
+        if metric_keys is None:  # the keys any rank reported at the first step, on every rank
+            metric_keys = sorted(metric_acc)  # (a rank without, e.g., t2i rows lacks loss_t2i)
+            if d.world > 1:
+                every: list = [None] * d.world
+                dist.all_gather_object(every, metric_keys)
+                metric_keys = sorted(set().union(*every))
         ntok_t = torch.tensor([0.0 if math.isnan(ntok) else ntok], dtype=torch.float64)
         zero = torch.zeros((), dtype=torch.float64, device=d.device)
         metric_t = [metric_acc.get(m, zero).view(1) for m in metric_keys]
