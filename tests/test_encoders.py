@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from onnx_mini import tiny_face_onnx
 
 from unif2ace.data.synthface import draw_arrays
 from unif2ace.data.taxonomy import CATEGORIES, NUM_VALUES
@@ -181,35 +182,11 @@ def test_clip_vision_adapter_with_tiny_model(tmp_path, faces):
         ClipVisionAdapter(tmp_path / "nope")
 
 
-def _tiny_face_onnx(path, batch):
-    """NCHW [batch, 3, 112, 112] -> global average pool -> linear -> [batch, 8]."""
-    import onnx  # optional: the test skips without it
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
-    nodes = [
-        helper.make_node("GlobalAveragePool", ["x"], ["p"]),
-        helper.make_node("Flatten", ["p"], ["f"]),
-        helper.make_node("MatMul", ["f", "w"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "face",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 112, 112])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 8])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return w
-
-
 @pytest.mark.parametrize("batch", ["N", 4])
 def test_onnx_face_adapter_with_tiny_model(tmp_path, faces, batch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    w = _tiny_face_onnx(tmp_path / "face.onnx", batch)
+    w = tiny_face_onnx(tmp_path / "face.onnx", batch=batch)
     ad = OnnxFaceAdapter(tmp_path / "face.onnx")
     assert ad.size == (112, 112) and ad.dim == 8
     e = ad.embed(faces.images[:6])  # 6 images: a fixed batch of 4 pads its last batch

@@ -10,9 +10,9 @@ import json
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
+from onnx_mini import tiny_face_onnx
 from PIL import Image
 from safetensors import safe_open
 from test_magvitv2 import MINI, random_state, write_checkpoint
@@ -247,40 +247,18 @@ def test_clip_folder(tmp_path, dataset, magvit):
     assert _build(dataset, tmp_path / "f", magvit, clip=tmp_path / "clip", face=None)["skipped"]
 
 
-def tiny_face_onnx(path, side: int, dim: int = 8):
-    """NCHW [N, 3, side, side] -> global average pool -> linear -> [N, dim]."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    w = np.random.default_rng(0).standard_normal((3, dim)).astype(np.float32)
-    nodes = [
-        helper.make_node("GlobalAveragePool", ["x"], ["p"]),
-        helper.make_node("Flatten", ["p"], ["f"]),
-        helper.make_node("MatMul", ["f", "w"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "face",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, side, side])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", dim])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
-
-
 def test_face_onnx_input_size(tmp_path, dataset, magvit):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    ok = tiny_face_onnx(tmp_path / "face112.onnx", 112)
+    ok = tmp_path / "face112.onnx"
+    tiny_face_onnx(ok, 112)
     res = _build(dataset, tmp_path / "f", magvit, face=ok, clip=None)
     assert res["face_dim"] == 8
     m = FeatureCache(tmp_path / "f").manifest["encoders"]["face"]
     assert m["source"] == str(ok.resolve()) and m["input_size"] == [112, 112]
     assert len(m["weights_sha256"]) == 64 and m["class"] == "OnnxFaceAdapter"
-    small = tiny_face_onnx(tmp_path / "face96.onnx", 96)
+    small = tmp_path / "face96.onnx"
+    tiny_face_onnx(small, 96)
     with pytest.raises(ValueError) as e:
         _build(dataset, tmp_path / "g", magvit, face=small)
     msg = str(e.value)
@@ -304,7 +282,8 @@ def test_tokenize_images_command(tmp_path, dataset, release_magvit, capsys, monk
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     monkeypatch.setitem(cli.COMMANDS, "tokenize-images", features_cli.COMMANDS["tokenize-images"])
-    face = tiny_face_onnx(tmp_path / "face.onnx", 112)
+    face = tmp_path / "face.onnx"
+    tiny_face_onnx(face, 112)
     run = tmp_path / "run"
     argv = ["tokenize-images", "--data", str(dataset), "--magvit", str(release_magvit)]
     argv += ["--face-onnx", str(face), "--out", str(run), "--image-size", str(SIZE)]

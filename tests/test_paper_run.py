@@ -17,8 +17,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from onnx_mini import tiny_face_onnx  # noqa: E402
 from showo_mini import phi_reference, write_showo, write_tokenizer  # noqa: E402
-from test_features import tiny_face_onnx  # noqa: E402
 from test_magvitv2 import random_state, write_checkpoint  # noqa: E402
 
 from conftest import GLOO, torchrun_two_cpu_processes  # noqa: E402

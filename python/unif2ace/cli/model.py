@@ -35,7 +35,7 @@ from unif2ace.pipeline import (
     train_unified,
 )
 from unif2ace.pipeline.assets import check_model_assets
-from unif2ace.pipeline.paper import is_paper_run
+from unif2ace.pipeline.paper import PaperPipeline, is_paper_run
 from unif2ace.pipeline.recipe import model_config
 
 COMMANDS = Commands()
@@ -84,6 +84,14 @@ def _infer_args(p):
     p.add_argument("--model-dir", type=Path, help="model folder (default <out>/model)")
 
 
+def _pipeline(args):
+    """The run's pipeline: a run started from Show-o (``unif2ace init --from-showo``) or a
+    SynthFace run folder."""
+    if is_paper_run(args.out):
+        return PaperPipeline(args.out, args.model_dir)
+    return Pipeline.load(args.out, args.model_dir)
+
+
 def _decode_args(p):
     p.add_argument("--steps", type=pos_int, help="MaskGIT decode steps (12; Show-o: 18)")
     p.add_argument(
@@ -118,9 +126,7 @@ def run_generate(args) -> dict:
     _decode_defaults(args, showo=args.showo is not None or is_paper_run(args.out))
     if args.showo is not None:  # the released Show-o: one PNG per sample under --out
         return showo.generate(args)
-    if is_paper_run(args.out):
-        return paper.generate(args)
-    pipe = Pipeline.load(args.out, args.model_dir)  # first: a missing run folder is named as such
+    pipe = _pipeline(args)  # first: a missing run folder is named as such
     path = writable_file(args.grid or Path(args.out) / "samples" / "generate.png", "--grid")
     prompts = [p for p in args.prompt for _ in range(args.per_prompt)]
     images = pipe.generate(
@@ -167,10 +173,8 @@ def run_answer(args) -> dict:
         return showo.answer(args)
     if args.out is None:
         raise ValueError("--out RUN (a run folder) or --showo DIR (a released Show-o) is required")
-    if is_paper_run(args.out):
-        return paper.answer(args, _load_images)
-    pipe = Pipeline.load(args.out, args.model_dir)
-    images = _load_images(args.image, pipe.assets.image_size)
+    pipe = _pipeline(args)
+    images = _load_images(args.image, pipe.image_size)
     qs = args.question * len(images) if len(args.question) == 1 else args.question
     answers = pipe.answer(images, qs)
     return {
@@ -189,10 +193,8 @@ def _add_caption(p):
 
 
 def run_caption(args) -> dict:
-    if is_paper_run(args.out):
-        return paper.caption(args, _load_images)
-    pipe = Pipeline.load(args.out, args.model_dir)
-    caps = pipe.caption(_load_images(args.image, pipe.assets.image_size))
+    pipe = _pipeline(args)
+    caps = pipe.caption(_load_images(args.image, pipe.image_size))
     return {"captions": [{"image": str(i), "caption": c} for i, c in zip(args.image, caps)]}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from unif2ace.cli._common import Commands, save_grid, writable_file
+from unif2ace.cli._common import Commands
 
 COMMANDS = Commands()
 
@@ -72,48 +72,6 @@ def train(args) -> dict:
         raise ValueError("--model-dir: a run from Show-o trains into <out>/model")
     res = train_paper(args.out, recipe_of(args), progress=not args.quiet)
     return {k: res[k] for k in ("step", "loss", "model_dir") if k in res}
-
-
-def generate(args) -> dict:
-    from unif2ace.pipeline.paper import PaperPipeline
-
-    pipe = PaperPipeline(args.out, args.model_dir)
-    path = writable_file(args.grid or Path(args.out) / "samples" / "generate.png", "--grid")
-    prompts = [p for p in args.prompt for _ in range(args.per_prompt)]
-    images = pipe.generate(
-        prompts,
-        steps=args.steps,
-        guidance=args.guidance,
-        temperature=args.temperature,
-        seed=args.seed,
-    )
-    save_grid(images, path, cols=args.per_prompt)
-    return {"grid": str(path), "images": len(images)}
-
-
-def answer(args, load_images) -> dict:
-    from unif2ace.pipeline.paper import PaperPipeline
-
-    pipe = PaperPipeline(args.out, args.model_dir)
-    images = load_images(args.image, pipe.size)
-    qs = args.question * len(images) if len(args.question) == 1 else args.question
-    if len(qs) != len(images):
-        raise ValueError(f"{len(qs)} questions for {len(images)} images (give one, or one each)")
-    return {
-        "answers": [
-            {"image": str(i), "question": q, "answer": a}
-            for i, q, a in zip(args.image, qs, pipe.answer(images, qs))
-        ]
-    }
-
-
-def caption(args, load_images) -> dict:
-    from unif2ace.pipeline.paper import PaperPipeline
-
-    pipe = PaperPipeline(args.out, args.model_dir)
-    images = load_images(args.image, pipe.size)
-    caps = pipe.caption(images)
-    return {"captions": [{"image": str(i), "caption": c} for i, c in zip(args.image, caps)]}
 
 
 def evaluate(args) -> dict:

@@ -171,6 +171,11 @@ class Pipeline:
         check_model_assets(model_dir, assets)  # the tokenizers and encoders it was trained with
         return cls(UniF2ace.from_pretrained(model_dir), assets)
 
+    @property
+    def image_size(self) -> int:
+        """The side of the images the run's tokenizer takes."""
+        return self.assets.image_size
+
     def _tokens(self, texts: list[str], what: str) -> list[list[int]]:
         out = []
         for i, t in enumerate(texts):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -334,7 +335,7 @@ class PaperPipeline:
         from unif2ace.vq.magvitv2 import load_magvitv2
 
         self.magvit = load_magvitv2(self.run["magvit"])
-        self.size = int(round(self.cfg.image_tokens**0.5)) * 16
+        self.image_size = math.isqrt(self.cfg.image_tokens) * 16  # MAGVIT-v2: 16 px a code
         self._encoders = None
 
     def generate(self, prompts: list[str], *, steps=18, guidance=5.0, temperature=1.0, seed=0):
@@ -370,7 +371,7 @@ class PaperPipeline:
         from unif2ace.vq.magvitv2 import preprocess_image
 
         x = torch.cat(
-            [preprocess_image(Image.fromarray(np.asarray(im)), self.size) for im in images]
+            [preprocess_image(Image.fromarray(np.asarray(im)), self.image_size) for im in images]
         )
         with torch.no_grad():
             codes = self.magvit.get_code(x)
