@@ -105,6 +105,34 @@ def test_train_lowers_the_loss_and_the_run_answers(run, parts, capsys):
     assert _cli("caption", "--out", run, "--image", img, "--quiet") == 0
 
 
+def test_answers_see_the_features_training_saw(run, monkeypatch):
+    """``PaperPipeline.answer`` gives the model what ``tokenize-images`` cached for the image
+    (its codes, and its CLIP and face embeddings unstandardised: the model standardises them),
+    and the question in Show-o's words."""
+    import numpy as np
+    from PIL import Image
+
+    from unif2ace.pipeline import paper as paper_mod
+    from unif2ace.pipeline.features import FeatureCache
+
+    seen = {}
+
+    def spy(model, codes, questions, **kw):
+        seen.update(codes=codes, questions=questions, **kw)
+        return [[] for _ in questions]
+
+    monkeypatch.setattr(paper_mod, "generate_text", spy)
+    pipe = paper_mod.PaperPipeline(run, run / "init")
+    feats = FeatureCache(run / "features" / "train")
+    data = feats.check(feats.manifest["dataset_root"])
+    img = np.asarray(Image.open(data.path(1)).convert("RGB"))
+    pipe.answer([img], ["What is her hair like?"])
+    assert torch.equal(seen["codes"], feats.codes[1:2].long())
+    torch.testing.assert_close(seen["semantic"], feats.clip[1:2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(seen["identity"], feats.face[1:2], rtol=1e-4, atol=1e-5)
+    assert seen["questions"] == [pipe.tok.encode("USER: \nWhat is her hair like? ASSISTANT:")]
+
+
 def _eval(run, model_dir, capsys) -> dict:
     capsys.readouterr()
     code = _cli("evaluate", "--out", run, "--model-dir", model_dir, "--split", "train", "--quiet")

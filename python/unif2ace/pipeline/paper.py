@@ -381,8 +381,8 @@ class PaperPipeline:
             self.model,
             codes,
             qs,
-            semantic=self.model.standardize_embeddings("semantic", sem),
-            identity=self.model.standardize_embeddings("identity", ide),
+            semantic=sem,  # raw, as training gets them: the model standardises them
+            identity=ide,
             max_new_tokens=max_new_tokens,
         )
         return [self.tok.decode(o).strip() for o in outs]
