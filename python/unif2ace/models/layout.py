@@ -55,8 +55,9 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class Tokens:
-    """The special ids a layout writes (``user`` / ``assistant`` None: the question carries its
-    own words; ``bos`` None: no BOS)."""
+    """The special ids a layout writes. Around an MMU question: ``first`` before the first one
+    (after ``<|eoi|>``), ``next`` before each later one, ``after`` between a question and its
+    answer (empty where the question carries its own words, as Show-o's do)."""
 
     pad: int
     soi: int
@@ -65,19 +66,21 @@ class Tokens:
     mmu: int
     eos: int
     bos: int | None = None
-    user: int | None = None
-    assistant: int | None = None
+    first: tuple[int, ...] = ()
+    next: tuple[int, ...] = ()
+    after: tuple[int, ...] = ()
 
 
 def tokens_of(cfg) -> Tokens:
     """The special ids of ``cfg.layout``."""
     if cfg.layout == "showo":
         i = cfg.special_ids
-        return Tokens(i["pad"], i["soi"], i["eoi"], i["t2i"], i["mmu"], i["eos"], i["bos"])
+        bos = i["bos"]
+        return Tokens(i["pad"], i["soi"], i["eoi"], i["t2i"], i["mmu"], i["eos"], bos, (bos,))
+    ask, tell = (st.USER_ID,), (st.ASSISTANT_ID,)
     return Tokens(
-        st.PAD_ID, st.SOI_ID, st.EOI_ID, st.T2I_ID, st.MMU_ID, st.EOT_ID, None,
-        st.USER_ID, st.ASSISTANT_ID,
-    )  # fmt: skip
+        st.PAD_ID, st.SOI_ID, st.EOI_ID, st.T2I_ID, st.MMU_ID, st.EOT_ID, None, ask, ask, tell
+    )
 
 
 @dataclass
@@ -202,28 +205,23 @@ def _row(cfg, ex: Example):
     img = (codes.long() + off).tolist()
     if ex.task not in (TASK_T2I, TASK_MMU):
         raise ValueError(f"example {ex.index}: task must be 0 (mmu) or 1 (t2i), got {ex.task}")
-    if cfg.layout == "showo":
-        return _showo_row(cfg, ex, img)
-    text = list(ex.prompt)[: cfg.max_text_len]
     if ex.task == TASK_T2I:
-        pad = cfg.max_text_len - len(text)
-        ids = [st.PAD_ID] * pad + [st.T2I_ID] + text + [st.SOI_ID] + img + [st.EOI_ID]
-        is_img = [False] * (pad + 2 + len(text)) + [True] * N + [False]
-        valid = [False] * pad + [True] * (len(ids) - pad)
-        prompt = [False] * (pad + 1) + [True] * len(text) + [False] * (N + 2)
-        pool = [v and not m for v, m in zip(valid, is_img)]  # the routing sees the prompt only
-        return ids, is_img, valid, pool, prompt, [IGNORE] * len(ids)
-    head = [st.MMU_ID, st.SOI_ID] + img + [st.EOI_ID, st.USER_ID] + text + [st.ASSISTANT_ID]
-    answer = [] if ex.answer is None else list(ex.answer)[: cfg.max_text_len] + [st.EOT_ID]
+        return (_showo_t2i_row if cfg.layout == "showo" else _t2i_row)(cfg, ex, img)
+    t = tokens_of(cfg)
+    text = list(ex.prompt)[: cfg.max_text_len]
+    head = [t.mmu, t.soi] + img + [t.eoi, *t.first] + text + [*t.after]
+    answer = [] if ex.answer is None else list(ex.answer)[: cfg.max_text_len] + [t.eos]
     if ex.turns and ex.answer is None:
         raise ValueError(f"example {ex.index}: more turns need the first turn's answer")
     ids, lab = head + answer, [IGNORE] * len(head) + answer  # lab: the answer tokens to learn
     for q, a in ex.turns:
-        q, a = list(q)[: cfg.max_text_len], list(a)[: cfg.max_text_len] + [st.EOT_ID]
-        if len(ids) + len(q) + len(a) + 2 > cfg.max_seq_len:
+        q = [*t.next] + list(q)[: cfg.max_text_len] + [*t.after]
+        a = list(a)[: cfg.max_text_len] + [t.eos]
+        if len(ids) + len(q) + len(a) > cfg.max_seq_len:
             break  # a conversation never outgrows the longest single-turn row
-        ids += [st.USER_ID] + q + [st.ASSISTANT_ID] + a
-        lab += [IGNORE] * (len(q) + 2) + a
+        ids += q + a
+        lab += [IGNORE] * len(q) + a
+    N = cfg.image_tokens
     is_img = [False, False] + [True] * N + [False] * (len(ids) - N - 2)
     pool = [True] * len(head) + [False] * (len(ids) - len(head))  # the first question's context
     # targets[i] = the token position i predicts (i + 1), on answer tokens only
@@ -231,35 +229,30 @@ def _row(cfg, ex: Example):
     return ids, is_img, [True] * len(ids), pool, [False] * len(ids), targets
 
 
-def _showo_row(cfg, ex: Example, img: list[int]):
-    """:func:`_row` of layout "showo" (see the module docstring)."""
+def _t2i_row(cfg, ex: Example, img: list[int]):
+    """A t2i row of layout "synthface" (see the module docstring)."""
+    N, text = cfg.image_tokens, list(ex.prompt)[: cfg.max_text_len]
+    pad = cfg.max_text_len - len(text)
+    ids = [st.PAD_ID] * pad + [st.T2I_ID] + text + [st.SOI_ID] + img + [st.EOI_ID]
+    is_img = [False] * (pad + 2 + len(text)) + [True] * N + [False]
+    valid = [False] * pad + [True] * (len(ids) - pad)
+    prompt = [False] * (pad + 1) + [True] * len(text) + [False] * (N + 2)
+    pool = [v and not m for v, m in zip(valid, is_img)]  # the routing sees the prompt only
+    return ids, is_img, valid, pool, prompt, [IGNORE] * len(ids)
+
+
+def _showo_t2i_row(cfg, ex: Example, img: list[int]):
+    """A t2i row of layout "showo" (see the module docstring)."""
     t, N = tokens_of(cfg), cfg.image_tokens
-    if ex.task == TASK_T2I:
-        text = showo_text(cfg, ex.prompt)
-        pad = text.index(t.t2i)  # the leading pads
-        ids = text + [t.soi] + img + [t.eoi]
-        P = len(text)
-        is_img = [False] * (P + 1) + [True] * N + [False]
-        valid = [False] * pad + [True] * (len(ids) - pad)
-        prompt = [False] * len(ids)
-        for i in range(pad + 2, P - 1):  # between BOS and EOS
-            prompt[i] = True
-        pool = [v and not m for v, m in zip(valid, is_img)]
-        return ids, is_img, valid, pool, prompt, [IGNORE] * len(ids)
-    head = [t.mmu, t.soi] + img + [t.eoi, t.bos] + list(ex.prompt)[: cfg.max_text_len]
-    answer = [] if ex.answer is None else list(ex.answer)[: cfg.max_text_len] + [t.eos]
-    if ex.turns and ex.answer is None:
-        raise ValueError(f"example {ex.index}: more turns need the first turn's answer")
-    ids, lab = head + answer, [IGNORE] * len(head) + answer
-    for q, a in ex.turns:
-        q, a = list(q)[: cfg.max_text_len], list(a)[: cfg.max_text_len] + [t.eos]
-        if len(ids) + len(q) + len(a) > cfg.max_seq_len:
-            break
-        ids += q + a
-        lab += [IGNORE] * len(q) + a
-    is_img = [False, False] + [True] * N + [False] * (len(ids) - N - 2)
-    pool = [True] * len(head) + [False] * (len(ids) - len(head))
-    return ids, is_img, [True] * len(ids), pool, [False] * len(ids), lab[1:] + [IGNORE]
+    text = showo_text(cfg, ex.prompt)
+    pad = text.index(t.t2i)  # the leading pads
+    ids = text + [t.soi] + img + [t.eoi]
+    P = len(text)
+    is_img = [False] * (P + 1) + [True] * N + [False]
+    valid = [False] * pad + [True] * (len(ids) - pad)
+    prompt = [False] * (pad + 2) + [True] * (P - pad - 3) + [False] * (N + 3)  # BOS … EOS
+    pool = [v and not m for v, m in zip(valid, is_img)]
+    return ids, is_img, valid, pool, prompt, [IGNORE] * len(ids)
 
 
 def collate(cfg, examples: list[Example]) -> dict:

@@ -163,7 +163,8 @@ def _load_embedder(kind: str, spec, device) -> tuple[object, dict]:
     }
 
 
-def _check_face_input(face, source: str) -> None:
+def check_face_input(face, source: str) -> None:
+    """Refuse a face model whose input is not 112×112, naming what its ONNX declares."""
     size = getattr(face, "size", None)
     if size is None:
         return
@@ -335,7 +336,7 @@ def build_features(
         obj, ident = _load_embedder(kind, spec, device)
         where = ident["source"] or ident["class"]
         if kind == "face":
-            _check_face_input(obj, where)
+            check_face_input(obj, where)
         ident["dim"] = _probe_dim(obj, kind, where, image_size, expect)
         encoders[kind], ids[kind] = obj, ident
     n = len(data)

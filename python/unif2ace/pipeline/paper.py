@@ -37,13 +37,11 @@ from unif2ace.io import atomic_write_bytes, atomic_write_json, lock_folder
 from unif2ace.models import ModelConfig, UniF2ace, collate, get_config, parameter_count
 from unif2ace.models.layout import TASK_MMU, TASK_T2I, Example
 from unif2ace.models.sampling import generate_images, generate_text
-from unif2ace.pipeline.features import FeatureCache
-from unif2ace.pipeline.recipe import DATA_DEFAULTS, train_config
+from unif2ace.pipeline.features import FeatureCache, check_face_input
+from unif2ace.pipeline.recipe import DATA_DEFAULTS, train_and_save, train_config
 from unif2ace.showo.checkpoint import open_showo
-from unif2ace.showo.upcycle import _FIXED, upcycle_showo
+from unif2ace.showo.upcycle import showo_fixed, upcycle_showo
 from unif2ace.showo.vocab import PhiTokenizer
-from unif2ace.train.checkpoint import load_checkpoint
-from unif2ace.train.trainer import train
 
 KIND = "unif2ace-from-showo"
 RUN_FILE = "run.json"
@@ -86,15 +84,9 @@ def _encoder_dims(clip, face_onnx) -> dict:
         out["semantic_dim"] = dim
     if face_onnx is not None:
         from unif2ace.encoders.adapters import OnnxFaceAdapter
-        from unif2ace.pipeline.features import FACE_INPUT
 
         face = OnnxFaceAdapter(face_onnx)
-        if face.size != FACE_INPUT:
-            raise ValueError(
-                f"{face_onnx}: the face model takes {face.size[0]}×{face.size[1]} inputs; "
-                f"expected {FACE_INPUT[0]}×{FACE_INPUT[1]} (an ArcFace-style recognition model "
-                "such as AntelopeV2's glintr100.onnx)"
-            )
+        check_face_input(face, str(face_onnx))
         if not isinstance(face.dim, int):
             raise ValueError(f"{face_onnx}: the output size is not fixed ({face.dim!r})")
         out["identity_dim"] = face.dim
@@ -106,11 +98,7 @@ def paper_model_config(section: dict, showo_cfg: ModelConfig, dims: dict) -> Mod
     checkpoint (vocabulary, sizes, layout, MLP width) and the encoders (embedding sizes) fix."""
     section = dict(section)
     preset = section.pop("preset", "paper")
-    fixed = {k: getattr(showo_cfg, k) for k in _FIXED}
-    fixed["dense_ffn"] = showo_cfg.d_ff
-    fixed["d_ff"] = showo_cfg.d_ff
-    fixed["max_text_len"] = showo_cfg.max_text_len
-    return get_config(preset, **{**section, **fixed, **dims})
+    return get_config(preset, **{**section, **showo_fixed(showo_cfg), **dims})
 
 
 def init_run(
@@ -230,25 +218,20 @@ class PaperDataset(torch.utils.data.Dataset):
         return Example(TASK_MMU, codes, q, a, sem, ide, index=n, turns=rest)
 
 
-def _features(root: Path, run: dict, split: str) -> tuple[FeatureCache, UniF2aceData]:
+def _features(root: Path, split: str) -> tuple[FeatureCache, UniF2aceData]:
     feats = FeatureCache(root / "features" / split)
     return feats, feats.check(feats.manifest["dataset_root"])
 
 
 def _embedding_stats(model, feats: FeatureCache) -> None:
-    cfg = model.config
-    if feats.clip is not None and feats.face is not None and len(feats) >= 2:
-        model.fit_embedding_stats(feats.clip, feats.face)
-    elif feats.clip is not None or feats.face is not None:
-        dims = (cfg.semantic_dim, cfg.identity_dim)
-        sem = feats.clip if feats.clip is not None else torch.zeros(len(feats), dims[0])
-        ide = feats.face if feats.face is not None else torch.zeros(len(feats), dims[1])
-        if len(feats) >= 2:
-            model.fit_embedding_stats(sem, ide)
-
-
-def _loss(seed: int, model, batch, step):
-    return model(batch, loss=True, step=step, seed=seed)
+    """The standardisation of the cached embeddings (an encoder left out: zeros, as the model
+    then gets)."""
+    if (feats.clip is None and feats.face is None) or len(feats) < 2:
+        return
+    cfg, n = model.config, len(feats)
+    sem = feats.clip if feats.clip is not None else torch.zeros(n, cfg.semantic_dim)
+    ide = feats.face if feats.face is not None else torch.zeros(n, cfg.identity_dim)
+    model.fit_embedding_stats(sem, ide)
 
 
 def train_paper(
@@ -258,7 +241,7 @@ def train_paper(
     checkpoint that verifies. The final model goes to ``root/model``."""
     root = Path(root)
     run = read_run(root)
-    feats, data = _features(root, run, "train")
+    feats, data = _features(root, "train")
     cfg = init_config(root)
     _check_features(cfg, feats)
     tok = PhiTokenizer(run["tokenizer"])
@@ -271,22 +254,15 @@ def train_paper(
         model = UniF2ace(cfg)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with lock_folder(root, "train", shared=True) if rank0 else contextlib.nullcontext():
-        res = train(
+        return train_and_save(
             model,
             dataset,
-            functools.partial(collate, cfg),
-            functools.partial(_loss, tcfg.seed),
+            cfg,
             tcfg,
-            model_config=cfg.to_dict(),
+            out,
             stop_after=stop_after,
             on_start=functools.partial(_embedding_stats, feats=feats),
         )
-        if rank0 and res.get("step", 0) >= tcfg.steps:
-            final = UniF2ace(cfg)
-            load_checkpoint(res["checkpoint"], final)
-            final.save_pretrained(out)
-    res["model_dir"] = str(out)
-    return res
 
 
 def init_config(root) -> ModelConfig:
@@ -403,7 +379,7 @@ def evaluate_paper(root, model_dir=None, *, split: str = "test", max_items: int 
             f"(`unif2ace tokenize-images --split {split} --data DATASET --out {root}`)"
         )
     model = UniF2ace.from_pretrained(folder).eval()
-    feats, data = _features(root, run, split)
+    feats, data = _features(root, split)
     _check_features(model.config, feats)
     ds = PaperDataset(data, feats, PhiTokenizer(run["tokenizer"]), {})
     n = min(len(ds), max_items)

@@ -109,6 +109,38 @@ def _loss(seed: int, model, batch, step):
     return model(batch, loss=True, step=step, seed=seed)
 
 
+def train_and_save(
+    model,
+    dataset,
+    cfg: ModelConfig,
+    tcfg: TrainConfig,
+    out: Path,
+    *,
+    stop_after=None,
+    on_start=None,
+) -> dict:
+    """:func:`~unif2ace.train.trainer.train` of a :class:`UniF2ace` on ``dataset`` (items
+    :class:`~unif2ace.models.layout.Example`, collated for ``cfg``; the loss of
+    :meth:`UniF2ace.loss` seeded by ``tcfg.seed``); once the last step is done, rank 0 writes
+    the final weights to ``out`` (the final checkpoint holds them whole, also under FSDP2)."""
+    res = train(
+        model,
+        dataset,
+        functools.partial(collate, cfg),
+        functools.partial(_loss, tcfg.seed),
+        tcfg,
+        model_config=cfg.to_dict(),
+        stop_after=stop_after,
+        on_start=on_start,
+    )
+    if int(os.environ.get("RANK", "0")) == 0 and res.get("step", 0) >= tcfg.steps:
+        final = UniF2ace(cfg)
+        load_checkpoint(res["checkpoint"], final)
+        final.save_pretrained(out)
+    res["model_dir"] = str(out)
+    return res
+
+
 def train_unified(
     root, recipe: dict[str, dict], *, out=None, progress: bool = True, stop_after: int | None = None
 ) -> dict:
@@ -165,20 +197,6 @@ def _train_unified(assets: Assets, recipe: dict, out: Path, progress: bool, stop
             atomic_write_json(
                 steps_file, {"steps": tcfg.steps, "seconds_per_step": sec, "max_minutes": budget}
             )
-    res = train(
-        model,
-        dataset,
-        functools.partial(collate, cfg),
-        functools.partial(_loss, tcfg.seed),
-        tcfg,
-        model_config=cfg.to_dict(),
-        stop_after=stop_after,
-    )
-    # the final checkpoint holds the full weights (rank 0 writes it, also under FSDP2)
-    if int(os.environ.get("RANK", "0")) == 0 and res.get("step", 0) >= tcfg.steps:
-        final = UniF2ace(cfg)
-        load_checkpoint(res["checkpoint"], final)
-        final.save_pretrained(out)
-    res["model_dir"] = str(out)
+    res = train_and_save(model, dataset, cfg, tcfg, out, stop_after=stop_after)
     res["config"] = {"model": cfg.to_dict(), "train": dataclasses.asdict(tcfg), "data": data}
     return res

@@ -42,6 +42,14 @@ _FIXED = (
 )  # fmt: skip
 
 
+def showo_fixed(showo_cfg: ModelConfig) -> dict:
+    """The config fields a Show-o checkpoint fixes for a model started from it: its vocabulary,
+    sizes and layout, its MLP as the dense path, its text length."""
+    fixed = {k: getattr(showo_cfg, k) for k in _FIXED}
+    return {**fixed, "dense_ffn": showo_cfg.d_ff, "d_ff": showo_cfg.d_ff,
+            "max_text_len": showo_cfg.max_text_len}  # fmt: skip
+
+
 def check_compatible(cfg: ModelConfig, showo_cfg: ModelConfig, where: str) -> None:
     """Raise ``ValueError`` naming every field where ``cfg`` cannot start from this Show-o."""
     diff = {
@@ -116,13 +124,6 @@ def miniature_paper_config(showo_cfg: ModelConfig, **overrides) -> ModelConfig:
     """The "paper" config resized to a (miniature) Show-o's sizes: its vocabulary, width, depth,
     heads and MLP, with experts of 1/8 of its MLP and embeddings of ``semantic_dim`` /
     ``identity_dim`` (for tests and trials on small checkpoints)."""
-    fixed = {k: getattr(showo_cfg, k) for k in _FIXED}
-    base = {
-        **fixed,
-        "max_text_len": showo_cfg.max_text_len,
-        "dense_ffn": showo_cfg.d_ff,
-        "d_ff": showo_cfg.d_ff,
-        "expert_ffn": max(1, showo_cfg.d_ff // 8),
-    }
+    base = {**showo_fixed(showo_cfg), "expert_ffn": max(1, showo_cfg.d_ff // 8)}
     cfg = get_config("paper", **{**base, **overrides})
     return dataclasses.replace(cfg, name="paper-mini")
