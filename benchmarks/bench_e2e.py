@@ -104,10 +104,13 @@ def synthetic_batch(cfg, B: int, device, seed: int = 0) -> dict:
 
 
 class Trainer:
-    """One model copy + its AdamW; ``step`` runs one training step under ``backend``."""
+    """One model copy + its AdamW; ``step`` runs one training step under ``backend`` on the next
+    of ``batches`` (cycling, so every provider sees the same batch at its n-th call)."""
 
-    def __init__(self, name: str, model, batch, backend: str, compiled: bool = False):
-        self.name, self.model, self.batch, self.backend = name, model, batch, backend
+    def __init__(self, name: str, model, batches, backend: str, compiled: bool = False):
+        self.name, self.model, self.backend = name, model, backend
+        self.batches = batches if isinstance(batches, list) else [batches]
+        self.calls = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
         # foreach=False: the default multi-tensor AdamW keeps fused temporaries that would blur
         # the memory comparison the same way in both providers; the per-tensor loop is the same
@@ -117,7 +120,7 @@ class Trainer:
         self.wall_s: list[float] = []  # wall seconds of every call (the first: compile_s)
         self.compiled = compiled
         if compiled:
-            self.loss_fn = torch.compile(model.loss, fullgraph=True)
+            self.loss_fn = model.compile_loss()
             self.opt_step = torch.compile(self.opt.step)
 
     def reset(self) -> None:
@@ -125,17 +128,18 @@ class Trainer:
         torch.manual_seed(0)
 
     def step(self):
+        batch = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
         c0, w0 = time.process_time(), time.perf_counter()
         with unif2ace.use_backend(self.backend):
             if self.compiled:
-                noise = self.model.draw_noise(self.batch, step=0, seed=0)
                 # the eager RNG stream in the graph (the noise expert's draws stay comparable)
                 with torch._inductor.config.patch(fallback_random=True):
-                    loss, _ = self.loss_fn(self.batch, noise=noise)
+                    loss, _ = self.loss_fn(batch, step=0, seed=0)
                     loss.backward()
                     self.opt_step()
             else:
-                loss, _ = self.model.loss(self.batch, step=0, seed=0)
+                loss, _ = self.model.loss(batch, step=0, seed=0)
                 loss.backward()
                 self.opt.step()
         self.cpu_s.append(time.process_time() - c0)
@@ -152,28 +156,33 @@ def build_case(
     extra: dict,
     profile: bool = False,
     compiled: bool = False,
+    n_batches: int = 1,
 ) -> Case:
     """One training step of config ``name`` (``extra``: model config overrides) on both
     providers; ``profile`` adds a torch.profiler step per provider to the report; ``compiled``
-    adds the two compiled providers."""
+    adds the two compiled providers; ``n_batches``: the steps cycle over that many batches
+    (other lengths, layouts and masked counts, as in training)."""
     overrides = {"n_layers": layers} if layers else {}
     overrides.update(extra)
     cfg = get_config(name, **overrides)
     torch.manual_seed(0)
     model = UniF2ace(cfg).to(device).train()
-    batch = synthetic_batch(cfg, B, device)
+    batches = [synthetic_batch(cfg, B, device, seed=s) for s in range(n_batches)]
+    batch = batches[0]
+    tokens = statistics.mean(b["num_tokens"] for b in batches)
     trainers = {
-        "torch": Trainer("torch", model, batch, "torch"),
-        "engine": Trainer("engine", copy.deepcopy(model), batch, "auto"),
+        "torch": Trainer("torch", model, batches, "torch"),
+        "engine": Trainer("engine", copy.deepcopy(model), batches, "auto"),
     }
     if compiled:
         for prov, backend in (("torch+compile", "torch"), ("engine+compile", "auto")):
-            trainers[prov] = Trainer(prov, copy.deepcopy(model), batch, backend, compiled=True)
+            trainers[prov] = Trainer(prov, copy.deepcopy(model), batches, backend, compiled=True)
     params = {
         "config": name,
         "layers": cfg.n_layers,
         "B": B,
-        "tokens": batch["num_tokens"],
+        "tokens": tokens,
+        "batches": n_batches,
         "seq_len": batch["input_ids"].shape[1],
         "dtype": "fp32",
         "device": device.type,
@@ -185,7 +194,7 @@ def build_case(
     def after(rows, report) -> None:
         for r in rows:
             if r.get("status") == "ok":
-                r["tokens_per_s"] = batch["num_tokens"] / (r["median_ms"] * 1e-3)
+                r["tokens_per_s"] = tokens / (r["median_ms"] * 1e-3)
                 t = trainers[r["provider"]]
                 r["cpu_ms"] = 1e3 * statistics.median(t.cpu_s) if t.cpu_s else None
                 if t.compiled and t.wall_s:
@@ -348,6 +357,7 @@ def case_specs(args) -> list[CaseSpec]:
             extra,
             args.profile,
             args.compile,
+            args.batches,
         )
         providers = ("torch", "engine")
         if args.compile:
@@ -380,6 +390,13 @@ def add_args(p) -> None:
         "--compile",
         action="store_true",
         help="add torch+compile and engine+compile (torch.compile of the loss and AdamW step)",
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=1,
+        help="cycle the steps over this many batches (other lengths and layouts, as training "
+        "does; the compiled providers then show whether they recompile)",
     )
 
 

@@ -1,12 +1,12 @@
 """UniF2ace's training loss and training step under ``torch.compile`` on CPU, on the "torch"
-backend and on "auto" (the C++ kernels): issue 22, items 1-2 for the model.
+backend and on "auto" (the C++ kernels), and whether one compile serves a run.
 
-The step's noise is host work (seeded CPU generators, 64-bit seed mixing) drawn outside the
-compiled region by :meth:`UniF2ace.draw_noise` and passed to :meth:`UniF2ace.loss`; what is
-compiled then traces as one graph, checks on or off. The compiled loss and every gradient agree
-with eager to rounding (Inductor fuses and reorders float arithmetic), over steps whose noise
-differs (other mask seeds and masked counts, a dropped prompt), which recompile once or twice and
-then run from the cache. The model has no noise expert here (``noise_std=0``: its ``randn``
+What depends on the batch's layout and on the step's noise (host values, seeded CPU generators)
+is :meth:`UniF2ace.prepare_loss`, run eagerly; what is compiled (:meth:`UniF2ace.loss_from`, by
+:meth:`UniF2ace.compile_loss`) traces as one graph, checks on or off, with the batch's sizes
+dynamic, so one compile serves batches of other lengths, layouts, masked counts and dropped
+prompts. The compiled loss and every gradient agree with eager to rounding (Inductor fuses and
+reorders float arithmetic). The model has no noise expert here (``noise_std=0``: its ``randn``
 would differ between eager and compiled).
 """
 
@@ -21,6 +21,7 @@ from model_data import examples, small_cfg
 from unif2ace import _backend
 from unif2ace.models import UniF2ace
 from unif2ace.models.layout import collate
+from unif2ace.models.unif2ace import mark_dynamic_sizes
 
 BACKENDS = ["torch"] + (["auto"] if _backend.cpu_ext() is not None else [])
 # steps whose noise differs: at step 4 the first t2i row's prompt is dropped, at 3 and 5 not
@@ -67,23 +68,32 @@ def test_noise_drawn_covers_the_steps_variety():
 @pytest.mark.parametrize("checks", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_loss_traces_without_graph_break(backend, checks):
+    """The compiled part of the loss (:meth:`UniF2ace.loss_from`) is one graph, checks on or off;
+    so is the whole :meth:`UniF2ace.loss` with the noise given."""
     model, batch = _model_and_batch()
     was = _backend.checks_enabled()
     unif2ace.set_checks(checks)
     try:
         with unif2ace.use_backend(backend):
-            torch._dynamo.reset()
-            ex = torch._dynamo.explain(model.loss)(batch, noise=model.draw_noise(batch, 4, SEED))
+            noise = model.draw_noise(batch, 4, SEED)
+            prepared = mark_dynamic_sizes(model.prepare_loss(batch, noise=noise))
+            for fn, args, kw in (
+                (model.loss_from, (prepared,), {}),
+                (model.loss, (batch,), {"noise": noise}),
+            ):
+                torch._dynamo.reset()
+                ex = torch._dynamo.explain(fn)(*args, **kw)
+                assert ex.graph_break_count == 0, [str(b.reason) for b in ex.break_reasons]
+                assert ex.graph_count == 1
     finally:
         unif2ace.set_checks(was)
         torch._dynamo.reset()
-    assert ex.graph_break_count == 0, [str(b.reason) for b in ex.break_reasons]
-    assert ex.graph_count == 1
 
 
-def test_masked_count_check_runs_in_the_compiled_loss(monkeypatch):
-    """With checks on, the loss's masked-count check is part of the compiled graph: a noise whose
-    counts disagree with the masks ``mask_tokens`` draws raises from the compiled call."""
+def test_masked_count_check_runs_before_the_compiled_graph():
+    """With checks on, the loss's masked-count check runs in the eager part of
+    :meth:`UniF2ace.compile_loss`: a noise whose counts disagree with the masks ``mask_tokens``
+    draws raises from the compiled call as from eager."""
     model, batch = _model_and_batch()
     noise = model.draw_noise(batch, 3, SEED)
     bad = noise._replace(num_masked=[noise.num_masked[0] + 1, *noise.num_masked[1:]])
@@ -94,12 +104,55 @@ def test_masked_count_check_runs_in_the_compiled_loss(monkeypatch):
     try:
         with unif2ace.use_backend("torch"):
             torch._dynamo.reset()
-            fn = torch.compile(model.loss, fullgraph=True, backend="aot_eager")
+            fn = model.compile_loss(backend="aot_eager")
             with pytest.raises(ValueError, match="UniF2ace.loss: mask has"):
                 fn(batch, noise=bad)
     finally:
         unif2ace.set_checks(was)
         torch._dynamo.reset()
+
+
+def _batches(cfg):
+    """Batches as a run meets them: other lengths, row orders and sample indices, t2i rows and
+    answers in each, padding in each."""
+    ex = examples(cfg, 7)
+    return [collate(cfg, ex[k : k + 4]) for k in (0, 1, 2, 3)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_graph_serves_every_batch(backend):
+    """:meth:`UniF2ace.compile_loss` compiles once for a run's batches: other sequence lengths,
+    token counts, masked counts and dropped prompts are sizes of one dynamic graph, not
+    recompiles (the loss traced with the layout's host values recompiled for each batch). The
+    compiled loss and gradients agree with eager on every batch."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model, _ = _model_and_batch()
+    batches = _batches(model.config)
+    assert len({b["input_ids"].shape[1] for b in batches}) > 1
+    steps = [(b, s) for b in batches for s in STEPS[:2]]
+    assert any(any(model.draw_noise(b, s, SEED).drop) for b, s in steps)
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    try:
+        with unif2ace.use_backend(backend):
+            fn = model.compile_loss(backend=counter)
+            for batch, step in steps:
+                lc, parts = fn(batch, step, SEED)
+                lc.backward()
+                gc = _grads(model)
+                model.zero_grad()
+                le, parts_e = model.loss(batch, step, SEED)
+                le.backward()
+                ge = _grads(model)
+                model.zero_grad()
+                assert rel_err(lc, le) < 1e-6, step
+                assert parts.keys() == parts_e.keys()
+                for name in ge:
+                    assert rel_err(gc[name], ge[name]) < 1e-5, (step, name)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
 
 
 def _grads(model):
@@ -109,19 +162,20 @@ def _grads(model):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_training_step_equals_eager(backend, checks_off):
-    """Loss, backward and AdamW: the compiled loss (fullgraph, Inductor) and the compiled
-    optimizer step against eager on a copy of the model, step after step; every step's loss and
-    gradients, and the parameters after the last update, agree to rounding."""
-    eager, batch = _model_and_batch()
+    """Loss, backward and AdamW: the compiled loss (:meth:`UniF2ace.compile_loss`, Inductor) and
+    the compiled optimizer step against eager on a copy of the model, step after step on other
+    batches; every step's loss and gradients, and the parameters after the last update, agree to
+    rounding."""
+    eager, _ = _model_and_batch()
     comp = copy.deepcopy(eager)
     opt_e = torch.optim.AdamW(eager.parameters(), lr=1e-3)
     opt_c = torch.optim.AdamW(comp.parameters(), lr=1e-3)
     torch._dynamo.reset()
-    loss_c = torch.compile(comp.loss, fullgraph=True)
+    loss_c = comp.compile_loss()
     opt_step = torch.compile(opt_c.step)
     try:
         with unif2ace.use_backend(backend):
-            for step in STEPS:
+            for step, batch in zip(STEPS, _batches(eager.config)):
                 noise = eager.draw_noise(batch, step, SEED)
                 le, _ = eager.loss(batch, noise=noise)
                 le.backward()

@@ -20,6 +20,23 @@ def test_kill_and_resume_gives_the_same_loss_curve(tmp_path):
     assert resumed["losses"] == full["losses"]
 
 
+def test_compiled_training_follows_the_eager_curve(tmp_path):
+    """``train.compile``: the recipes' loss under torch.compile (Inductor) trains on batches of
+    other lengths and layouts step after step, on the eager run's loss curve to rounding."""
+    torch._dynamo.reset()
+    try:
+        compiled = w.run(tmp_path / "compiled", steps=4, compile=True)
+    finally:
+        torch._dynamo.reset()
+    eager = w.run(tmp_path / "eager", steps=4)
+    torch.testing.assert_close(compiled["losses"], eager["losses"], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_with_fsdp2_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="train.compile.*FSDP2"):
+        TrainConfig(out=str(tmp_path), parallel="fsdp2", compile=True)
+
+
 def test_resume_with_another_model_config_fails(tmp_path):
     w.run(tmp_path / "a", steps=2)
     cfg = w.model_config()

@@ -13,6 +13,7 @@ import torch
 
 from model_data import examples
 from unif2ace.models import ModelConfig, UniF2ace, collate
+from unif2ace.pipeline.recipe import model_loss
 from unif2ace.train import TrainConfig, train
 
 
@@ -41,11 +42,10 @@ def make_dataset(cfg, n=32, seed=3):
     return examples(cfg, n, seed)
 
 
-def loss_fn(model, batch, step):
-    return model(batch, loss=True, step=step, seed=5)
+loss_fn = functools.partial(model_loss, 5)  # the recipes' loss: eager layout work, dynamic sizes
 
 
-def run(out, parallel="none", steps=6, stop_after=None):
+def run(out, parallel="none", steps=6, stop_after=None, compile=False):
     cfg = model_config()
     torch.manual_seed(0)
     model = UniF2ace(cfg)
@@ -60,6 +60,7 @@ def run(out, parallel="none", steps=6, stop_after=None):
         ckpt_every=2,
         progress=False,
         parallel=parallel,
+        compile=compile,
     )
     return train(
         model,

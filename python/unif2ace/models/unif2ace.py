@@ -144,6 +144,29 @@ def _masked_rows(x: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tenso
     return x[at[:, 0], at[:, 1]]
 
 
+def mark_dynamic_sizes(prepared: dict) -> dict:
+    """Mark the sizes of a :meth:`UniF2ace.prepare_loss` result that change from batch to batch
+    (the sequence length; the valid, masked and answer token counts) as dynamic for
+    ``torch.compile`` (``maybe_mark_dynamic``: a size the graph needs constant stays constant).
+    Returns ``prepared``."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    ctx = prepared["ctx"]
+    for t in (prepared["ids"], prepared["is_image"], *(ctx.get(k) for k in _ROW_WIDE)):
+        if t is not None:
+            mark(t, 1)
+    for t in (ctx.get("valid_flat"), ctx.get("group_flat")):
+        if t is not None:
+            mark(t, 0)
+    for part in ("t2i", "mmu"):
+        for name, t in prepared.get(part, {}).items():
+            if name != "scale":
+                mark(t, 0)
+    return prepared
+
+
+_ROW_WIDE = ("positions", "limit", "key_valid", "pool")  # the [B, L] tensors of the context
+
+
 class UniF2ace(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -366,17 +389,23 @@ class UniF2ace(nn.Module):
 
     def forward(
         self,
-        batch: dict,
+        batch: dict | None = None,
         *,
         loss: bool = False,
         step: int = 0,
         seed: int = 0,
         noise: StepNoise | None = None,
+        prepared: dict | None = None,
     ):
         """Full-vocabulary logits ``[B, L, V]`` (tests, small inputs), or with ``loss=True`` the
-        training loss and its parts (:meth:`loss`). Training goes through ``forward`` so that
-        DDP / FSDP2 wrappers see the call; sampling uses :meth:`image_logits`, and neither builds
-        the [B, L, V] logits."""
+        training loss and its parts (:meth:`loss`), or with ``prepared`` (a
+        :meth:`prepare_loss` result) :meth:`loss_from` of it. Training goes through ``forward``
+        so that DDP / FSDP2 wrappers (and ``torch.compile`` of the wrapped model) see the call;
+        sampling uses :meth:`image_logits`, and neither builds the [B, L, V] logits."""
+        if prepared is not None:
+            return self.loss_from(prepared)
+        if batch is None:
+            raise TypeError("UniF2ace.forward: pass a batch or prepared=")
         if loss:
             return self.loss(batch, step, seed, noise)
         h, _ = self.hidden_states(batch["input_ids"], batch)
@@ -402,7 +431,7 @@ class UniF2ace(nn.Module):
     ) -> tuple[torch.Tensor, dict]:
         """The training loss of a collated batch (see the module docstring) and its parts
         (detached 0-dim tensors ``loss``, ``balance``, ``loss_t2i``, ``loss_mmu``; read them when
-        logging).
+        logging): :meth:`loss_from` of :meth:`prepare_loss`.
 
         Every tensor of the step lives on the batch's device. The per-sample noise is drawn on
         the host (:meth:`draw_noise`; ``step`` and ``seed`` are used only for it) and moved once;
@@ -410,18 +439,24 @@ class UniF2ace(nn.Module):
         ``batch["meta"]`` (:class:`BatchMeta`), so with ``unif2ace.set_checks(False)`` the step
         reads nothing back from the device (the MoE ops' expert sizes aside).
 
-        ``noise``: the step's noise drawn beforehand by :meth:`draw_noise` (the same loss,
-        bit for bit). This is how to compile the loss: ``torch.compile(model.loss)(batch,
-        noise=model.draw_noise(batch, step, seed))`` traces without a graph break, checks on or
-        off (with checks on, the masked-count check runs inside ``ops.value_check``). The graph
-        is specialised on the batch's layout (``batch["meta"]``) and on which prompts the noise
-        drops: each new pattern is a recompile; the mask seeds and masked counts become dynamic
-        after the first recompile."""
+        ``noise``: the step's noise drawn beforehand by :meth:`draw_noise` (the same loss, bit
+        for bit). To compile the loss, use :meth:`compile_loss`."""
+        return self.loss_from(self.prepare_loss(batch, step, seed, noise))
+
+    def prepare_loss(
+        self, batch: dict, step: int = 0, seed: int = 0, noise: StepNoise | None = None
+    ) -> dict:
+        """Everything of a training step that depends on the batch's layout, as tensors: the
+        step's noise applied (image tokens masked, dropped prompts made padding), the attention
+        rule and MoE token lists (:meth:`_context`), and for each loss the flat positions of the
+        tokens it scores with their targets and weights. The layout's host values
+        (``batch["meta"]``) are used here and nowhere after, so :meth:`loss_from` is the same
+        traced graph for every batch: only tensor sizes change. No parameter is used."""
         cfg = self.config
         meta = BatchMeta.of(batch)
         ids = batch["input_ids"].clone()
         valid = batch["valid"].clone()
-        dev, B, N = ids.device, ids.shape[0], cfg.image_tokens
+        dev, (B, L) = ids.device, ids.shape
         rows = meta.t2i_rows
         R = len(rows)
         if noise is None:
@@ -443,56 +478,98 @@ class UniF2ace(nn.Module):
             masks.append(mask[0])
         dropped = [b for r, b in enumerate(rows) if noise.drop[r]]  # unconditional for CFG
         drop_prompts(cfg, ids, valid, meta, dropped)
-        step_batch = {**batch, "valid": valid, "meta": meta.drop_prompts(dropped)}
-        h, aux = self.hidden_states(ids, step_batch)
-        D = h.shape[-1]
-        zero = h.new_zeros(())
-        parts = {"balance": aux.detach()}
-        loss_t2i = zero
+        step_batch = {**batch, "valid": valid}
+        out = {
+            "ids": ids,
+            "is_image": batch["is_image"],
+            "ctx": self._context(step_batch, meta.drop_prompts(dropped)),
+        }
         if R:
-            rows_t = torch.tensor(rows).to(dev, non_blocking=True)
-            img = batch["is_image"][rows_t]
-            img_h = _masked_rows(h[rows_t], img, R * N).view(R, N, D)
-            clean = _masked_rows(batch["input_ids"][rows_t], img, R * N).view(R, N)
             mask = torch.stack(masks)  # [R, N]
             # each sequence's mean over its masked tokens, averaged over the batch's B sequences
             per_tok = 1.0 / (mask.sum(1).float() * B)  # [R]
             M = sum(noise.num_masked)
-            if _backend.checks_enabled():  # reads the mask (inside a custom op when traced)
+            if _backend.checks_enabled():  # reads the mask
                 mask = ops.value_check(mask, "count", "UniF2ace.loss", "mask", upper=M)
             at = torch.nonzero_static(mask, size=M)  # [M, 2]
             row_of, col = at[:, 0], at[:, 1]
-            ratio, dsigma = per_row[1], per_row[2]
-            w, bias = self.head_rows("image")
-            loss_t2i = ops.d3diff_linear_loss(
-                img_h[row_of, col],
-                w,
-                clean[row_of, col] - cfg.image_offset,
-                ratio[row_of],
-                (per_tok * cfg.w_ce)[row_of],
-                (per_tok * dsigma)[row_of],
-                cfg.alpha,
-                bias=bias,
-            )
-            parts["loss_t2i"] = loss_t2i.detach().double() * B / R
-        loss_mmu = zero
+            # the image of t2i row r starts at starts[r]: token (r, col) is h.view(B·L, D)[flat]
+            host = torch.tensor([[b * L + meta.image[b][0] for b in rows]])
+            flat = host[0].to(dev, non_blocking=True)[row_of] + col
+            out["t2i"] = {
+                "at": flat,
+                "target": batch["input_ids"].reshape(-1)[flat] - cfg.image_offset,
+                "ratio": per_row[1][row_of],
+                "w_ce": (per_tok * cfg.w_ce)[row_of],
+                "w_se": (per_tok * per_row[2])[row_of],
+                "scale": torch.tensor([B, R], dtype=torch.float64).to(dev, non_blocking=True),
+            }
         tgt = batch["targets"]
         n_learn = sum(meta.answer)
         if n_learn:
             sel = tgt != IGNORE
-            w, bias = self.head_rows("text")
             n_ans = sel.sum(1).float()  # [B] answer tokens per row
             at = torch.nonzero_static(sel, size=n_learn)  # [n_learn, 2]
-            # each row's mean over its answer tokens, averaged over the batch's B rows
-            row_w = (1.0 / (n_ans.clamp(min=1) * B))[at[:, 0]]
-            loss_mmu = ops.fused_linear_cross_entropy(
-                h[at[:, 0], at[:, 1]], w, tgt[at[:, 0], at[:, 1]], row_w, bias=bias
-            )
             n_rows = sum(n > 0 for n in meta.answer)
-            parts["loss_mmu"] = loss_mmu.detach().double() * B / n_rows
+            out["mmu"] = {
+                "at": at[:, 0] * L + at[:, 1],
+                "target": tgt[at[:, 0], at[:, 1]],
+                # each row's mean over its answer tokens, averaged over the batch's B rows
+                "w": (1.0 / (n_ans.clamp(min=1) * B))[at[:, 0]],
+                "scale": torch.tensor([B, n_rows], dtype=torch.float64).to(dev, non_blocking=True),
+            }
+        return out
+
+    def loss_from(self, prepared: dict) -> tuple[torch.Tensor, dict]:
+        """The loss and its parts (:meth:`loss`) of a step :meth:`prepare_loss` laid out: the
+        model's forward and the fused losses. Its graph depends on the batch only through tensor
+        sizes and on whether the step has t2i rows, answer tokens and padding."""
+        cfg = self.config
+        h, aux = self.run_layers(self.embed(prepared["ids"], prepared["is_image"]), prepared["ctx"])
+        h = h.flatten(0, 1)  # [B·L, D]
+        zero = h.new_zeros(())
+        parts = {"balance": aux.detach()}
+        loss_t2i = loss_mmu = zero
+        t2i, mmu = prepared.get("t2i"), prepared.get("mmu")
+        if t2i is not None:
+            w, bias = self.head_rows("image")
+            loss_t2i = ops.d3diff_linear_loss(
+                h[t2i["at"]],
+                w,
+                t2i["target"],
+                t2i["ratio"],
+                t2i["w_ce"],
+                t2i["w_se"],
+                cfg.alpha,
+                bias=bias,
+            )
+            scale = t2i["scale"]
+            parts["loss_t2i"] = loss_t2i.detach().double() * scale[0] / scale[1]
+        if mmu is not None:
+            w, bias = self.head_rows("text")
+            loss_mmu = ops.fused_linear_cross_entropy(
+                h[mmu["at"]], w, mmu["target"], mmu["w"], bias=bias
+            )
+            scale = mmu["scale"]
+            parts["loss_mmu"] = loss_mmu.detach().double() * scale[0] / scale[1]
         loss = cfg.w_t2i * loss_t2i + cfg.w_mmu * loss_mmu + aux
         parts["loss"] = loss.detach()
         return loss, parts
+
+    def compile_loss(self, **options):
+        """:meth:`loss` with its model part compiled: ``fn(batch, step=0, seed=0, noise=None)``
+        runs :meth:`prepare_loss` eagerly (the layout's host values, the step's noise) and
+        ``torch.compile(self.loss_from, fullgraph=True, **options)`` on its tensors, with the
+        sequence length and the token, masked and answer counts marked dynamic
+        (:func:`mark_dynamic_sizes`). One graph then serves every batch of a run: a new one is
+        compiled only for a new combination of (t2i rows or not, answer tokens or not, padding
+        or not) and for a count of 0 or 1, which torch.compile specialises."""
+        core = torch.compile(self.loss_from, **{"fullgraph": True, **options})
+
+        def fn(batch: dict, step: int = 0, seed: int = 0, noise: StepNoise | None = None):
+            return core(mark_dynamic_sizes(self.prepare_loss(batch, step, seed, noise)))
+
+        return fn
 
     # --- sampling ------------------------------------------------------------------------------
     def image_logits(self, input_ids: torch.Tensor, batch: dict) -> torch.Tensor:

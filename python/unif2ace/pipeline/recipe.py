@@ -35,6 +35,7 @@ import torch
 
 from unif2ace.io import atomic_write_json, lock_folder
 from unif2ace.models import ModelConfig, UniF2ace, collate, get_config
+from unif2ace.models.unif2ace import mark_dynamic_sizes
 from unif2ace.pipeline.assets import Assets, bind_model, check_model_assets
 from unif2ace.pipeline.model_data import UnifiedDataset, prepare_split
 from unif2ace.train.checkpoint import list_checkpoints, load_checkpoint
@@ -45,7 +46,7 @@ from unif2ace.train.config import (
     merge_dataclass,
     read_yaml,
 )
-from unif2ace.train.trainer import train
+from unif2ace.train.trainer import train, unwrap_model
 
 SECTIONS = ("model", "train", "data")
 # per image: two text->image rows, a caption row, and one row holding up to 8 of its questions
@@ -105,8 +106,11 @@ def _time_step(model, dataset, cfg, tcfg, reps: int = 3) -> float:
     return statistics.median(times[1:])  # the first call warms up
 
 
-def _loss(seed: int, model, batch, step):
-    return model(batch, loss=True, step=step, seed=seed)
+def model_loss(seed: int, model, batch, step):
+    """The wrapped model's loss: the layout's host work eagerly, the model through the wrapper
+    (DDP, FSDP2, torch.compile) with the batch's sizes dynamic (one graph for every batch)."""
+    prepared = unwrap_model(model).prepare_loss(batch, step, seed)
+    return model(prepared=mark_dynamic_sizes(prepared))
 
 
 def train_and_save(
@@ -127,7 +131,7 @@ def train_and_save(
         model,
         dataset,
         functools.partial(collate, cfg),
-        functools.partial(_loss, tcfg.seed),
+        functools.partial(model_loss, tcfg.seed),
         tcfg,
         model_config=cfg.to_dict(),
         stop_after=stop_after,

@@ -16,7 +16,7 @@ from unif2ace.train.config import (
     merge_dataclass,
     parse_override,
 )
-from unif2ace.train.trainer import GlobalOrder, build_optimizer, lr_at, train
+from unif2ace.train.trainer import GlobalOrder, build_optimizer, lr_at, train, unwrap_model
 
 __all__ = [
     "GlobalOrder",
@@ -33,4 +33,5 @@ __all__ = [
     "parse_override",
     "read_checkpoint",
     "train",
+    "unwrap_model",
 ]

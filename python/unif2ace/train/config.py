@@ -55,6 +55,10 @@ class TrainConfig:
     # shard (see unif2ace.train.sharded)
     init_from: str | None = None
     activation_checkpointing: bool = False  # each shard unit recomputes its forward in backward
+    # torch.compile the wrapped model (parallel "none" or "ddp"); the loss function should give
+    # the model inputs whose sizes are marked dynamic, as UniF2ace's does, so that one graph
+    # serves every batch (see UniF2ace.compile_loss); the first step compiles
+    compile: bool = False
 
     def __post_init__(self):
         _choice("amp", self.amp, AMP_CHOICES)
@@ -68,6 +72,11 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.compile and self.parallel == "fsdp2":
+            raise ValueError(
+                "train.compile: torch.compile of an FSDP2 model is not supported here yet; "
+                "use parallel=ddp or compile=false"
+            )
         if self.init_from is not None and not str(self.init_from).strip():
             raise ValueError("init_from must be a model folder or null, got an empty string")
 

@@ -223,6 +223,13 @@ def _place(model, d: _Dist, cfg: TrainConfig, ck: dict | None):
     return wrapped, loaded
 
 
+def unwrap_model(wrapped: torch.nn.Module) -> torch.nn.Module:
+    """The model under what :func:`train` wraps it in (``torch.compile``, DDP); FSDP2 changes
+    the model in place, so an FSDP2 model is its own."""
+    wrapped = getattr(wrapped, "_orig_mod", wrapped)
+    return wrapped.module if isinstance(wrapped, DDP) else wrapped
+
+
 @contextlib.contextmanager
 def _grad_sync(wrapped, parallel: str, sync: bool):
     """No gradient all-reduce / reduce-scatter on micro-batches before the last."""
@@ -520,6 +527,8 @@ def _train(
                 "use another output folder or the same model config"
             )
     wrapped, loaded = _place(model, d, cfg, ck)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
     if ck is None and on_start is not None:
         with torch.no_grad():
             on_start(model)

@@ -311,20 +311,19 @@ def _check_linear(op, hidden, weight, bias, backend) -> str:
     return name
 
 
-def _chunk_rows(N: int, D: int, K: int, chunk_size: int | None) -> int:
-    if chunk_size is not None:
-        return max(1, min(int(chunk_size), max(N, 1)))
-    # Logits block about the size of the hidden states (Liger's rule), a power of two ≥ 64 rows.
-    rows = max(1, (N * D) // max(K, 1))
-    return max(64, 1 << (rows - 1).bit_length()) if N > 64 else max(N, 1)
+def _chunk_rows(N: int, chunk_size: int | None) -> int:
+    """The custom op's ``chunk``: ``chunk_size`` clamped to ``[1, N]``, or 0 (the op picks from
+    the sizes it runs on, so a traced graph does not specialise on N)."""
+    if chunk_size is None:
+        return 0
+    return max(1, min(int(chunk_size), max(N, 1)))
 
 
 def _linear_loss(
     op, backend, hidden, weight, bias, rows, alpha, ignore_index, reduction, chunk_size
 ):
     """The chunked custom op under autograd (checked inputs; rows: targets, ratio, w_ce, w_se)."""
-    N, D = hidden.shape
-    chunk = _chunk_rows(N, D, weight.shape[0], chunk_size)
+    chunk = _chunk_rows(hidden.shape[0], chunk_size)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )

@@ -144,14 +144,22 @@ d3diff_loss_fwd.register_autograd(_d3diff_loss_backward, setup_context=_d3diff_l
 # ---- d3diff_linear_loss / fused_linear_cross_entropy: LM head fused with the loss -----------------
 
 
+def auto_chunk_rows(N: int, D: int, K: int) -> int:
+    """Rows per chunk when the caller gives none: a logits block about the size of the hidden
+    states (Liger's rule), a power of two ≥ 64 rows."""
+    rows = max(1, (N * D) // max(K, 1))
+    return max(64, 1 << (rows - 1).bit_length()) if N > 64 else max(N, 1)
+
+
 def _linear_chunks(hidden, weight, bias, rows, alpha, ignore_index, chunk, backend, scale, grads):
     """The row kernel chunk by chunk over ``hidden @ weight.T + bias``.
 
-    rows: (targets, ratio, w_ce, w_se); scale: None or [N] fp32 multiplying each gradient row;
-    grads: whether to compute them. Returns (loss [N], dh, dw, db), the gradients None if not
-    computed (db also without a bias).
+    rows: (targets, ratio, w_ce, w_se); chunk: rows per chunk, 0 for :func:`auto_chunk_rows`;
+    scale: None or [N] fp32 multiplying each gradient row; grads: whether to compute them.
+    Returns (loss [N], dh, dw, db), the gradients None if not computed (db also without a bias).
     """
-    N = hidden.shape[0]
+    N, D = hidden.shape
+    chunk = chunk or auto_chunk_rows(N, D, weight.shape[0])
     launch = _backend.launcher(KERNEL, backend)
     loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
     dh = dw = db = None
@@ -193,7 +201,8 @@ def d3diff_linear_loss(
     backend: str,
     op: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss [N], dh, dw, db) of the fused LM head + loss, ``chunk`` rows at a time.
+    """(loss [N], dh, dw, db) of the fused LM head + loss, ``chunk`` rows at a time (0: the
+    op's own choice, :func:`auto_chunk_rows`).
 
     rows = [targets, ratio, w_ce, w_se]. compute_grad: also the gradients (else dh, dw, db are
     empty), each row scaled by ``grad_rows`` when given (the backward of reduction="none"); db is
