@@ -1,10 +1,10 @@
 """End-to-end training step: UniF²ace.loss forward + backward + AdamW, engine kernels vs backend="torch".
 
-One fixed synthetic batch per config (half text→image, half image→text examples built with
+Synthetic batches per config (half text→image, half image→text examples built with
 :class:`~unif2ace.models.layout.Example` and :func:`~unif2ace.models.layout.collate`: random image
 codes, prompts, questions and answers of varied lengths, random semantic / identity embeddings).
-Two providers run the same step on two copies of one model (same initial weights, each with its
-own AdamW), in the same process, interleaved, medians:
+Two providers run the same steps on two copies of one model (same initial weights, each with its
+own AdamW: the trainer's, fused), in the same process, interleaved, medians:
 
 * ``engine``  ``unif2ace.use_backend("auto")``: the ops resolve to the C++ CPU kernels (``cpu``)
               on CPU, Triton / CUDA on a GPU — MoE routing + dispatch, the fused D3Diff / CE
@@ -18,20 +18,22 @@ is ``zero_grad`` (un-timed, so each step allocates its gradients as training doe
 (fixed ``step=0, seed=0``: same masks and times every call) → ``backward`` → ``AdamW.step``. The
 global RNG is re-seeded before each call (the sequence MoE's noise expert draws from it).
 
-Reported per provider: step time (median, IQR), tokens/s = ``batch["num_tokens"]`` / median step
+Reported per provider: step time (median, IQR), tokens/s = the batches' mean ``num_tokens`` / median step
 time, the speedup over ``torch``, and the peak extra CPU memory of one step (torch allocator events
 through the profiler, the harness's measure; RSS as a cross-check). ``rel_err``: the first step's
 loss and every parameter gradient against the torch provider's (same weights).
 
 ``--profile`` adds one torch.profiler step per provider and the top ops by self CPU time.
 
-``--compile`` adds ``torch+compile`` and ``engine+compile``: the same step with
-``torch.compile(model.loss, fullgraph=True)`` (Inductor; the step's noise drawn outside it by
-``model.draw_noise``, host work timed as in eager) and ``torch.compile(opt.step)``, backward
-through the compiled graph. Their first warm-up call compiles (``compile_s``: its wall time, one
-step included; it depends on Inductor's on-disk cache, so state whether it was cold). Inductor
-draws random numbers as eager does (``fallback_random``), so the noise expert's draws and hence
-``rel_err`` stay comparable.
+``--compile`` adds ``torch+compile`` and ``engine+compile``: the same step with the loss
+compiled by :meth:`UniF2ace.compile_loss` (the layout's host work eager, the model and the fused
+losses one Inductor graph with the batch's sizes dynamic), backward through the compiled graph,
+AdamW eager (its fused kernel beats Inductor's compiled AdamW here). Their first warm-up call
+compiles (``compile_s``: its wall time, one step included; it depends on Inductor's on-disk
+cache, so state whether it was cold). ``--batches K`` cycles the steps over K batches of other
+lengths and layouts, as training does: the compiled providers then also show that they do not
+recompile. Inductor draws random numbers as eager does (``fallback_random``), so the noise
+expert's draws and hence ``rel_err`` stay comparable.
 
 Measure with ``OMP_WAIT_POLICY=PASSIVE`` or ``--threads 1``: with OpenMP's default spin-wait on a
 shared machine the 2-thread step time and the ratio swing widely from run to run, and the ratio
@@ -112,16 +114,15 @@ class Trainer:
         self.batches = batches if isinstance(batches, list) else [batches]
         self.calls = 0
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # foreach=False: the default multi-tensor AdamW keeps fused temporaries that would blur
-        # the memory comparison the same way in both providers; the per-tensor loop is the same
-        # code for both and costs little at these sizes.
-        self.opt = torch.optim.AdamW(self.params, lr=1e-4, foreach=False)
+        # the trainer's AdamW (fused kernel, train.build_optimizer), eager in every provider: it
+        # is faster than Inductor's compiled AdamW step here, so the compiled providers compile
+        # the loss only, as train.compile does
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4, fused=True)
         self.cpu_s: list[float] = []  # process CPU seconds of every call (see cpu_ms below)
         self.wall_s: list[float] = []  # wall seconds of every call (the first: compile_s)
         self.compiled = compiled
         if compiled:
             self.loss_fn = model.compile_loss()
-            self.opt_step = torch.compile(self.opt.step)
 
     def reset(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -137,11 +138,10 @@ class Trainer:
                 with torch._inductor.config.patch(fallback_random=True):
                     loss, _ = self.loss_fn(batch, step=0, seed=0)
                     loss.backward()
-                    self.opt_step()
             else:
                 loss, _ = self.model.loss(batch, step=0, seed=0)
                 loss.backward()
-                self.opt.step()
+            self.opt.step()
         self.cpu_s.append(time.process_time() - c0)
         self.wall_s.append(time.perf_counter() - w0)
         # the loss and every gradient: compared with the baseline on the first call only

@@ -230,3 +230,28 @@ def test_bench_e2e_compile_reports_four_providers(tmp_path, monkeypatch):
         assert rows[name]["compile_s"] > 0 and rows[name]["x_eager"] > 0
     assert rows["engine+compile"]["x_torch_compile"] > 0
     assert "compile s" in (tmp_path / "e2e.md").read_text()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_graph_serves_generation(backend):
+    """:meth:`UniF2ace.compile_image_logits`: every decoding step of a batch and batches of other
+    prompt lengths run one compiled graph, and decode the codes eager decoding gives."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from unif2ace.models.sampling import generate_images
+
+    model, _ = _model_and_batch()
+    model.eval()
+    prompts = [[[11, 12, 13], [14]], [[15, 16, 17, 18, 19, 20], [21, 22]]]
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    try:
+        with unif2ace.use_backend(backend):
+            fn = model.compile_image_logits(backend=counter)
+            for p in prompts:
+                want = generate_images(model, p, steps=3, seed=2)
+                got = generate_images(model, p, steps=3, seed=2, image_logits=fn)
+                assert torch.equal(got, want)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1

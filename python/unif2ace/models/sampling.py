@@ -27,9 +27,13 @@ def generate_images(
     temperature: float = 1.0,
     choice_temperature: float = 4.5,
     seed: int = 0,
+    image_logits=None,
 ) -> torch.Tensor:
-    """Image codes ``int64 [B, image_tokens]`` in ``[0, K)`` for a batch of tokenised prompts."""
+    """Image codes ``int64 [B, image_tokens]`` in ``[0, K)`` for a batch of tokenised prompts.
+    ``image_logits``: the model's logits function, ``fn(input_ids, batch)`` (default
+    ``model.image_logits``; ``model.compile_image_logits()`` for the compiled one)."""
     cfg = model.config
+    image_logits = image_logits or model.image_logits
     K, B = cfg.codebook_size, len(prompts)
     if B == 0:
         return torch.zeros(0, cfg.image_tokens, dtype=torch.long)
@@ -47,7 +51,7 @@ def generate_images(
         ids = batch["input_ids"].clone()
         full = torch.cat([codes, codes]) if guidance > 0 else codes
         ids[img] = (full + cfg.image_offset).reshape(-1)
-        lg = model.image_logits(ids, batch).float()
+        lg = image_logits(ids, batch).float()
         return (lg[:B], lg[B:]) if guidance > 0 else lg
 
     init = torch.full((B, cfg.image_tokens), K, dtype=torch.long, device=dev)

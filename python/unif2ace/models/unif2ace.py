@@ -574,12 +574,36 @@ class UniF2ace(nn.Module):
     # --- sampling ------------------------------------------------------------------------------
     def image_logits(self, input_ids: torch.Tensor, batch: dict) -> torch.Tensor:
         """Logits over the codebook at the image positions, ``[B, image_tokens, K]``."""
-        h, _ = self.hidden_states(input_ids, batch)
+        ctx = self._context(batch, BatchMeta.of(batch))
+        return self.image_logits_from(input_ids, batch["is_image"], ctx)
+
+    def image_logits_from(
+        self, input_ids: torch.Tensor, is_image: torch.Tensor, ctx: dict
+    ) -> torch.Tensor:
+        """:meth:`image_logits` under a context :meth:`_context` built beforehand (what a
+        generation step compiles: it depends on the batch only through tensor sizes)."""
+        h, _ = self.run_layers(self.embed(input_ids, is_image), ctx)
         B, _, D = h.shape
         N = self.config.image_tokens
-        img_h = _masked_rows(h, batch["is_image"], B * N).view(B, N, D)
+        img_h = _masked_rows(h, is_image, B * N).view(B, N, D)
         w, bias = self.head_rows("image")
         return img_h @ w.T + bias
+
+    def compile_image_logits(self, **options):
+        """:meth:`image_logits` with the model compiled: ``fn(input_ids, batch)``; the batch's
+        context is built eagerly and ``torch.compile(self.image_logits_from, fullgraph=True,
+        **options)`` runs on it with the sequence length and valid-token count dynamic, so the
+        decoding steps of one batch, and batches of other prompt lengths, share one graph. Pass
+        it to :func:`~unif2ace.models.sampling.generate_images` (``image_logits=``)."""
+        core = torch.compile(self.image_logits_from, **{"fullgraph": True, **options})
+
+        def fn(input_ids: torch.Tensor, batch: dict) -> torch.Tensor:
+            ctx = self._context(batch, BatchMeta.of(batch))
+            ids, is_image = input_ids, batch["is_image"]
+            prepared = mark_dynamic_sizes({"ids": ids, "is_image": is_image, "ctx": ctx})
+            return core(prepared["ids"], prepared["is_image"], prepared["ctx"])
+
+        return fn
 
     # --- save / load ---------------------------------------------------------------------------
     def save_pretrained(self, folder) -> None:
