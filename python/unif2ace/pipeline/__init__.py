@@ -97,7 +97,8 @@ def check_run_folder(root, *, need=("assets",), model_dir=None) -> Path:
 
 # TrainConfig fields that change what a resumed run computes: another value is refused (the model
 # config is checked by the trainer). Left free: the step count (checked apart), checkpoint and log
-# cadence, progress, amp, device, parallelism and grad_accum (how a step is computed, not which).
+# cadence, progress, amp, device, parallelism, compile and grad_accum (how a step is computed, not
+# which).
 RESUME_FIXED = (
     "batch_size",
     "lr",
