@@ -61,3 +61,16 @@ def test_two_processes_match_one(tmp_path, parallel):
     single = w.run(tmp_path / "single", steps=4)
     assert multi["world_size"] == 2
     torch.testing.assert_close(multi["losses"], single["losses"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GLOO, reason="torch.distributed with gloo is not available")
+def test_two_processes_compiled_match_one(tmp_path):
+    """``train.compile`` under DDP (torch.compile of the DDP-wrapped model): the 2-process loss
+    curve is the eager single process's."""
+    multi = torchrun_two_cpu_processes(
+        "train_model_worker.py", tmp_path / "result.json", tmp_path / "ddp", "ddp", 4, "compile"
+    )
+    single = w.run(tmp_path / "single", steps=4)
+    assert multi["world_size"] == 2
+    torch.testing.assert_close(multi["losses"], single["losses"], rtol=1e-4, atol=1e-6)

@@ -1,7 +1,7 @@
 """UniF2ace through the trainer on a synthetic dataset, and its ``torchrun`` entry point:
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/train_model_worker.py \
-        OUT PARALLEL STEPS RESULT_JSON
+        OUT PARALLEL STEPS [compile] RESULT_JSON
 """
 
 import functools
@@ -74,9 +74,9 @@ def run(out, parallel="none", steps=6, stop_after=None, compile=False):
 
 
 if __name__ == "__main__":
-    out, parallel, steps, result = sys.argv[1:]
+    out, parallel, steps, *how, result = sys.argv[1:]
     torch.set_num_threads(1)
-    res = run(out, parallel, int(steps))
+    res = run(out, parallel, int(steps), compile="compile" in how)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(result, "w") as f:
             json.dump(res, f)
