@@ -190,7 +190,8 @@ class Pipeline:
     ) -> np.ndarray:
         """Faces ``uint8 [N, H, W, 3]`` for text prompts (a string is one prompt), ``batch`` at a
         time (the batch from prompt ``i`` on with seed ``seed + i``). ``sampling``: ``steps``,
-        ``guidance``, ``temperature``, ``choice_temperature`` of
+        ``guidance``, ``temperature``, ``choice_temperature`` and ``image_logits`` (e.g.
+        ``self.model.compile_image_logits()``) of
         :func:`~unif2ace.models.sampling.generate_images` (its defaults where left out)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
