@@ -493,9 +493,9 @@ class UniF2ace(nn.Module):
                 mask = ops.value_check(mask, "count", "UniF2ace.loss", "mask", upper=M)
             at = torch.nonzero_static(mask, size=M)  # [M, 2]
             row_of, col = at[:, 0], at[:, 1]
-            # the image of t2i row r starts at starts[r]: token (r, col) is h.view(B·L, D)[flat]
-            host = torch.tensor([[b * L + meta.image[b][0] for b in rows]])
-            flat = host[0].to(dev, non_blocking=True)[row_of] + col
+            # row r's image starts at flat position starts[r] of h.view(B·L, D)
+            starts = torch.tensor([b * L + meta.image[b][0] for b in rows])
+            flat = starts.to(dev, non_blocking=True)[row_of] + col
             out["t2i"] = {
                 "at": flat,
                 "target": batch["input_ids"].reshape(-1)[flat] - cfg.image_offset,
