@@ -65,8 +65,12 @@ def test_noise_drawn_covers_the_steps_variety():
     assert len({tuple(n.num_masked) for n in noises}) == len(STEPS)
 
 
+# the GPU path's branches too: Triton's launchers (under the interpreter on CPU tensors here)
+TRACED = BACKENDS + (["triton"] if _backend.available("triton", torch.device("cpu")) else [])
+
+
 @pytest.mark.parametrize("checks", [False, True])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", TRACED)
 def test_loss_traces_without_graph_break(backend, checks):
     """The compiled part of the loss (:meth:`UniF2ace.loss_from`) is one graph, checks on or off;
     so is the whole :meth:`UniF2ace.loss` with the noise given."""
