@@ -144,11 +144,14 @@ def _masked_rows(x: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tenso
     return x[at[:, 0], at[:, 1]]
 
 
+_ROW_WIDE = ("positions", "limit", "key_valid", "pool")  # the [B, L] tensors of the context
+
+
 def mark_dynamic_sizes(prepared: dict) -> dict:
-    """Mark the sizes of a :meth:`UniF2ace.prepare_loss` result that change from batch to batch
-    (the sequence length; the valid, masked and answer token counts) as dynamic for
-    ``torch.compile`` (``maybe_mark_dynamic``: a size the graph needs constant stays constant).
-    Returns ``prepared``."""
+    """Mark the sizes of a :meth:`UniF2ace.prepare_loss` or :meth:`UniF2ace.model_inputs`
+    result that change from batch to batch (the sequence length; the valid, masked and answer
+    token counts) as dynamic for ``torch.compile`` (``maybe_mark_dynamic``: a size the graph
+    needs constant stays constant). Returns ``prepared``."""
     mark = torch._dynamo.maybe_mark_dynamic
     ctx = prepared["ctx"]
     for t in (prepared["ids"], prepared["is_image"], *(ctx.get(k) for k in _ROW_WIDE)):
@@ -162,9 +165,6 @@ def mark_dynamic_sizes(prepared: dict) -> dict:
             if name != "scale":
                 mark(t, 0)
     return prepared
-
-
-_ROW_WIDE = ("positions", "limit", "key_valid", "pool")  # the [B, L] tensors of the context
 
 
 class UniF2ace(nn.Module):
@@ -316,8 +316,21 @@ class UniF2ace(nn.Module):
         """Final-LayerNorm hidden states ``[B, L, D]`` and the summed balance loss. ``cache``: an
         empty list that receives each layer's keys, values and sequence-MoE mixture (prefill for
         :meth:`decode_step`)."""
-        ctx = self._context(batch, BatchMeta.of(batch))
-        return self.run_layers(self.embed(input_ids, batch["is_image"]), ctx, cache)
+        return self.run_inputs(self.model_inputs(input_ids, batch), cache)
+
+    def model_inputs(
+        self, input_ids: torch.Tensor, batch: dict, meta: BatchMeta | None = None
+    ) -> dict:
+        """``{"ids", "is_image", "ctx"}``: the tokens of a forward and its :meth:`_context`,
+        built from the batch's host values (``meta``, default ``BatchMeta.of(batch)``). What
+        :meth:`run_inputs` takes, and what a compiled forward traces: everything after it sees the
+        batch only through tensor sizes."""
+        ctx = self._context(batch, meta or BatchMeta.of(batch))
+        return {"ids": input_ids, "is_image": batch["is_image"], "ctx": ctx}
+
+    def run_inputs(self, inputs: dict, cache: list[dict] | None = None):
+        """:meth:`run_layers` of the embedded :meth:`model_inputs`: hidden states and balance loss."""
+        return self.run_layers(self.embed(inputs["ids"], inputs["is_image"]), inputs["ctx"], cache)
 
     def rule_context(
         self,
@@ -448,8 +461,8 @@ class UniF2ace(nn.Module):
     ) -> dict:
         """Everything of a training step that depends on the batch's layout, as tensors: the
         step's noise applied (image tokens masked, dropped prompts made padding), the attention
-        rule and MoE token lists (:meth:`_context`), and for each loss the flat positions of the
-        tokens it scores with their targets and weights. The layout's host values
+        rule and MoE token lists (:meth:`model_inputs`), and for each loss the flat positions of
+        the tokens it scores with their targets and weights. The layout's host values
         (``batch["meta"]``) are used here and nowhere after, so :meth:`loss_from` is the same
         traced graph for every batch: only tensor sizes change. No parameter is used."""
         cfg = self.config
@@ -478,12 +491,7 @@ class UniF2ace(nn.Module):
             masks.append(mask[0])
         dropped = [b for r, b in enumerate(rows) if noise.drop[r]]  # unconditional for CFG
         drop_prompts(cfg, ids, valid, meta, dropped)
-        step_batch = {**batch, "valid": valid}
-        out = {
-            "ids": ids,
-            "is_image": batch["is_image"],
-            "ctx": self._context(step_batch, meta.drop_prompts(dropped)),
-        }
+        out = self.model_inputs(ids, {**batch, "valid": valid}, meta.drop_prompts(dropped))
         if R:
             mask = torch.stack(masks)  # [R, N]
             # each sequence's mean over its masked tokens, averaged over the batch's B sequences
@@ -525,7 +533,7 @@ class UniF2ace(nn.Module):
         model's forward and the fused losses. Its graph depends on the batch only through tensor
         sizes and on whether the step has t2i rows, answer tokens and padding."""
         cfg = self.config
-        h, aux = self.run_layers(self.embed(prepared["ids"], prepared["is_image"]), prepared["ctx"])
+        h, aux = self.run_inputs(prepared)
         h = h.flatten(0, 1)  # [B·L, D]
         zero = h.new_zeros(())
         parts = {"balance": aux.detach()}
@@ -574,34 +582,28 @@ class UniF2ace(nn.Module):
     # --- sampling ------------------------------------------------------------------------------
     def image_logits(self, input_ids: torch.Tensor, batch: dict) -> torch.Tensor:
         """Logits over the codebook at the image positions, ``[B, image_tokens, K]``."""
-        ctx = self._context(batch, BatchMeta.of(batch))
-        return self.image_logits_from(input_ids, batch["is_image"], ctx)
+        return self.image_logits_from(self.model_inputs(input_ids, batch))
 
-    def image_logits_from(
-        self, input_ids: torch.Tensor, is_image: torch.Tensor, ctx: dict
-    ) -> torch.Tensor:
-        """:meth:`image_logits` under a context :meth:`_context` built beforehand (what a
-        generation step compiles: it depends on the batch only through tensor sizes)."""
-        h, _ = self.run_layers(self.embed(input_ids, is_image), ctx)
+    def image_logits_from(self, inputs: dict) -> torch.Tensor:
+        """:meth:`image_logits` of :meth:`model_inputs` built beforehand (what a generation step
+        compiles)."""
+        h, _ = self.run_inputs(inputs)
         B, _, D = h.shape
         N = self.config.image_tokens
-        img_h = _masked_rows(h, is_image, B * N).view(B, N, D)
+        img_h = _masked_rows(h, inputs["is_image"], B * N).view(B, N, D)
         w, bias = self.head_rows("image")
         return img_h @ w.T + bias
 
     def compile_image_logits(self, **options):
-        """:meth:`image_logits` with the model compiled: ``fn(input_ids, batch)``; the batch's
-        context is built eagerly and ``torch.compile(self.image_logits_from, fullgraph=True,
+        """:meth:`image_logits` with the model compiled: ``fn(input_ids, batch)``; the
+        :meth:`model_inputs` are built eagerly and ``torch.compile(self.image_logits_from, fullgraph=True,
         **options)`` runs on it with the sequence length and valid-token count dynamic, so the
         decoding steps of one batch, and batches of other prompt lengths, share one graph. Pass
         it to :func:`~unif2ace.models.sampling.generate_images` (``image_logits=``)."""
         core = torch.compile(self.image_logits_from, **{"fullgraph": True, **options})
 
         def fn(input_ids: torch.Tensor, batch: dict) -> torch.Tensor:
-            ctx = self._context(batch, BatchMeta.of(batch))
-            ids, is_image = input_ids, batch["is_image"]
-            prepared = mark_dynamic_sizes({"ids": ids, "is_image": is_image, "ctx": ctx})
-            return core(prepared["ids"], prepared["is_image"], prepared["ctx"])
+            return core(mark_dynamic_sizes(self.model_inputs(input_ids, batch)))
 
         return fn
 
